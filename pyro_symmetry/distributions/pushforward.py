@@ -1,0 +1,250 @@
+"""Push-forward ``g#q`` of a distribution (or a fitted guide) under a group element.
+
+The action of a (signed) permutation is volume preserving, so the density of the
+push-forward is ``(g#q)(v) = q(g^{-1} v)`` (Rossi, Singh, Hannagan, NeurIPS 2023).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.distributions as td
+from pyro.distributions import TorchDistribution
+from torch.distributions import constraints
+
+from ..groups import FlatLayout, GroupElement, PermutationSpec, SpecError, apply_flat, flat_permutation
+
+__all__ = ["Pushforward", "PushforwardGuide", "pushforward_guide"]
+
+
+def _unwrap_independent(d: td.Distribution) -> tuple[td.Distribution, int]:
+    n = 0
+    while isinstance(d, td.Independent):
+        n += d.reinterpreted_batch_ndims
+        d = d.base_dist
+    return d, n
+
+
+class Pushforward(TorchDistribution):
+    """The push-forward ``g#q`` of ``q`` under a group element ``g``.
+
+    Parameters
+    ----------
+    base : Distribution or mapping ``site -> Distribution``
+        Either one distribution over the flat latent vector (event shape ``(D,)``,
+        e.g. the posterior of an ``AutoDiagonalNormal``; then ``layout`` says
+        which sites the coordinates are), or one distribution per site whose
+        event shape is the site's shape (e.g. ``Normal(loc, scale).to_event(2)``).
+    spec : PermutationSpec
+    perm : mapping ``group -> LongTensor (*batch_g, n)``
+        A (batched) group element; batch dims broadcast with the base's.
+    layout : FlatLayout, optional
+        Required for a flat base.
+
+    Notes
+    -----
+    ``sample``/``rsample`` draw ``w ~ q`` and return ``g . w``;
+    ``log_prob(v) = q.log_prob(g^{-1} . v)``. In the site-mapping form, values are
+    dicts ``site -> tensor`` and ``event_shape`` is ``()``.
+    :meth:`simplify` gives the closed form when there is one: for a (mean-field
+    or low-rank or full-covariance) Normal base, a Normal with permuted (and
+    sign-flipped) parameters.
+
+    Examples
+    --------
+    >>> q = dist.Normal(loc, scale).to_event(1)            # flat, D = layout.dim
+    >>> g = spec.sample()
+    >>> pq = Pushforward(q, spec, g, layout=layout)
+    >>> v = pq.rsample()
+    >>> torch.allclose(pq.log_prob(v), q.log_prob(apply_flat(v, flat_permutation(spec, spec.inverse(g), layout))))
+    """
+
+    arg_constraints: dict = {}
+
+    def __init__(
+        self,
+        base: td.Distribution | Mapping[str, td.Distribution],
+        spec: PermutationSpec,
+        perm: GroupElement,
+        layout: FlatLayout | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        if not isinstance(spec, PermutationSpec):
+            raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        spec._check_element(perm)
+        self.spec, self.perm, self.layout = spec, dict(perm), layout
+        self.base = base
+        gbatch = torch.broadcast_shapes(*(p.shape[:-1] for p in perm.values())) if perm else torch.Size()
+        if isinstance(base, td.Distribution):
+            if layout is None:
+                raise SpecError("a flat base distribution needs layout=FlatLayout(...) to know its sites")
+            if base.event_shape != (layout.dim,):
+                raise SpecError(f"base has event shape {tuple(base.event_shape)}, the layout needs ({layout.dim},)")
+            self._index = flat_permutation(spec, perm, layout)
+            self._inv_index = flat_permutation(spec, spec.inverse(perm), layout)
+            batch = torch.broadcast_shapes(base.batch_shape, gbatch)
+            super().__init__(batch, base.event_shape, validate_args=validate_args)
+        elif isinstance(base, Mapping):
+            missing = [s for s in spec.sites if s not in base]
+            if missing:
+                raise SpecError(f"sites {missing} of the spec have no distribution in base (have {sorted(base)})")
+            self._inv = spec.inverse(perm)
+            batch = torch.broadcast_shapes(gbatch, *(d.batch_shape for d in base.values()))
+            super().__init__(batch, torch.Size(), validate_args=validate_args)
+        else:
+            raise SpecError(f"base must be a Distribution or a mapping site -> Distribution, got {type(base).__name__}")
+
+    @property
+    def flat(self) -> bool:
+        return isinstance(self.base, td.Distribution)
+
+    @property
+    def has_rsample(self) -> bool:  # type: ignore[override]
+        if self.flat:
+            return self.base.has_rsample
+        return all(d.has_rsample for d in self.base.values())
+
+    @property
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        return self.base.support if self.flat else constraints.real
+
+    def _draw(self, sample_shape: torch.Size, reparam: bool) -> Any:
+        # Independent draws for every batch entry of the perm: expand the base first.
+        def draw(d: td.Distribution) -> torch.Tensor:
+            d = d.expand(self.batch_shape) if d.batch_shape != self.batch_shape else d
+            return d.rsample(sample_shape) if reparam else d.sample(sample_shape)
+
+        if self.flat:
+            return apply_flat(draw(self.base), self._index)
+        return self.spec.apply({k: draw(d) for k, d in self.base.items()}, self.perm)
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Any:
+        return self._draw(torch.Size(sample_shape), True)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Any:
+        with torch.no_grad():
+            return self._draw(torch.Size(sample_shape), False)
+
+    def log_prob(self, value: Any) -> torch.Tensor:
+        if self.flat:
+            return self.base.log_prob(apply_flat(value, self._inv_index))
+        if not isinstance(value, Mapping):
+            raise SpecError("this push-forward is over a mapping of sites: log_prob needs a dict site -> tensor")
+        src = self.spec.apply(value, self._inv)
+        return sum(d.log_prob(src[k]) for k, d in self.base.items())
+
+    def simplify(self) -> td.Distribution | dict[str, td.Distribution] | Pushforward:
+        """The closed form of ``g#q`` when the base is Normal; otherwise ``self``.
+
+        Flat base: ``Normal``/``Independent(Normal)``, ``LowRankMultivariateNormal``,
+        ``MultivariateNormal`` and ``MixtureOfDiagNormals`` map to the same family
+        with permuted (and sign-flipped) parameters. Site mapping: each site's
+        (Independent) Normal maps to a Normal with permuted ``loc``/``scale``.
+        """
+        if not self.flat:
+            parts = {k: _unwrap_independent(d) for k, d in self.base.items()}
+            if not all(isinstance(b, td.Normal) for b, _ in parts.values()):
+                return self
+            locs = self.spec.apply({k: b.loc.expand(b.batch_shape) for k, (b, _) in parts.items()}, self.perm)
+            scales = self.spec.apply({k: b.scale.expand(b.batch_shape) for k, (b, _) in parts.items()}, self.perm)
+            # Sign flips negate the mean only; standard deviations stay positive.
+            return {k: dist.Normal(locs[k], scales[k].abs()).to_event(n) for k, (_, n) in parts.items()}
+        base, n = _unwrap_independent(self.base)
+        idx = self._index
+        if isinstance(base, td.Normal) and n == 1:
+            loc = apply_flat(base.loc.expand(base.batch_shape), idx)
+            scale = apply_flat(base.scale.expand(base.batch_shape), idx).abs()
+            return dist.Normal(loc, scale).to_event(1)
+        if isinstance(base, td.LowRankMultivariateNormal):
+            loc = apply_flat(base.loc, idx)
+            factor = apply_flat(base.cov_factor.transpose(-1, -2), idx).transpose(-1, -2)
+            return dist.LowRankMultivariateNormal(loc, factor, apply_flat(base.cov_diag, idx).abs())
+        if isinstance(base, td.MultivariateNormal):
+            loc = apply_flat(base.loc, idx)
+            cov = apply_flat(apply_flat(base.covariance_matrix, idx).transpose(-1, -2), idx)
+            return dist.MultivariateNormal(loc, covariance_matrix=cov)
+        if isinstance(base, dist.MixtureOfDiagNormals):
+            return dist.MixtureOfDiagNormals(
+                apply_flat(base.locs, idx.unsqueeze(-2)),
+                apply_flat(base.coord_scale, idx.unsqueeze(-2)).abs(),
+                base.component_logits,
+            )
+        return self
+
+
+def _is_model_site(msg: dict, sites: Sequence[str]) -> bool:
+    return msg["type"] == "sample" and msg["name"] in sites and not msg["infer"].get("is_auxiliary", False)
+
+
+class PushforwardGuide:
+    """A fitted guide ``q`` pushed forward by a group element: the guide of ``g#q``.
+
+    Calling it runs ``q`` (its auxiliary sites, and so its log-density, are
+    unchanged: permutations preserve volume) and re-emits the sites the spec acts
+    on permuted. It shares the parameters of ``q`` (nothing is copied), so it can
+    be used with ``Predictive`` right away and reflects later training of ``q``.
+
+    Parameters
+    ----------
+    guide : callable
+        Any Pyro guide (AutoNormal, the AutoContinuous family, ...), called once.
+    spec : PermutationSpec
+    perm : GroupElement
+        An unbatched group element.
+    """
+
+    def __init__(self, guide: Any, spec: PermutationSpec, perm: GroupElement) -> None:
+        spec._check_element(perm)
+        if any(p.dim() != 1 for p in perm.values()):
+            raise SpecError("PushforwardGuide takes one (unbatched) group element")
+        if getattr(guide, "prototype_trace", None) is None:
+            raise SpecError(f"{type(guide).__name__} is not fitted: call it once (or run an SVI step) first")
+        self.guide, self.spec, self.perm = guide, spec, dict(perm)
+        nodes = guide.prototype_trace.nodes
+        for s in spec.sites:
+            if s not in nodes:
+                raise SpecError(f"site {s!r} of the spec is not a latent site of the guide's model")
+            support = nodes[s]["fn"].support
+            while isinstance(support, constraints.independent):
+                support = support.base_constraint
+            if support is not constraints.real:
+                raise SpecError(f"site {s!r} has support {support}; only real-valued sites can be permuted")
+        self._event_dims = {s: nodes[s]["fn"].event_dim for s in spec.sites}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        sites = self.spec.sites
+        with poutine.block(hide_fn=lambda msg: _is_model_site(msg, sites)):
+            values = self.guide(*args, **kwargs)
+        moved = self.spec.apply({s: values[s] for s in sites}, self.perm)
+        out = dict(values)
+        for s in sites:
+            out[s] = pyro.sample(s, dist.Delta(moved[s], event_dim=self._event_dims[s]))
+        return out
+
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.spec.apply(self.guide.median(*args, **kwargs), self.perm)
+
+    def quantiles(
+        self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """Quantiles of ``g#q``: permuted quantiles, with ``q -> 1 - q`` where signs flip."""
+        qs = self.guide.quantiles(quantiles, *args, **kwargs)
+        sites = self.spec.sites
+        # The quantile axis leads and acts as a batch dim of ``apply``.
+        direct = self.spec.apply({s: qs[s] for s in sites}, self.perm)
+        reverse = self.spec.apply({s: qs[s].flip(0) for s in sites}, self.perm)
+        negated = self.spec.apply({s: torch.ones_like(qs[s][0]) for s in sites}, self.perm)
+        out = dict(qs)
+        for s in sites:
+            out[s] = torch.where(negated[s] < 0, reverse[s], direct[s])
+        return out
+
+
+def pushforward_guide(guide: Any, spec: PermutationSpec, perm: GroupElement) -> PushforwardGuide:
+    """The guide of ``g#q`` for a fitted guide ``q``; see :class:`PushforwardGuide`."""
+    return PushforwardGuide(guide, spec, perm)

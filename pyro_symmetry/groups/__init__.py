@@ -1,0 +1,23 @@
+"""Weight-space symmetry groups of networks acting on Pyro sample sites."""
+
+from ._indexing import decode_signed, encode_signed
+from .builders import mlp_spec, model_site_shapes, spec_from_module
+from .flat import FlatLayout, apply_flat, flat_permutation
+from .spec import ACTIVATION_SYMMETRIES, Axis, GroupElement, NeuronGroup, PermutationSpec, SpecError
+
+__all__ = [
+    "ACTIVATION_SYMMETRIES",
+    "Axis",
+    "FlatLayout",
+    "GroupElement",
+    "NeuronGroup",
+    "PermutationSpec",
+    "SpecError",
+    "apply_flat",
+    "decode_signed",
+    "encode_signed",
+    "flat_permutation",
+    "mlp_spec",
+    "model_site_shapes",
+    "spec_from_module",
+]

@@ -1,0 +1,103 @@
+"""Low-level gather kernel shared by every group action.
+
+A *signed index* is a LongTensor whose entry ``p[i] >= 0`` means "take source
+element ``p[i]``" and ``p[i] < 0`` means "take source element ``~p[i]`` and negate
+it" (``~p == -p - 1``, so index 0 can carry a sign). Plain permutations are
+signed indices with no negative entries, so one encoding serves permutations,
+signed permutations and flat-vector index maps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["decode_signed", "encode_signed", "gather_axes"]
+
+
+def decode_signed(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a signed index into ``(source, negative)`` (``negative`` a bool mask)."""
+    negative = index < 0
+    return torch.where(negative, ~index, index), negative
+
+
+def encode_signed(source: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`decode_signed`."""
+    if negative is None:
+        return source
+    return torch.where(negative, ~source, source)
+
+
+def _gather_one(x: torch.Tensor, axis: int, inner: int, src: torch.Tensor) -> torch.Tensor:
+    """Gather event axis ``axis`` of ``x`` ``(B, *event)`` with ``src`` ``(B, n)``.
+
+    One memory-bound pass over ``x``; the two kernels below were the fastest of the
+    torch indexing ops measured on CPU (see docs/benchmarks.md).
+    """
+    B, n = src.shape
+    event = x.shape[1:]
+    P = math.prod(event[:axis])
+    Q = math.prod(event[axis + 1 :]) * inner
+    if P == 1:
+        # Contiguous blocks of length Q: one row gather over the flattened batch.
+        offsets = torch.arange(B, device=x.device).unsqueeze(-1) * n
+        y = x.reshape(B * n, Q).index_select(0, (src + offsets).reshape(-1))
+    else:
+        # Inner axis: gather with a stride-0 expanded index (never materialized).
+        y = torch.gather(x.reshape(B, P, n, Q), 2, src.reshape(B, 1, n, 1).expand(B, P, n, Q))
+    return y.reshape(x.shape)
+
+
+def gather_axes(
+    x: torch.Tensor,
+    event_ndim: int,
+    moves: Sequence[tuple[int, int, torch.Tensor, bool]],
+) -> torch.Tensor:
+    """Gather ``x`` along several event axes at once, with optional sign flips.
+
+    Parameters
+    ----------
+    x : Tensor, shape ``(*batch_x, *event)``
+        ``event`` has ``event_ndim`` dims.
+    event_ndim : int
+    moves : sequence of ``(axis, inner, index, signed)``
+        ``axis`` a non-negative event axis of ``x``; the axis has length
+        ``n * inner`` and is read as ``n`` blocks of ``inner`` contiguous entries
+        (``inner > 1`` after a conv-to-linear flatten); ``index`` a signed index of
+        shape ``(*batch_i, n)``; ``signed`` whether negative entries may occur.
+
+    Returns
+    -------
+    Tensor, shape ``(*broadcast(batch_x, batch_i...), *event)``
+        ``y[..., i, ...] = s_i x[..., src_i, ...]`` along every listed axis.
+
+    Notes
+    -----
+    The whole gather is a single advanced-indexing operation with small broadcast
+    index tensors, so no index of the size of ``x`` is ever materialized and no
+    Python loop runs over the batch.
+    """
+    event = tuple(x.shape[x.dim() - event_ndim :])
+    batch_x = tuple(x.shape[: x.dim() - event_ndim])
+    batch = tuple(torch.broadcast_shapes(batch_x, *(m[2].shape[:-1] for m in moves)))
+    # Flatten the (broadcast) batch to one dim: a view unless x itself is broadcast.
+    out = x.expand(batch + event).reshape((-1,) + event)
+    B = out.shape[0]
+    sign = None
+    for axis, inner, index, signed in moves:
+        src, neg = decode_signed(index) if signed else (index, None)
+        n = src.shape[-1]
+        out = _gather_one(out, axis, inner, src.expand(batch + (n,)).reshape(B, n))
+        if neg is not None:
+            # A sign factor of shape (B or 1, 1, ..., n * inner, 1, ...) broadcast against the output.
+            s = torch.where(neg, -1, 1).to(x.dtype)
+            if inner > 1:
+                s = s.repeat_interleave(inner, dim=-1)
+            s = s.expand(batch + s.shape[-1:]).reshape(-1, s.shape[-1]) if neg.dim() > 1 else s.unsqueeze(0)
+            s = s.reshape(s.shape[:1] + (1,) * axis + s.shape[-1:] + (1,) * (event_ndim - axis - 1))
+            sign = s if sign is None else sign * s
+    if sign is not None:
+        out = out * sign
+    return out.reshape(batch + event)

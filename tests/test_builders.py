@@ -1,0 +1,188 @@
+"""Specs built from modules: conv nets with norms, flatten blocks, residual streams."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import seeds
+from torch import nn
+
+import pyro_symmetry as ps
+
+
+def _randomize(module: nn.Module, seed: int) -> nn.Module:
+    """Random parameters *and* random BatchNorm running statistics (eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if t.dtype.is_floating_point:
+                new = torch.randn(t.shape, generator=g, dtype=t.dtype)
+                t.copy_(new.abs() + 0.5 if name.endswith("running_var") else new)
+    return module.eval().double()
+
+
+def _check_invariance(net: nn.Module, spec: ps.PermutationSpec, x: torch.Tensor, seed: int) -> None:
+    state = net.state_dict()
+    perm = spec.sample(generator=torch.Generator().manual_seed(seed))
+    moved = spec.apply(state, perm)
+    net2 = copy.deepcopy(net)
+    net2.load_state_dict(moved)
+    with torch.no_grad():
+        y0, y1 = net(x), net2(x)
+    assert torch.allclose(y0, y1, atol=1e-10, rtol=1e-10)
+    # and the permutation really moved something (when it is not the identity)
+    moved_any = any(not torch.equal(state[k], moved[k]) for k in spec.sites)
+    is_identity = all(torch.equal(p, torch.arange(p.shape[-1])) for p in perm.values())
+    assert moved_any or is_identity
+
+
+@given(
+    c1=st.integers(1, 5),
+    c2=st.integers(1, 5),
+    h=st.integers(1, 6),
+    seed=seeds,
+    act=st.sampled_from([nn.ReLU, nn.Tanh]),
+    pool=st.sampled_from(["max", "avg"]),
+)
+def test_cnn_with_batchnorm_invariance(c1, c2, h, seed, act, pool):
+    Pool = nn.MaxPool2d if pool == "max" else nn.AvgPool2d
+    net = nn.Sequential(
+        nn.Conv2d(2, c1, 3, padding=1),
+        nn.BatchNorm2d(c1),
+        act(),
+        Pool(2),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.BatchNorm2d(c2),
+        act(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, h),
+        nn.LayerNorm(h),
+        act(),
+        nn.Linear(h, 3),
+    )
+    _randomize(net, seed)
+    spec = ps.PermutationSpec.from_module(net)
+    assert list(spec.groups) == ["0", "4", "9"]
+    assert spec.sizes == {"0": c1, "4": c2, "9": h}
+    # BatchNorm parameters and buffers follow the channels
+    assert {a.site for a in spec.groups["0"].incoming} >= {"1.weight", "1.bias", "1.running_mean", "1.running_var"}
+    assert all(g.activation_symmetry == "none" for g in spec.groups.values())  # norms remove scale/sign
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _check_invariance(net, spec, x, seed)
+
+
+@given(c=st.integers(1, 4), seed=seeds, act=st.sampled_from([nn.ReLU, nn.Tanh]))
+def test_conv_flatten_linear_blocks(c, seed, act):
+    """Flatten without global pooling: each channel is a block of H*W columns."""
+    net = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), act(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(c * 9, 2))
+    _randomize(net, seed)
+    spec = ps.PermutationSpec.from_module(net)
+    (out_axis,) = spec.groups["0"].outgoing
+    assert out_axis.inner == 9
+    expected = "scale" if act is nn.ReLU else "sign"
+    assert spec.groups["0"].activation_symmetry == expected
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _check_invariance(net, spec, x, seed)
+
+
+@pytest.mark.parametrize(
+    "acts, expected",
+    [
+        ((nn.ReLU(),), "scale"),
+        ((nn.Tanh(),), "sign"),
+        ((nn.GELU(),), "none"),
+        ((nn.Tanh(), nn.MaxPool1d(1)), "none"),
+        ((nn.ReLU(), nn.Dropout(0.1)), "scale"),
+        ((), "scale"),
+    ],
+)
+def test_activation_symmetry_inference(acts, expected):
+    net = nn.Sequential(nn.Linear(3, 4), *acts, nn.Linear(4, 2))
+    assert ps.PermutationSpec.from_module(net).groups["0"].activation_symmetry == expected
+
+
+class _Residual(nn.Module):
+    """x -> inp -> [h + fc2(act(fc1(h)))] x 2 -> out: one residual stream of width d."""
+
+    def __init__(self, d_in, d, d_hidden, d_out, act):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"fc1": nn.Linear(d, d_hidden), "fc2": nn.Linear(d_hidden, d)}) for _ in range(2)
+        )
+        self.out = nn.Linear(d, d_out)
+        self.act = act
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b["fc2"](self.act(b["fc1"](h)))
+        return self.out(h)
+
+
+def _residual_spec(d, d_hidden, act_sym):
+    """Per-layer groups, then the residual stream tied into one group."""
+    G, A = ps.NeuronGroup, ps.Axis
+    groups = {"stream_in": G(d, [A("inp.weight", 0), A("inp.bias", 0)], [A("blocks.0.fc1.weight", 1)])}
+    for i in range(2):
+        nxt = "blocks.1.fc1.weight" if i == 0 else "out.weight"
+        groups[f"stream_{i}"] = G(d, [A(f"blocks.{i}.fc2.weight", 0), A(f"blocks.{i}.fc2.bias", 0)], [A(nxt, 1)])
+        groups[f"hidden_{i}"] = G(
+            d_hidden,
+            [A(f"blocks.{i}.fc1.weight", 0), A(f"blocks.{i}.fc1.bias", 0)],
+            [A(f"blocks.{i}.fc2.weight", 1)],
+            activation_symmetry=act_sym,
+        )
+    return ps.PermutationSpec(groups)
+
+
+@given(d=st.integers(1, 5), dh=st.integers(1, 5), seed=seeds, act=st.sampled_from(["relu", "tanh"]))
+def test_residual_stream_tie(d, dh, seed, act):
+    module = nn.ReLU() if act == "relu" else nn.Tanh()
+    net = _randomize(_Residual(3, d, dh, 2, module), seed)
+    spec = _residual_spec(d, dh, "scale" if act == "relu" else "sign").check(net)
+    tied = spec.tie(["stream_in", "stream_0", "stream_1"], name="stream")
+    assert set(tied.groups) == {"stream", "hidden_0", "hidden_1"}
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    _check_invariance(net, tied, x, seed)
+    if d > 1:
+        # Untied, the stream permutations disagree and the function changes.
+        perm = spec.identity()
+        perm["stream_0"] = torch.roll(torch.arange(d), 1)
+        net2 = copy.deepcopy(net)
+        net2.load_state_dict(spec.apply(net.state_dict(), perm))
+        with torch.no_grad():
+            assert not torch.allclose(net(x), net2(x))
+
+
+def test_tie_errors():
+    spec = _residual_spec(3, 2, "none")
+    with pytest.raises(ps.SpecError, match="different sizes"):
+        spec.tie(["stream_in", "hidden_0"])
+    with pytest.raises(ps.SpecError, match="unknown group 'nope'"):
+        spec.tie(["stream_in", "nope"])
+
+
+def test_from_module_rejects_unknown_layers():
+    with pytest.raises(ps.SpecError, match=r"module '1' \(Embedding\)"):
+        ps.PermutationSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.Embedding(4, 4)))
+    with pytest.raises(ps.SpecError, match="reads 4 features from group '0' but expects 5"):
+        ps.PermutationSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)))
+    with pytest.raises(ps.SpecError, match="no Linear or Conv layer"):
+        ps.PermutationSpec.from_module(nn.Sequential(nn.ReLU()))
+
+
+def test_from_module_on_pyro_module_sites():
+    """A PyroModule BNN: sites are the PyroSample names, shapes from the priors."""
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroSample
+
+    net = PyroModule[nn.Sequential](PyroModule[nn.Linear](3, 4), nn.Tanh(), PyroModule[nn.Linear](4, 2))
+    net[0].weight = PyroSample(dist.Normal(0.0, 1.0).expand([4, 3]).to_event(2))
+    net[0].bias = PyroSample(dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+    spec = ps.PermutationSpec.from_module(net)
+    assert spec.shapes["0.weight"] == (4, 3) and spec.groups["0"].activation_symmetry == "sign"
+    spec.check(net, torch.randn(2, 3))
