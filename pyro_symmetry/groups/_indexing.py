@@ -87,6 +87,7 @@ def gather_axes(
     B = out.shape[0]
     sign = None
     for axis, inner, index, signed in moves:
+        index = index.to(x.device)  # a group element may live on another device than the weights
         src, neg = decode_signed(index) if signed else (index, None)
         n = src.shape[-1]
         out = _gather_one(out, axis, inner, src.expand(batch + (n,)).reshape(B, n))

@@ -1,0 +1,101 @@
+"""Where the activation symmetries of a spec act: per site, the event axes of each group
+and the direction (incoming ``+1`` / outgoing ``-1``). Shared by rescaling, min-mass and
+the sign convention."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from ..groups import PermutationSpec, SpecError
+
+__all__ = ["SiteAxis", "check_group_tensors", "groups_with", "reduce_squares", "site_axes", "split_event"]
+
+
+class SiteAxis(NamedTuple):
+    """One event axis of a site that a group acts on."""
+
+    axis: int  # non-negative event axis
+    inner: int  # block length (> 1 after a conv-to-linear flatten)
+    group: str
+    direction: int  # +1 incoming (rows, biases), -1 outgoing (next layer's columns)
+
+
+def groups_with(spec: PermutationSpec, symmetry: str) -> list[str]:
+    """Names of the groups whose ``activation_symmetry`` is ``symmetry``, in spec order."""
+    return [k for k, g in spec.groups.items() if g.activation_symmetry == symmetry]
+
+
+def site_axes(spec: PermutationSpec, groups: list[str] | tuple[str, ...]) -> dict[str, tuple[int, list[SiteAxis]]]:
+    """``site -> (event_ndim, [SiteAxis])`` for every site one of ``groups`` touches."""
+    out: dict[str, tuple[int, list[SiteAxis]]] = {}
+    for name in groups:
+        g = spec.groups[name]
+        for direction, axes in ((1, g.incoming), (-1, g.outgoing)):
+            for ax in axes:
+                if ax.site not in out:
+                    out[ax.site] = (spec.site_moves(ax.site)[0], [])
+                nd = out[ax.site][0]
+                out[ax.site][1].append(SiteAxis(ax.axis if ax.axis >= 0 else nd + ax.axis, ax.inner, name, direction))
+    return out
+
+
+def check_group_tensors(
+    spec: PermutationSpec, values: Mapping[str, torch.Tensor], symmetry: str, what: str
+) -> dict[str, torch.Tensor]:
+    """Check a mapping ``group -> (*batch, n)`` against the groups of one activation symmetry."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{what} must be a mapping group name -> tensor (*batch, n), got {type(values).__name__}")
+    out = {}
+    for k, v in values.items():
+        if k not in spec.groups:
+            raise SpecError(f"{what} names group {k!r}, which is not in the spec (groups: {sorted(spec.groups)})")
+        g = spec.groups[k]
+        if g.activation_symmetry != symmetry:
+            kind = {"scale": "positively homogeneous (ReLU-like)", "sign": "odd (tanh-like)"}[symmetry]
+            raise SpecError(
+                f"{what}[{k!r}]: group {k!r} has activation_symmetry={g.activation_symmetry!r}, so its activation is "
+                f"not {kind} and this transformation would change the network's function"
+            )
+        v = torch.as_tensor(v)
+        if v.dim() == 0 or v.shape[-1] != g.size:
+            raise SpecError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected (*batch, {g.size})")
+        out[k] = v
+    return out
+
+
+def split_event(event: torch.Size, axes: list[SiteAxis]) -> tuple[list[int], dict[int, int]]:
+    """Event shape with each blocked axis split into ``(n, inner)``, and the new position of each axis."""
+    split: list[int] = []
+    pos: dict[int, int] = {}
+    inner = {a.axis: a.inner for a in axes}
+    for d, size in enumerate(event):
+        pos[d] = len(split)
+        k = inner.get(d, 1)
+        split.extend([size // k, k] if k > 1 else [size])
+    return split, pos
+
+
+def reduce_squares(x: torch.Tensor, nd: int, axes: list[SiteAxis]) -> torch.Tensor:
+    """Sum of ``x**2`` over every event entry except the listed axes' neuron indices.
+
+    Returns a tensor ``(*batch, n_1, ..., n_k)`` with one dim per entry of ``axes``
+    (in that order). Blocks (``inner > 1``) and untouched dims (conv kernels, inputs)
+    are summed; ``vector_norm`` avoids materializing ``x**2`` when something is summed.
+    """
+    nb = x.dim() - nd
+    split, pos = split_event(x.shape[nb:], axes)
+    xs = x.reshape(tuple(x.shape[:nb]) + tuple(split))
+    keep = [nb + pos[a.axis] for a in axes]
+    drop = [d for d in range(nb, xs.dim()) if d not in keep]
+    if drop:
+        r = torch.linalg.vector_norm(xs, dim=drop).square()
+        # the kept dims keep their relative order after the reduction
+        order = sorted(keep)
+        kept_pos = [nb + order.index(k) for k in keep]
+    else:
+        r = xs.square()
+        kept_pos = keep
+    return r.movedim(kept_pos, list(range(nb, nb + len(keep))))

@@ -1,0 +1,306 @@
+"""Canonical forms: one representative per symmetry orbit of a network.
+
+Two networks (or posterior samples) that differ by a weight-space symmetry compute the
+same function, but look different coordinate by coordinate: permuted neurons, rescaled
+ReLU neurons, flipped tanh neurons. Mapping every sample to a canonical representative
+of its orbit before comparing them (marginals, MMD, R-hat) removes these artificial
+differences (Laurent, Aldea, Franchi, ICLR 2024):
+
+1. the continuous / sign symmetries of the activations: minimum-mass rescaling for
+   positively homogeneous activations (:func:`~pyro_symmetry.scaling.min_mass`), a
+   sign convention for odd ones (:func:`~pyro_symmetry.scaling.sign_convention`);
+2. the permutations: sort the neurons of each layer by a key, or align every sample to
+   a reference (:func:`~pyro_symmetry.alignment.align_samples`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+from ..groups import PermutationSpec, SpecError
+from ..posterior import point_params
+from ._axes import groups_with, site_axes
+from .minimum_mass import min_mass
+from .signs import flip_signs, sign_convention
+
+__all__ = ["CanonicalForm", "canonicalize", "sort_permutation"]
+
+SortKey = str | int | Callable[[Mapping[str, torch.Tensor], PermutationSpec, str], torch.Tensor]
+
+
+class CanonicalForm(NamedTuple):
+    """Result of :func:`canonicalize`.
+
+    ``params == spec.apply(flip_signs(rescale(input, spec, log_scales), spec, signs), permutation)``.
+
+    Attributes
+    ----------
+    params : dict ``site -> Tensor (*batch, *site_shape)``
+        The canonical representatives.
+    log_scales : dict ``group -> Tensor (*batch, n)``
+        Minimum-mass log-scales of the ``"scale"`` groups (input neuron order).
+    signs : dict ``group -> BoolTensor (*batch, n)``
+        Flips of the ``"sign"`` groups (input neuron order; ``True`` = negated).
+    permutation : dict ``group -> LongTensor (*batch, n)``
+        The permutation applied last (identity where none was applied).
+    reference : dict ``site -> Tensor`` or None
+        The reference the samples were aligned to (``permutation="align"``).
+    """
+
+    params: dict[str, torch.Tensor]
+    log_scales: dict[str, torch.Tensor]
+    signs: dict[str, torch.Tensor]
+    permutation: dict[str, torch.Tensor]
+    reference: dict[str, torch.Tensor] | None
+
+
+def _incoming_rows(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> list[torch.Tensor]:
+    """Each incoming site of ``group`` as ``(*batch, n, -1)`` (one row per neuron)."""
+    rows = []
+    for site, (nd, axes) in site_axes(spec, [group]).items():
+        for a in axes:
+            if a.direction != 1:
+                continue
+            x = params[site]
+            nb = x.dim() - nd
+            moved = x.movedim(nb + a.axis, nb)
+            rows.append(moved.reshape(tuple(x.shape[:nb]) + (spec.groups[group].size, -1)))
+    return rows
+
+
+def _sort_key(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str, key: SortKey) -> torch.Tensor:
+    if callable(key):
+        values = key(params, spec, group)
+        if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[-1] != spec.groups[group].size:
+            raise SpecError(
+                f"sort_key returned {getattr(values, 'shape', type(values))} for group {group!r}; expected a tensor "
+                f"(*batch, {spec.groups[group].size})"
+            )
+        return values
+    rows = _incoming_rows(params, spec, group)
+    if not rows:
+        raise SpecError(f"group {group!r} has no incoming axes to read a sort key from")
+    if key == "incoming_norm":
+        return sum(r.square().sum(-1) for r in rows).sqrt()
+    if isinstance(key, int) and not isinstance(key, bool):
+        row = rows[0]
+        if not -row.shape[-1] <= key < row.shape[-1]:
+            raise ValueError(f"sort_key={key} is out of range: group {group!r} has {row.shape[-1]} incoming weights")
+        return row[..., key]
+    raise ValueError(
+        f"sort_key must be 'incoming_norm', an int (an incoming weight's index) or a callable; got {key!r}"
+    )
+
+
+def sort_permutation(
+    params: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    key: SortKey = "incoming_norm",
+    groups: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The permutation that sorts every group's neurons by a key, in descending order.
+
+    Groups are visited in spec order (input to output for built specs) and each
+    group's key is read after the earlier groups are sorted, so a key that reads
+    weights indexed by the previous layer (an ``int`` key) is itself canonical.
+
+    Parameters
+    ----------
+    params : mapping ``site -> Tensor (*batch, *site_shape)``
+    spec : PermutationSpec
+    key : "incoming_norm", int or callable
+        ``"incoming_norm"``: the L2 norm of the neuron's incoming weights and bias
+        (invariant to every other group's permutations and sign flips; after
+        min-mass, equal to its outgoing norm). ``int k``: the neuron's ``k``-th
+        incoming weight (Laurent et al. sort by one chosen incoming weight). A
+        callable ``key(params, spec, group) -> Tensor (*batch, n)``.
+    groups : list of str, optional
+        Default: every group.
+
+    Returns
+    -------
+    dict ``group -> LongTensor (*batch, n)``
+        ``spec.apply(params, perm)`` has each group's keys in descending order (a
+        stable sort: ties keep their order, so sorted input maps to the identity).
+    """
+    groups = list(spec.groups) if groups is None else list(groups)
+    current = dict(params)
+    perm: dict[str, torch.Tensor] = {}
+    device = next(v.device for v in params.values() if isinstance(v, torch.Tensor))
+    for g in groups:
+        values = _sort_key(current, spec, g, key)
+        perm[g] = torch.sort(values, dim=-1, descending=True, stable=True).indices
+        if g != groups[-1]:
+            step = {k: perm[k] if k == g else torch.arange(n, device=device) for k, n in spec.sizes.items()}
+            current = spec.apply(current, step)
+    for k, n in spec.sizes.items():
+        perm.setdefault(k, torch.arange(n, device=device))
+    return perm
+
+
+def _batch_shape(params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Size:
+    shapes = []
+    for site in spec.sites:
+        nd = spec.site_moves(site)[0]
+        x = params[site]
+        shapes.append(x.shape[: x.dim() - nd])
+    return torch.broadcast_shapes(*shapes)
+
+
+def _distance(x: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Tensor:
+    """``sum_sites ||x - ref||^2`` per sample: ``(*batch,)``."""
+    total = None
+    for site in spec.sites:
+        nd = spec.site_moves(site)[0]
+        d = torch.linalg.vector_norm(x[site] - ref[site], dim=list(range(-nd, 0))).square()
+        total = d if total is None else total + d
+    return total
+
+
+def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``where(mask, a, b)`` with ``mask`` over the leading batch dims."""
+    out = torch.broadcast_shapes(a.shape, b.shape)
+    return torch.where(mask.reshape(mask.shape + (1,) * (len(out) - mask.dim())), a, b)
+
+
+def _remove_activation_symmetries(
+    params: Mapping[str, torch.Tensor], spec: PermutationSpec, tol: float | None, max_iters: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    x = dict(params)
+    log_scales: dict[str, torch.Tensor] = {}
+    signs: dict[str, torch.Tensor] = {}
+    if groups_with(spec, "scale"):
+        res = min_mass(x, spec, tol=tol, max_iters=max_iters)
+        x, log_scales = res.params, res.log_scales
+    if groups_with(spec, "sign"):
+        signs = sign_convention(x, spec)
+        x = flip_signs(x, spec, signs)
+    return x, log_scales, signs
+
+
+def canonicalize(
+    params_or_samples: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    *,
+    scaling: bool = True,
+    permutation: str | None = "align",
+    reference: None | str | Mapping[str, Any] = None,
+    sort_key: SortKey = "incoming_norm",
+    tol: float | None = None,
+    max_iters: int = 10_000,
+    seed: int | None = 0,
+    max_sweeps: int = 100,
+) -> CanonicalForm:
+    """One canonical representative per symmetry orbit, for a network or a batch of samples.
+
+    1. ``scaling=True``: groups with ``activation_symmetry == "scale"`` (ReLU) are
+       rescaled to minimum mass (:func:`~pyro_symmetry.scaling.min_mass`); groups with
+       ``"sign"`` (tanh) get the sign convention "outgoing weights sum to a positive
+       number" (:func:`~pyro_symmetry.scaling.sign_convention`). Both commute with the
+       permutations, so afterwards only the permutations remain.
+    2. ``permutation="sort"``: each group's neurons are sorted by ``sort_key``
+       (:func:`sort_permutation`), per sample, vectorized. Exactly invariant: every
+       element of an orbit maps to the same point (up to the min-mass tolerance).
+       ``permutation="align"``: every sample is aligned to a reference by weight
+       matching (:func:`~pyro_symmetry.alignment.align_samples`; with ``scaling=True``
+       the signs are already fixed, so only permutations are searched). More robust
+       when keys are close (neurons of similar norm), but a local optimum of a
+       coordinate descent, exact for planted permutations of the reference.
+       ``None``: no permutation step.
+
+    Applying ``canonicalize`` to its own output changes nothing (idempotent): min-mass
+    and the sign convention are idempotent, a sorted network is its own sort, and an
+    alignment is kept only where it brings a sample strictly closer to the reference
+    (so an aligned sample stays put when aligned again to the same reference).
+
+    Parameters
+    ----------
+    params_or_samples : mapping ``site -> Tensor (*batch, *site_shape)``
+        One network or a batch of samples / runs (any leading dims).
+    spec : PermutationSpec
+    scaling : bool
+        Remove the activations' scaling / sign symmetries first.
+    permutation : {"align", "sort", None}
+    reference : None, "barycenter" or mapping ``site -> Tensor (*site_shape)``
+        For ``"align"``: ``None`` aligns to the first sample (index 0 of every batch
+        dim), ``"barycenter"`` to the iteratively refined mean of the aligned samples,
+        a mapping (point values, or ``(loc, scale)`` pairs whose means are used) to
+        that network, itself first put in canonical scaling / signs.
+    sort_key : "incoming_norm", int or callable
+        For ``"sort"``, see :func:`sort_permutation`.
+    tol, max_iters
+        Passed to :func:`~pyro_symmetry.scaling.min_mass`.
+    seed, max_sweeps
+        Passed to :func:`~pyro_symmetry.alignment.align_samples`.
+
+    Returns
+    -------
+    CanonicalForm
+        ``(params, log_scales, signs, permutation, reference)``.
+
+    Examples
+    --------
+    >>> model = ps.models.BayesianMLP(64, [32], 10, activation="relu")
+    >>> canon = ps.canonicalize(samples, model.spec, permutation="sort")
+    >>> canon.params["fc1.weight"].shape          # samples["fc1.weight"].shape
+
+    References
+    ----------
+    Laurent, Aldea, Franchi (ICLR 2024), A Symmetry-Aware Exploration of Bayesian Neural
+    Network Posteriors; Ainsworth, Hayase, Srinivasa (ICLR 2023), Git Re-Basin.
+    """
+    if not isinstance(params_or_samples, Mapping) or not params_or_samples:
+        raise TypeError(f"params_or_samples must be a non-empty mapping site -> tensor, got {type(params_or_samples)}")
+    for site in spec.sites:
+        if site not in params_or_samples:
+            raise SpecError(f"site {site!r} of the spec is missing (have {sorted(params_or_samples)})")
+        if not isinstance(params_or_samples[site], torch.Tensor):
+            raise TypeError(f"params_or_samples[{site!r}] must be a tensor, got {type(params_or_samples[site])}")
+    if permutation not in ("align", "sort", None):
+        raise ValueError(f"permutation must be 'align', 'sort' or None, got {permutation!r}")
+    if reference is not None and permutation != "align":
+        raise ValueError("reference is only used with permutation='align'")
+
+    x, log_scales, signs = (
+        _remove_activation_symmetries(params_or_samples, spec, tol, max_iters)
+        if scaling
+        else (dict(params_or_samples), {}, {})
+    )
+    batch = _batch_shape(x, spec)
+    device = x[spec.sites[0]].device
+    ref_out = None
+    if permutation == "sort":
+        perm = sort_permutation(x, spec, sort_key)
+        x = spec.apply(x, perm)
+    elif permutation == "align" and (len(batch) > 0 or isinstance(reference, Mapping)):
+        from ..alignment import align_samples
+
+        ref: Any = reference
+        if isinstance(reference, Mapping):
+            ref = point_params(reference)  # a (loc, scale) mapping is aligned by its means
+            if scaling:
+                ref.update(_remove_activation_symmetries({k: ref[k] for k in spec.sites}, spec, tol, max_iters)[0])
+        elif reference is not None and not isinstance(reference, Mapping) and reference != "barycenter":
+            raise ValueError(f"reference must be None, 'barycenter' or a mapping site -> tensor, got {reference!r}")
+        # After the sign convention only permutations are left to search.
+        align_spec = spec.without_signs() if scaling else spec
+        res = align_samples(x, align_spec, ref, seed=seed, max_sweeps=max_sweeps)
+        ref_out = res.reference
+        # Keep a sample as it is unless the alignment brings it closer to the reference:
+        # the result is then never worse than its input, and a second call (whose input
+        # is already aligned) changes nothing unless it finds a strictly better match.
+        keep = _distance(x, ref_out, spec) <= _distance(res.aligned, ref_out, spec)
+        perm = {
+            k: torch.where(keep[..., None], torch.arange(p.shape[-1], device=p.device), p)
+            for k, p in res.permutation.items()
+        }
+        x = {**res.aligned, **{s: _where_batch(keep, x[s], res.aligned[s]) for s in spec.sites}}
+    else:
+        perm = {}
+    for k, n in spec.sizes.items():
+        if k not in perm:
+            perm[k] = torch.arange(n, device=device).expand(tuple(batch) + (n,))
+    return CanonicalForm(params=x, log_scales=log_scales, signs=signs, permutation=perm, reference=ref_out)

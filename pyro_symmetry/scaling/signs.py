@@ -1,0 +1,147 @@
+"""Sign flips of hidden neurons with odd activations, and a sign convention.
+
+For an odd activation (``tanh(-z) = -tanh(z)``: tanh, sin, erf, softsign), negating
+neuron ``i``'s incoming row and bias and its outgoing column keeps the function:
+
+.. math::
+
+    W_l \\to S_l W_l S_{l-1}, \\qquad b_l \\to S_l b_l, \\qquad
+    S_l = \\mathrm{diag}(\\pm 1), \\; S_0 = S_L = I.
+
+Together with the permutations this is the group of signed permutations
+(``|G_l| = n_l!\\, 2^{n_l}``; Chen, Lu, Hecht-Nielsen 1993).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..groups import PermutationSpec, SpecError, encode_signed
+from ._axes import check_group_tensors, groups_with, site_axes
+
+__all__ = ["flip_signs", "sign_convention"]
+
+
+def _as_flips(k: str, s: torch.Tensor) -> torch.Tensor:
+    """``True`` where neuron is negated, from a bool mask or a ``+-1`` tensor."""
+    if s.dtype == torch.bool:
+        return s
+    if s.is_floating_point() or s.dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        if not bool(((s == 1) | (s == -1)).all()):
+            raise ValueError(f"signs[{k!r}] must be a bool mask (True = flip) or contain only +1/-1")
+        return s < 0
+    raise TypeError(f"signs[{k!r}] must be a bool or +-1 tensor, got dtype {s.dtype}")
+
+
+def flip_signs(
+    params: Mapping[str, torch.Tensor], spec: PermutationSpec, signs: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Negate hidden neurons of odd-activation groups (a function-preserving map).
+
+    The flips act as the signed permutation "identity with signs", through
+    :meth:`PermutationSpec.apply`, so ``flip_signs(w, spec, s)`` equals
+    ``spec.apply(w, {g: encode_signed(arange(n), s[g])})``.
+
+    Parameters
+    ----------
+    params : mapping ``site -> Tensor (*batch_w, *site_shape)``
+    spec : PermutationSpec
+    signs : mapping ``group -> Tensor (*batch_s, n)``
+        A bool mask (``True``: negate the neuron) or a ``+-1`` tensor (``-1``:
+        negate) for some or all groups with ``activation_symmetry == "sign"``.
+
+    Returns
+    -------
+    dict ``site -> Tensor (*broadcast(batch_w, batch_s), *site_shape)``
+
+    Raises
+    ------
+    SpecError
+        If a group in ``signs`` has no sign-flip symmetry (its activation is not
+        odd, e.g. ReLU), is unknown, or the tensor has the wrong size.
+
+    Examples
+    --------
+    >>> model = ps.models.BayesianMLP(4, [8], 3, activation="tanh")
+    >>> w2 = ps.flip_signs(w, model.spec, {"fc1": torch.rand(8) < 0.5})
+    """
+    signs = check_group_tensors(spec, signs, "sign", "signs")
+    device = next((v.device for v in params.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    element = {}
+    for k, g in spec.groups.items():
+        ar = torch.arange(g.size, device=device)
+        if k in signs:
+            flips = _as_flips(k, signs[k]).to(device)
+            element[k] = encode_signed(ar.expand(flips.shape), flips)
+        else:
+            element[k] = ar
+    return spec.apply(params, element)
+
+
+def _outgoing_sums(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> torch.Tensor:
+    """Sum of every outgoing entry of each neuron of ``group``: ``(*batch, n)``."""
+    total = None
+    for site, (nd, axes) in site_axes(spec, [group]).items():
+        for a in axes:
+            if a.direction != -1:
+                continue
+            x = params[site]
+            nb = x.dim() - nd
+            moved = x.movedim(nb + a.axis, -1)
+            blocks = moved.reshape(moved.shape[:-1] + (-1, a.inner))
+            s = blocks.sum(dim=list(range(nb, blocks.dim() - 2)) + [blocks.dim() - 1])
+            total = s if total is None else total + s
+    return total
+
+
+def sign_convention(
+    params: Mapping[str, torch.Tensor], spec: PermutationSpec, groups: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Flips that make each odd-activation neuron's outgoing weights sum to a positive number.
+
+    The sum of a neuron's outgoing weights (its column of the next layer, summed over
+    all outputs) changes sign with the neuron and is unchanged by permutations of
+    any group; flipping the neurons with a negative sum picks one representative per
+    sign orbit. Groups are visited from the last to the first (the outgoing sums of
+    layer ``l`` depend on the signs chosen for layer ``l + 1``), so the result is the
+    same for every signed permutation of the input. Neurons whose outgoing sum is
+    exactly zero (measure zero for continuous posteriors; no outgoing weights at all)
+    are not flipped.
+
+    Parameters
+    ----------
+    params : mapping ``site -> Tensor (*batch, *site_shape)``
+    spec : PermutationSpec
+    groups : list of str, optional
+        Default: every group with ``activation_symmetry == "sign"``.
+
+    Returns
+    -------
+    dict ``group -> BoolTensor (*batch, n)``
+        ``True`` where the neuron must be flipped; apply with :func:`flip_signs`.
+    """
+    groups = groups_with(spec, "sign") if groups is None else list(groups)
+    check_group_tensors(spec, {k: torch.zeros(spec.groups[k].size) for k in groups}, "sign", "groups")
+    current = dict(params)
+    flips: dict[str, torch.Tensor] = {}
+    # Visit groups against the direction of the network; repeat until no group changes
+    # (one pass for a chain, where each group's outgoing sums only depend on later groups).
+    order = list(reversed(groups))
+    for _ in range(len(order) + 1):
+        changed = False
+        for k in order:
+            sums = _outgoing_sums(current, spec, k)
+            if sums is None:
+                raise SpecError(f"group {k!r} has no outgoing axes, so no sign convention can be read from them")
+            new = sums < 0
+            if bool(new.any()):
+                changed = True
+                current = flip_signs(current, spec, {k: new})
+                flips[k] = flips[k] ^ new if k in flips else new
+            elif k not in flips:
+                flips[k] = new
+        if not changed:
+            return flips
+    raise RuntimeError("sign_convention did not reach a fixed point; the spec's groups form a cycle")
