@@ -300,6 +300,7 @@ class _Engine:
             raise ValueError(f"init must be 'greedy', 'identity' or a mapping of permutations, got {init!r}")
         # Greedy: groups in spec order (input to output for built specs), each matched on the
         # terms whose other groups are already matched (its incoming weights), as in OT fusion.
+        identity_cost = self.objective()
         done: set[str] = set()
         for g in self.names:
             linked = [t for t in self.terms[g] if t.others]
@@ -311,6 +312,15 @@ class _Engine:
                 self.solved[g][:] = True
             self.solve_group(g, None, force=True, terms=ready)
             done.add(g)
+        # Start each target from the better of identity and greedy: coordinate descent never
+        # increases the cost, so the result is never worse than the identity (align(q, q) and
+        # re-aligning an aligned sample stay put).
+        revert = self.objective() > identity_cost
+        if bool(revert.any()):
+            for g in self.names:
+                self.perm[g][revert] = torch.arange(self.perm[g].shape[-1], device=self.device)
+                self.version[g][revert] += 1
+                self.solved[g][revert] = False
 
     def run(self, max_sweeps: int, seed: int | None, progress: bool = False) -> Solution:
         gen = torch.Generator()
