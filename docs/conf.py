@@ -25,6 +25,7 @@ autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": False}
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
+napoleon_use_ivar = True
 nitpicky = False
 exclude_patterns = ["_build", "benchmarks/*.md", "examples/_*"]
 html_theme = "alabaster"

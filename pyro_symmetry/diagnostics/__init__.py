@@ -1,3 +1,44 @@
-"""(being written: see the open issue for this package)"""
+"""Diagnostics: ArviZ data, R-hat/ESS before and after alignment, symmetry-aware
+MMD, uncertainty metrics and the symmetry report.
 
-__all__: list[str] = []
+This package is the only part of ``pyro_symmetry`` that imports ArviZ
+(``arviz-base``, ``arviz-stats``) and, lazily inside plotting functions,
+matplotlib::
+
+    ps.diagnostics.to_inference_data(runs, num_samples=100)   # xarray.DataTree
+    ps.diagnostics.rhat_ess_before_after(runs, spec)           # R-hat/ESS per layer
+    ps.diagnostics.mmd(x, y, symmetry_aware=True, spec=spec)   # MMDResult
+    ps.diagnostics.metrics.expected_calibration_error(probs, y)
+    ps.diagnostics.symmetry_report(runs, spec, data=(x, y), out_dir="report")
+"""
+
+from . import convergence, inference_data, kernel_mmd, metrics, plots, report
+from .convergence import ConvergenceComparison, ConvergenceSummary, rhat_ess, rhat_ess_before_after
+from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree, site_dims, to_inference_data
+from .kernel_mmd import MMDResult, canonical_form, mmd, mmd2_unbiased
+from .report import SymmetryReport, symmetry_report
+
+__all__ = [
+    "ConvergenceComparison",
+    "ConvergenceSummary",
+    "MMDResult",
+    "RunDraws",
+    "SymmetryReport",
+    "align_draws",
+    "canonical_form",
+    "collect_draws",
+    "convergence",
+    "draws_to_datatree",
+    "inference_data",
+    "kernel_mmd",
+    "metrics",
+    "mmd",
+    "mmd2_unbiased",
+    "plots",
+    "report",
+    "rhat_ess",
+    "rhat_ess_before_after",
+    "site_dims",
+    "symmetry_report",
+    "to_inference_data",
+]

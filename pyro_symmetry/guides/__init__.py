@@ -1,3 +1,13 @@
-"""(being written: see the open issue for this package)"""
+"""Pyro autoguides whose density is the symmetrized posterior ``q_sym`` (SPEC section 2)."""
 
-__all__: list[str] = []
+from .invariance import check_invariance
+from .normal import AutoSymmetrizedMeanField, AutoSymmetrizedNormal
+from .symmetrize import AutoMixtureOfDiagNormals, Symmetrize
+
+__all__ = [
+    "AutoMixtureOfDiagNormals",
+    "AutoSymmetrizedMeanField",
+    "AutoSymmetrizedNormal",
+    "Symmetrize",
+    "check_invariance",
+]

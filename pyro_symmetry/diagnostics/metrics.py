@@ -1,0 +1,252 @@
+"""Uncertainty metrics of a Bayesian classifier (those Laurent et al., ICLR 2024, report).
+
+Every function takes predictive probabilities either as the posterior-mean
+prediction ``probs (N, C)`` or as per-sample predictions ``(S, N, C)`` (averaged
+over ``S`` where a metric needs the mean prediction), and labels ``(N,)``. They run
+in torch on the inputs' device and dtype. The ranking metrics follow
+scikit-learn's definitions (``average_precision_score``, ``roc_curve``) and are
+tested against them.
+
+Out-of-distribution detection treats OOD inputs as the positive class and a
+higher score as "more likely OOD" (e.g. the predictive entropy or the mutual
+information of each input).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ReliabilityDiagram",
+    "accuracy",
+    "aupr",
+    "brier_score",
+    "evaluate",
+    "expected_calibration_error",
+    "fpr_at_tpr",
+    "mutual_information",
+    "nll",
+    "predictive_entropy",
+    "reliability_diagram",
+]
+
+
+def _mean_probs(probs: torch.Tensor, name: str = "probs") -> torch.Tensor:
+    if not torch.is_tensor(probs) or probs.dim() not in (2, 3):
+        raise ValueError(f"{name} must be a tensor (N, C) or (S, N, C), got {getattr(probs, 'shape', type(probs))}")
+    return probs.mean(0) if probs.dim() == 3 else probs
+
+
+def _check_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    labels = torch.as_tensor(labels, device=probs.device)
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({probs.shape[0]},) to match probs")
+    if labels.dtype.is_floating_point or labels.min() < 0 or labels.max() >= probs.shape[-1]:
+        raise ValueError(f"labels must be integer classes in [0, {probs.shape[-1]})")
+    return labels.long()
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of inputs whose most probable class (of the mean prediction) is the label."""
+    p = _mean_probs(probs)
+    return (p.argmax(-1) == _check_labels(p, labels)).to(p.dtype).mean()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood ``-1/N sum_i log p(y_i | x_i)`` of the mean prediction.
+
+    Probabilities are clipped to ``[eps, 1 - eps]`` (default: the dtype's machine
+    epsilon, as scikit-learn's ``log_loss``) so a confident mistake is finite.
+    """
+    p = _mean_probs(probs)
+    y = _check_labels(p, labels)
+    eps = torch.finfo(p.dtype).eps if eps is None else eps
+    return -p.gather(-1, y[:, None]).squeeze(-1).clamp(eps, 1 - eps).log().mean()
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multiclass Brier score ``1/N sum_i sum_c (p_ic - [y_i = c])^2`` (range ``[0, 2]``)."""
+    p = _mean_probs(probs)
+    y = _check_labels(p, labels)
+    onehot = torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype)
+    return ((p - onehot) ** 2).sum(-1).mean()
+
+
+def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` entropy of the mean prediction ``H[E_w p(y | x, w)]`` (nats)."""
+    return _entropy(_mean_probs(probs))
+
+
+def mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` epistemic uncertainty ``I(y; w | x) = H[E_w p] - E_w H[p]`` (nats).
+
+    Parameters
+    ----------
+    prob_samples : Tensor ``(S, N, C)``
+        Predictions of ``S`` posterior samples.
+    """
+    if not torch.is_tensor(prob_samples) or prob_samples.dim() != 3:
+        raise ValueError("mutual_information needs per-sample predictions of shape (S, N, C)")
+    return (_entropy(prob_samples.mean(0)) - _entropy(prob_samples).mean(0)).clamp_min(0.0)
+
+
+class ReliabilityDiagram(NamedTuple):
+    """Data of a reliability diagram with ``B`` equal-width confidence bins.
+
+    Attributes
+    ----------
+    edges : Tensor ``(B + 1,)``
+    confidence : Tensor ``(B,)``
+        Mean confidence (max probability) of the inputs in each bin (NaN if empty).
+    accuracy : Tensor ``(B,)``
+        Accuracy in each bin (NaN if empty).
+    counts : Tensor ``(B,)``
+    ece : Tensor ``()``
+        ``sum_b (n_b / N) |accuracy_b - confidence_b|``.
+    """
+
+    edges: torch.Tensor
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+    counts: torch.Tensor
+    ece: torch.Tensor
+
+
+def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> ReliabilityDiagram:
+    """Bin inputs by confidence and compare mean confidence with accuracy per bin.
+
+    Bins are ``(e_{b-1}, e_b]`` on an even grid of ``[0, 1]`` (a confidence equal to
+    an edge falls in the lower bin, as in scikit-learn's ``calibration_curve``).
+    """
+    p = _mean_probs(probs)
+    y = _check_labels(p, labels)
+    if not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
+    conf, pred = p.max(-1)
+    correct = (pred == y).to(p.dtype)
+    edges = torch.linspace(0, 1, num_bins + 1, dtype=p.dtype, device=p.device)
+    idx = torch.bucketize(conf, edges[1:-1], right=False)
+    counts = torch.zeros(num_bins, dtype=p.dtype, device=p.device).index_add_(0, idx, torch.ones_like(conf))
+    sum_conf = torch.zeros_like(counts).index_add_(0, idx, conf)
+    sum_acc = torch.zeros_like(counts).index_add_(0, idx, correct)
+    mean_conf, mean_acc = sum_conf / counts, sum_acc / counts  # NaN in empty bins
+    ece = ((sum_acc - sum_conf).abs() / conf.shape[0]).sum()
+    return ReliabilityDiagram(edges, mean_conf, mean_acc, counts, ece)
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> torch.Tensor:
+    """ECE with ``num_bins`` equal-width bins (Guo et al., 2017); see :func:`reliability_diagram`."""
+    return reliability_diagram(probs, labels, num_bins).ece
+
+
+def _ood_curve(
+    scores_in: torch.Tensor, scores_out: torch.Tensor, ood_positive: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative true and false positives at each distinct threshold, highest first."""
+    scores_in, scores_out = scores_in.reshape(-1), scores_out.reshape(-1)
+    if not ood_positive:  # in-distribution inputs positive, lower uncertainty first
+        scores_in, scores_out = -scores_out, -scores_in
+    if scores_in.numel() == 0 or scores_out.numel() == 0:
+        raise ValueError("OOD metrics need at least one in-distribution and one OOD score")
+    scores = torch.cat([scores_in, scores_out.to(scores_in)])
+    positive = torch.cat([torch.zeros_like(scores_in), torch.ones_like(scores_out, dtype=scores_in.dtype)])
+    order = torch.argsort(scores, descending=True, stable=True)
+    scores, positive = scores[order], positive[order]
+    # Keep the last index of each run of tied scores: one point per distinct threshold.
+    last = torch.ones_like(scores, dtype=torch.bool)
+    last[:-1] = scores[1:] != scores[:-1]
+    tps = positive.cumsum(0)[last]
+    fps = (1 - positive).cumsum(0)[last]
+    return tps, fps
+
+
+def aupr(scores_in: torch.Tensor, scores_out: torch.Tensor, *, ood_positive: bool = True) -> torch.Tensor:
+    """Area under the precision-recall curve for detecting OOD inputs.
+
+    Average precision ``sum_k (R_k - R_{k-1}) P_k`` over the distinct score
+    thresholds, scikit-learn's ``average_precision_score`` with OOD as label 1
+    ("AUPR-Out"); ``ood_positive=False`` makes in-distribution inputs the positives
+    and ranks them by lowest score ("AUPR-In").
+
+    Parameters
+    ----------
+    scores_in : Tensor ``(N,)``
+        Uncertainty scores of in-distribution inputs.
+    scores_out : Tensor ``(M,)``
+        Uncertainty scores of out-of-distribution inputs.
+    """
+    tps, fps = _ood_curve(scores_in, scores_out, ood_positive)
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    prev = torch.cat([recall.new_zeros(1), recall[:-1]])
+    return ((recall - prev) * precision).sum()
+
+
+def fpr_at_tpr(
+    scores_in: torch.Tensor, scores_out: torch.Tensor, tpr: float = 0.95, *, ood_positive: bool = True
+) -> torch.Tensor:
+    """False-positive rate at the first threshold whose true-positive rate reaches ``tpr``.
+
+    OOD inputs are the positives (``ood_positive=False``: in-distribution inputs,
+    ranked by lowest score, the convention of Hendrycks & Gimpel, 2017); the
+    threshold sweeps the distinct scores from high to low (the ROC curve of
+    scikit-learn's ``roc_curve``).
+    """
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    tps, fps = _ood_curve(scores_in, scores_out, ood_positive)
+    tpr_curve, fpr_curve = tps / tps[-1], fps / fps[-1]
+    # A small tolerance keeps TPR = 0.95 exactly (e.g. 19/20) from rounding below 0.95.
+    k = torch.searchsorted(tpr_curve, torch.tensor([tpr - 1e-12], dtype=tpr_curve.dtype, device=tpr_curve.device))
+    return fpr_curve[k.clamp_max(len(fpr_curve) - 1)].squeeze(0)
+
+
+def evaluate(
+    prob_samples: torch.Tensor,
+    labels: torch.Tensor,
+    ood_prob_samples: torch.Tensor | None = None,
+    *,
+    num_bins: int = 15,
+    ood_score: str = "entropy",
+) -> dict[str, float]:
+    """All metrics of a classifier in one dict.
+
+    Parameters
+    ----------
+    prob_samples : Tensor ``(S, N, C)`` (or ``(N, C)``: then no mutual information)
+    labels : Tensor ``(N,)``
+    ood_prob_samples : Tensor ``(S, M, C)``, optional
+        Predictions on out-of-distribution inputs; adds ``aupr`` and ``fpr95``.
+    ood_score : {"entropy", "mutual_information"}
+        Per-input OOD score.
+
+    Returns
+    -------
+    dict with ``accuracy``, ``nll``, ``brier``, ``ece``, ``entropy`` (mean),
+    ``mutual_information`` (mean), and ``aupr``, ``fpr95`` when OOD data are given.
+    """
+    if ood_score not in ("entropy", "mutual_information"):
+        raise ValueError(f"ood_score must be 'entropy' or 'mutual_information', got {ood_score!r}")
+    out = {
+        "accuracy": accuracy(prob_samples, labels),
+        "nll": nll(prob_samples, labels),
+        "brier": brier_score(prob_samples, labels),
+        "ece": expected_calibration_error(prob_samples, labels, num_bins),
+        "entropy": predictive_entropy(prob_samples).mean(),
+    }
+    if prob_samples.dim() == 3:
+        out["mutual_information"] = mutual_information(prob_samples).mean()
+    if ood_prob_samples is not None:
+        if ood_score == "mutual_information":
+            s_in, s_out = mutual_information(prob_samples), mutual_information(ood_prob_samples)
+        else:
+            s_in, s_out = predictive_entropy(prob_samples), predictive_entropy(ood_prob_samples)
+        out["aupr"] = aupr(s_in, s_out)
+        out["fpr95"] = fpr_at_tpr(s_in, s_out, 0.95)
+    return {k: float(v) for k, v in out.items()}

@@ -1,0 +1,169 @@
+"""Figures of the symmetry report (matplotlib, imported lazily).
+
+Every function returns a ``matplotlib.figure.Figure`` built without ``pyplot``
+(no global state, no display backend needed) and, with ``path``, saves it as PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["plot_barriers", "plot_marginals", "plot_ranks", "plot_rhat_hist", "select_weights"]
+
+_DPI = 100
+
+
+def _figure(nrows: int, ncols: int, size: tuple[float, float]) -> tuple[Any, np.ndarray]:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # pragma: no cover - exercised only without matplotlib
+        raise ImportError(
+            "pyro_symmetry.diagnostics plots need matplotlib: pip install 'pyro-symmetry[plots]' (or matplotlib)"
+        ) from e
+    fig = Figure(figsize=size, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(nrows, ncols, squeeze=False))
+    return fig, axes
+
+
+def _save(fig: Any, path: str | Path | None) -> Any:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=_DPI)
+    return fig
+
+
+def plot_rhat_hist(
+    before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], path: str | Path | None = None
+) -> Any:
+    """Histograms of every weight's R-hat before and after alignment (log x axis).
+
+    Parameters
+    ----------
+    before, after : mapping ``site -> ndarray`` of R-hat values (``ConvergenceSummary.rhat``)
+    """
+    b = np.concatenate([np.ravel(v) for v in before.values()])
+    a = np.concatenate([np.ravel(v) for v in after.values()])
+    b, a = b[np.isfinite(b)], a[np.isfinite(a)]
+    hi = max(float(b.max(initial=1.2)), float(a.max(initial=1.2)), 1.2)
+    lo = min(float(b.min(initial=1.0)), float(a.min(initial=1.0)), 0.99)
+    bins = np.geomspace(lo, hi, 50)
+    fig, axes = _figure(1, 1, (6.0, 3.2))
+    ax = axes[0, 0]
+    ax.hist(b, bins=bins, alpha=0.6, label=f"before alignment ({np.mean(b > 1.1):.0%} > 1.1)", color="tab:red")
+    ax.hist(a, bins=bins, alpha=0.6, label=f"after alignment ({np.mean(a > 1.1):.0%} > 1.1)", color="tab:blue")
+    for t, ls in ((1.01, ":"), (1.1, "--")):
+        ax.axvline(t, color="k", lw=0.8, ls=ls, label=f"R-hat = {t}")
+    ax.set_xscale("log")
+    ticks = [t for t in (1.0, 1.1, 1.5, 2.0, 3.0, 5.0, 10.0) if lo <= t <= hi]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("R-hat (rank-normalized split) of each weight across runs")
+    ax.set_ylabel("weights")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def select_weights(score: Mapping[str, np.ndarray], num: int = 4) -> list[tuple[str, tuple[int, ...]]]:
+    """The ``num`` weights ``(site, index)`` with the largest ``score`` (e.g. R-hat, or
+    its drop under alignment), one per site first so the figure shows several layers."""
+    ranked = []
+    for site, r in score.items():
+        flat = np.nan_to_num(np.ravel(r), nan=-np.inf)
+        for i in np.argsort(-flat)[:num]:
+            ranked.append((float(flat[i]), site, tuple(int(j) for j in np.unravel_index(i, np.shape(r)))))
+    ranked.sort(key=lambda t: -t[0])
+    picked, seen = [], set()
+    for _, site, idx in ranked:
+        if site not in seen and len(picked) < num:
+            picked.append((site, idx))
+            seen.add(site)
+    for _, site, idx in ranked:
+        if len(picked) >= num:
+            break
+        if (site, idx) not in picked:
+            picked.append((site, idx))
+    return picked
+
+
+def _values(samples: Mapping[str, torch.Tensor], site: str, idx: tuple[int, ...]) -> np.ndarray:
+    """``(chains, draws)`` of one weight."""
+    return samples[site][(slice(None), slice(None), *idx)].detach().cpu().double().numpy()
+
+
+def plot_marginals(
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    weights: Sequence[tuple[str, tuple[int, ...]]],
+    path: str | Path | None = None,
+) -> Any:
+    """Per-run marginals of a few weights, before (top row) and after (bottom) alignment.
+
+    Parameters
+    ----------
+    before, after : mapping ``site -> Tensor (chains, draws, *shape)``
+    weights : sequence of ``(site, index)``
+    """
+    fig, axes = _figure(2, len(weights), (2.6 * len(weights), 4.4))
+    for col, (site, idx) in enumerate(weights):
+        for row, (samples, label) in enumerate(((before, "before"), (after, "after"))):
+            v = _values(samples, site, idx)
+            ax = axes[row, col]
+            bins = np.linspace(v.min(), v.max(), 30) if v.max() > v.min() else 10
+            for c in range(v.shape[0]):
+                ax.hist(v[c], bins=bins, histtype="step", density=True, color=f"C{c % 10}", lw=1.0)
+            ax.set_title(f"{site}{list(idx)}\n{label} alignment", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0, 0].set_ylabel("density (one colour per run)", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ranks(
+    before: Mapping[str, torch.Tensor],
+    after: Mapping[str, torch.Tensor],
+    weights: Sequence[tuple[str, tuple[int, ...]]],
+    path: str | Path | None = None,
+    num_bins: int = 10,
+) -> Any:
+    """Rank plots (Vehtari et al., 2021): for each run, the histogram of its draws'
+    ranks among the pooled draws. Converged runs give flat histograms."""
+    from scipy.stats import rankdata
+
+    fig, axes = _figure(2, len(weights), (2.6 * len(weights), 4.4))
+    for col, (site, idx) in enumerate(weights):
+        for row, (samples, label) in enumerate(((before, "before"), (after, "after"))):
+            v = _values(samples, site, idx)
+            ranks = rankdata(v.ravel()).reshape(v.shape)
+            edges = np.linspace(0.5, v.size + 0.5, num_bins + 1)
+            ax = axes[row, col]
+            for c in range(v.shape[0]):
+                counts, _ = np.histogram(ranks[c], bins=edges)
+                ax.stairs(counts, edges, color=f"C{c % 10}", lw=1.0)
+            ax.axhline(v.shape[1] / num_bins, color="k", lw=0.8, ls="--")  # uniform ranks
+            ax.set_title(f"{site}{list(idx)}\n{label} alignment", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[1, 0].set_xlabel("rank among all draws", fontsize=8)
+    axes[0, 0].set_ylabel("draws per rank bin (one colour per run)", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_barriers(curves: Sequence[tuple[str, Any, Any]], path: str | Path | None = None, ylabel: str = "loss") -> Any:
+    """Loss along the interpolation path between pairs of runs, before and after alignment.
+
+    Parameters
+    ----------
+    curves : sequence of ``(label, before, after)`` with ``BarrierResult`` s
+    """
+    fig, axes = _figure(1, 1, (5.5, 3.4))
+    ax = axes[0, 0]
+    for i, (label, before, after) in enumerate(curves):
+        ax.plot(before.t.numpy(), before.losses.numpy(), ls="--", color=f"C{i}", label=f"{label}: before")
+        ax.plot(after.t.numpy(), after.losses.numpy(), ls="-", color=f"C{i}", label=f"{label}: after")
+    ax.set_xlabel("t (interpolation from run a to run b)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

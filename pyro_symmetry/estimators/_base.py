@@ -1,0 +1,262 @@
+"""The base posterior ``q`` over a network's weights, in the form every estimator uses.
+
+``q`` is either one distribution per site (``site -> Distribution`` whose event shape
+is the site's shape, or ``site -> (loc, scale)``: a mean-field Normal), or one
+distribution over the flat latent vector of Pyro's ``AutoContinuous`` guides (with a
+:class:`~pyro_symmetry.groups.FlatLayout`). Group elements always carry their
+leading dims in front of the value's batch dims: ``perm[k]`` of shape
+``(E, *batch, n)`` evaluates ``log q(perm . w)`` for ``E`` elements at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+import torch.distributions as td
+
+from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
+
+__all__ = ["BaseDensity", "Marginals", "as_base"]
+
+Value = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Marginals:
+    """Per-coordinate Normal marginals of ``q`` on the spec's sites.
+
+    ``loc[site]``/``scale[site]`` have shape ``(*site_shape)``, or ``(C, *site_shape)``
+    for a C-component mixture whose component log-weights are ``log_weights`` ``(C,)``.
+    ``exact`` says whether ``q`` *is* the product of these factors on the spec's sites
+    (then the permanent is exact); otherwise they only score proposals.
+    """
+
+    loc: dict[str, torch.Tensor]
+    scale: dict[str, torch.Tensor]
+    log_weights: torch.Tensor | None
+    exact: bool
+
+
+def _unwrap(d: td.Distribution) -> tuple[td.Distribution, int]:
+    n = 0
+    while isinstance(d, td.Independent):
+        n += d.reinterpreted_batch_ndims
+        d = d.base_dist
+    return d, n
+
+
+class BaseDensity:
+    """``q`` together with the spec and (for a flat ``q``) the layout.
+
+    Parameters
+    ----------
+    q : Distribution or mapping ``site -> Distribution | (loc, scale)``
+    spec : PermutationSpec
+    layout : FlatLayout, optional
+        Required when ``q`` is one distribution over the flat latent vector.
+    """
+
+    def __init__(self, q: Any, spec: PermutationSpec, layout: FlatLayout | None = None) -> None:
+        if not isinstance(spec, PermutationSpec):
+            raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        if isinstance(q, td.Distribution):
+            if layout is None:
+                raise SpecError("a distribution over the flat latent vector needs layout=FlatLayout(...)")
+            if tuple(q.event_shape) != (layout.dim,):
+                raise SpecError(f"q has event shape {tuple(q.event_shape)}, the layout needs ({layout.dim},)")
+            missing = [s for s in spec.sites if s not in layout.shapes]
+            if missing:
+                raise SpecError(f"sites {missing} of the spec are not in the flat layout {list(layout.shapes)}")
+            self.flat, self.dists = q, None
+            spec = spec if spec.shapes is not None else spec.with_shapes(layout.shapes)
+        elif isinstance(q, Mapping):
+            dists = {}
+            for k, v in q.items():
+                if isinstance(v, (tuple, list)) and len(v) == 2:
+                    loc, scale = (torch.as_tensor(t) for t in v)
+                    v = dist.Normal(loc, scale).to_event(loc.dim())
+                if not isinstance(v, td.Distribution):
+                    raise SpecError(f"q[{k!r}] must be a Distribution or a (loc, scale) pair, got {type(v).__name__}")
+                dists[k] = v
+            missing = [s for s in spec.sites if s not in dists]
+            if missing:
+                raise SpecError(f"sites {missing} of the spec have no distribution in q (have {sorted(dists)})")
+            shapes = {s: tuple(dists[s].event_shape) for s in spec.sites}
+            if spec.shapes is not None:
+                for s in spec.sites:
+                    if s in spec.shapes and tuple(spec.shapes[s]) != shapes[s]:
+                        raise SpecError(
+                            f"q[{s!r}] has event shape {shapes[s]} but the spec expects {spec.shapes[s]}; "
+                            "give each site one distribution whose event shape is the site's shape"
+                        )
+            self.flat, self.dists = None, dists
+            if spec.shapes is None or any(spec.shapes.get(s) != shapes[s] for s in spec.sites):
+                spec = spec.with_shapes({**(spec.shapes or {}), **shapes})
+        else:
+            raise SpecError(
+                "q must be a Distribution over the flat latent vector (with layout=) or a mapping "
+                f"site -> Distribution / (loc, scale); got {type(q).__name__}"
+            )
+        self.spec, self.layout = spec, layout
+        self._event_ndim = {s: spec.site_moves(s)[0] for s in spec.sites}
+        self._kernel = self._normal_kernel()
+
+    def _normal_kernel(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None:
+        """``(loc, 1/scale, event_ndim)`` per moving part when ``q`` is a diagonal Normal there."""
+        parts = {}
+        items = [("flat", self.flat)] if self.flat is not None else [(s, self.dists[s]) for s in self.spec.sites]
+        for key, d in items:
+            base, n = _unwrap(d)
+            if not isinstance(base, td.Normal) or n != len(d.event_shape) or d.batch_shape != ():
+                return None
+            parts[key] = (base.loc, base.scale.reciprocal(), n)
+        return parts
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def is_flat(self) -> bool:
+        return self.flat is not None
+
+    @property
+    def has_rsample(self) -> bool:
+        if self.flat is not None:
+            return bool(self.flat.has_rsample)
+        return all(d.has_rsample for d in self.dists.values())
+
+    def batch_shape_of(self, value: Value) -> torch.Size:
+        """The batch dims of a value (the leading dims before the site/flat shape)."""
+        if self.flat is not None:
+            if not torch.is_tensor(value) or value.dim() < 1 or value.shape[-1] != self.layout.dim:
+                shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                raise SpecError(f"value must be a tensor (*batch, {self.layout.dim}), got {shape}")
+            return value.shape[:-1]
+        if not isinstance(value, Mapping):
+            raise SpecError("q is a mapping of sites: the value must be a dict site -> tensor")
+        shapes = []
+        for s in self.spec.sites:
+            if s not in value:
+                raise SpecError(f"site {s!r} of the spec is missing from the value (have {sorted(value)})")
+            x, nd = value[s], self._event_ndim[s]
+            if tuple(x.shape[x.dim() - nd :]) != tuple(self.spec.shapes[s]) or x.dim() < nd:
+                raise SpecError(f"value[{s!r}] has shape {tuple(x.shape)}, expected (*batch, {self.spec.shapes[s]})")
+            shapes.append(x.shape[: x.dim() - nd])
+        try:
+            return torch.broadcast_shapes(*shapes)
+        except RuntimeError:
+            raise SpecError(f"the sites of the value have batch shapes {shapes} that do not broadcast") from None
+
+    def reference(self, value: Value) -> torch.Tensor:
+        """A tensor of the value (for its dtype and device)."""
+        return value if self.flat is not None else value[self.spec.sites[0]]
+
+    def moving(self, value: Value) -> Value:
+        """The part of the value the group moves (all of it when flat)."""
+        return value if self.flat is not None else {s: value[s] for s in self.spec.sites}
+
+    def sites(self, value: Value) -> dict[str, torch.Tensor]:
+        """The value as ``site -> (*batch, *shape)`` for the spec's sites."""
+        if self.flat is not None:
+            return {s: v for s, v in self.layout.from_flat(value).items() if s in self.spec.sites}
+        return {s: value[s] for s in self.spec.sites}
+
+    # ------------------------------------------------------------------ densities
+    def log_prob_moving(self, value: Value) -> torch.Tensor:
+        """``log q`` of the part of the value the group moves, shape ``(*batch)``.
+
+        For a site mapping the other sites' densities cancel in every ratio
+        ``q(g^{-1} w) / q(w)`` and are left out; a flat ``q`` is evaluated whole.
+        """
+        if self.flat is not None:
+            return self.flat.log_prob(value)
+        return sum(self.dists[s].log_prob(value[s]) for s in self.spec.sites)
+
+    def log_kernel(self, value: Value) -> torch.Tensor:
+        """``log q`` of the moving part up to a constant that no group element changes.
+
+        For a diagonal Normal ``q`` this is ``-0.5 sum ((w - loc) / scale)^2``: the
+        normalizer ``-sum log scale`` is the same for every ``q(g^{-1} w)`` and cancels in
+        every ratio the estimators form, so it is skipped (fewer passes over ``K x D``).
+        """
+        if self._kernel is None:
+            return self.log_prob_moving(value)
+        if self.flat is not None:
+            loc, inv, _ = self._kernel["flat"]
+            return -0.5 * ((value - loc) * inv).square().sum(-1)
+        total = 0.0
+        for s, (loc, inv, n) in self._kernel.items():
+            z = ((value[s] - loc) * inv).square()
+            total = total - 0.5 * z.flatten(z.dim() - n).sum(-1) if n else total - 0.5 * z
+        return total
+
+    def log_prob(self, value: Value) -> torch.Tensor:
+        """``log q(value)``, every site of ``q`` included."""
+        if self.flat is not None:
+            return self.flat.log_prob(value)
+        missing = [s for s in self.dists if s not in value]
+        if missing:
+            raise SpecError(f"sites {missing} of q are missing from the value (have {sorted(value)})")
+        return sum(d.log_prob(value[s]) for s, d in self.dists.items())
+
+    def act(self, value: Value, perm: Mapping[str, torch.Tensor]) -> Value:
+        """``perm . value`` for a (batched) element; element dims lead the value's batch dims."""
+        if self.flat is not None:
+            return apply_flat(value, flat_permutation(self.spec, perm, self.layout))
+        return self.spec.apply(self.moving(value), perm)
+
+    def log_prob_acted(self, value: Value, perm: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``log q(perm . value)`` (moving part, up to the constant of :meth:`log_kernel`),
+        shape ``broadcast(perm batch, value batch)``."""
+        return self.log_kernel(self.act(value, perm))
+
+    def sample(self, sample_shape: torch.Size = torch.Size(), reparam: bool = False) -> Value:
+        draw = (lambda d: d.rsample(sample_shape)) if reparam else (lambda d: d.sample(sample_shape))
+        if self.flat is not None:
+            return draw(self.flat)
+        return {s: draw(d) for s, d in self.dists.items()}
+
+    # ------------------------------------------------------------------ factors
+    def marginals(self) -> Marginals:
+        """Normal marginals on the spec's sites (exact factors when ``q`` is mean-field)."""
+        if self.flat is None:
+            loc, scale, exact = {}, {}, True
+            for s in self.spec.sites:
+                base, _ = _unwrap(self.dists[s])
+                if isinstance(base, td.Normal):
+                    loc[s], scale[s] = base.loc.expand(base.batch_shape), base.scale.expand(base.batch_shape)
+                else:
+                    loc[s], scale[s] = self.dists[s].mean, self.dists[s].stddev
+                    exact = False
+                if tuple(loc[s].shape) != tuple(self.spec.shapes[s]):
+                    raise SpecError(
+                        f"the permanent and importance estimators need an unbatched q; q[{s!r}] has "
+                        f"shape {tuple(loc[s].shape)} for a site of shape {self.spec.shapes[s]}"
+                    )
+            return Marginals(loc, scale, None, exact)
+        base, n = _unwrap(self.flat)
+        log_w = None
+        if isinstance(base, td.Normal) and n == 1:
+            loc, scale, exact = base.loc.expand(base.batch_shape), base.scale.expand(base.batch_shape), True
+        elif isinstance(base, dist.MixtureOfDiagNormals):
+            loc, scale, exact = base.locs, base.coord_scale, False
+            log_w = torch.log_softmax(base.component_logits, -1)
+        else:
+            loc, scale, exact = self.flat.mean, self.flat.stddev, False
+        if loc.dim() != (1 if log_w is None else 2):
+            raise SpecError(
+                f"the permanent and importance estimators need an unbatched q; q has batch shape "
+                f"{tuple(self.flat.batch_shape)}"
+            )
+        locs, scales = self.layout.from_flat(loc), self.layout.from_flat(scale)
+        keep = set(self.spec.sites)
+        return Marginals(
+            {k: v for k, v in locs.items() if k in keep}, {k: v for k, v in scales.items() if k in keep}, log_w, exact
+        )
+
+
+def as_base(q: Any, spec: PermutationSpec, layout: FlatLayout | None = None) -> BaseDensity:
+    """``q`` as a :class:`BaseDensity` (returned unchanged if it already is one)."""
+    return q if isinstance(q, BaseDensity) else BaseDensity(q, spec, layout)

@@ -1,0 +1,157 @@
+"""What every symmetrized guide shares: options, binding the spec to the model,
+the correction factor ``log q_sym(w) - log q(w)``, and draws from ``q_sym``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.runtime import am_i_wrapped
+from torch.distributions import constraints
+
+from ..estimators import BaseDensity, symmetry_log_ratio
+from ..estimators.information import METHODS, resolve_method
+from ..groups import PermutationSpec, SpecError
+from .invariance import check_invariance
+
+__all__ = ["SymmetrizedSampler", "find_spec"]
+
+
+def find_spec(model: Any) -> PermutationSpec | None:
+    """The ``.spec`` of a model, looking through Pyro's handler wrappers."""
+    for _ in range(8):
+        spec = getattr(model, "spec", None)
+        if isinstance(spec, PermutationSpec):
+            return spec
+        if isinstance(model, functools.partial) and model.args:
+            model = model.args[-1]
+        else:
+            return None
+    return None
+
+
+def is_real(support: constraints.Constraint) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def site_shapes(trace: Any) -> dict[str, tuple[int, ...]]:
+    """Own shapes (without vectorized plate dims) of a prototype trace's latent sites."""
+    out = {}
+    for name, site in trace.iter_stochastic_nodes():
+        value = site["value"]
+        plate_dims = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+        shape = [s for d, s in enumerate(value.shape, start=-value.dim()) if d not in plate_dims]
+        out[name] = tuple(shape)
+    return out
+
+
+class SymmetryTerm:
+    """Mixin: the symmetry options and the correction factor of a guide.
+
+    Attributes set by :meth:`_init_symmetry`: ``spec`` (bound to the model's site
+    shapes at set-up), ``num_permutations`` (K), ``estimator``, ``beta``.
+    """
+
+    def _init_symmetry(
+        self, spec: PermutationSpec | None, num_permutations: int, estimator: str, beta: float, check: bool
+    ) -> None:
+        if spec is None:
+            raise SpecError(
+                f"{type(self).__name__} needs a PermutationSpec: pass spec=..., or use a model with a .spec "
+                "(e.g. ps.models.BayesianMLP)"
+            )
+        if not isinstance(spec, PermutationSpec):
+            raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+        if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
+            raise ValueError(f"num_permutations must be an int >= 1, got {num_permutations!r}")
+        if estimator not in METHODS:
+            raise ValueError(f"estimator must be one of {METHODS}, got {estimator!r}")
+        self.spec = spec
+        self.num_permutations = num_permutations
+        self.estimator = estimator
+        self.beta = float(beta)
+        self.check_invariance = bool(check)
+
+    def _bind_symmetry(self, trace: Any, model: Callable, args: tuple, kwargs: dict) -> None:
+        """Bind the spec to the traced sites, check supports and invariance."""
+        shapes = site_shapes(trace)
+        for s in self.spec.sites:
+            if s not in shapes:
+                raise SpecError(f"site {s!r} of the spec is not a latent sample site of the model ({sorted(shapes)})")
+            site = trace.nodes[s]
+            if not is_real(site["fn"].support):
+                raise SpecError(f"site {s!r} has support {site['fn'].support}; only real-valued sites can be permuted")
+            if any(f.vectorized for f in site["cond_indep_stack"]):
+                raise SpecError(f"site {s!r} is inside a plate; the group must act on global weights")
+        self.spec = self.spec.with_shapes(shapes)
+        if self.estimator == "auto":
+            # Resolve once with a stand-in q: only the spec and the family matter.
+            self.estimator = self._resolve_auto()
+        if self.check_invariance:
+            check_invariance(model, self.spec, *args, **kwargs)
+
+    def _resolve_auto(self) -> str:
+        return resolve_method(self.symmetry_base(), "auto")
+
+    def symmetry_base(self, *args: Any, **kwargs: Any) -> BaseDensity:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def _factor_name(self) -> str:
+        return f"_{self._pyro_name}_symmetry"
+
+    def _add_symmetry_factor(self, base: BaseDensity, value: Any) -> None:
+        """Declare the guide's density to be (an estimate of) ``q_sym``: add
+        ``log q_sym(w) - log q(w)`` as a reparameterized factor."""
+        if poutine.get_mask() is False or not am_i_wrapped():
+            return  # Predictive (masked) or a bare call: the density is not used
+        r = symmetry_log_ratio(base, None, value, self.estimator, self.num_permutations, beta=self.beta)
+        pyro.factor(self._factor_name, r, has_rsample=True)
+
+    def symmetrized(self) -> SymmetrizedSampler:
+        """A guide that draws from ``q_sym`` (a fresh uniform ``g`` per draw), for
+        ``Predictive`` and posterior analysis; the guide itself draws from ``q``."""
+        return SymmetrizedSampler(self, self.spec)
+
+
+class SymmetrizedSampler:
+    """Run a guide, then move the spec's sites by an independent uniform group
+    element per draw (also per vectorized particle/sample).
+
+    Parameters
+    ----------
+    guide : callable
+        A fitted guide drawing from ``q``.
+    spec : PermutationSpec
+        Bound to the sites' shapes.
+    """
+
+    def __init__(self, guide: Callable, spec: PermutationSpec) -> None:
+        if spec.shapes is None:
+            raise SpecError("the guide is not set up yet: run an SVI step (or call it once) first")
+        self.guide, self.spec = guide, spec
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        sites = set(self.spec.sites)
+
+        def hide(msg: dict) -> bool:
+            return msg["type"] == "sample" and msg["name"] in sites and not msg["infer"].get("is_auxiliary", False)
+
+        with poutine.block(hide_fn=hide):
+            values = self.guide(*args, **kwargs)
+        first = self.spec.sites[0]
+        nd = len(self.spec.shapes[first])
+        batch = values[first].shape[: values[first].dim() - nd]
+        perm = self.spec.sample(batch, device=values[first].device)
+        moved = self.spec.apply({s: values[s] for s in self.spec.sites}, perm)
+        out = dict(values)
+        for s in self.spec.sites:
+            out[s] = pyro.sample(s, dist.Delta(moved[s], event_dim=len(self.spec.shapes[s])))
+        return out

@@ -1,0 +1,161 @@
+"""Runs as ArviZ chains: structure of the DataTree, named dims, log_q/log_p, and the
+structure legacy ``arviz.InferenceData.from_datatree`` relies on."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import xarray as xr
+from pyro.infer import MCMC, NUTS
+from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+
+import pyro_symmetry as ps
+
+D = ps.diagnostics
+
+
+def _make_model():
+    return ps.models.BayesianMLP(3, [4, 5], 2)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(20, 3, generator=g), torch.randint(0, 2, (20,), generator=g)
+
+
+def _gaussian_posterior(model, seed, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(s, generator=g), torch.full(s, scale)) for k, s in model.spec.shapes.items()}
+
+
+@pytest.mark.parametrize("guide_cls", [AutoNormal, AutoDiagonalNormal])
+def test_guides_become_chains_with_named_dims_and_log_densities(guide_cls):
+    x, y = _data()
+    runs = ps.train_runs(_make_model, lambda m: guide_cls(m, init_scale=0.05), (x, y), 3, steps=5, progress=False)
+    tree = D.to_inference_data(runs, num_samples=6, data=(x, y))
+    post = tree["posterior"].to_dataset()
+    assert post.sizes["chain"] == 3 and post.sizes["draw"] == 6
+    assert post["fc1.weight"].dims == ("chain", "draw", "fc1_neuron", "fc1_input")
+    assert post["fc2.weight"].dims == ("chain", "draw", "fc2_neuron", "fc1_neuron")
+    assert post["fc2.bias"].dims == ("chain", "draw", "fc2_neuron")
+    assert post["fc3.weight"].dims == ("chain", "draw", "fc3_neuron", "fc2_neuron")
+    assert post.attrs["log_order"] == pytest.approx(runs[0].model.spec.log_order)
+
+    draws = D.collect_draws(runs, num_samples=6, data=(x, y))
+    stats = tree["sample_stats"].to_dataset()
+    assert torch.allclose(torch.as_tensor(stats["log_q"].values), draws.log_q)
+    for r, run in enumerate(runs):
+        q = ps.gaussian_params(run.guide)
+        exact = sum(dist.Normal(*q[k]).log_prob(draws.samples[k][r]).flatten(1).sum(-1) for k in q)
+        assert torch.allclose(draws.log_q[r], exact.double(), rtol=1e-5, atol=1e-3)
+        w = {k: v[r, 2] for k, v in draws.samples.items()}
+        trace = pyro.poutine.trace(pyro.poutine.condition(run.model, data=w)).get_trace(x, y)
+        assert float(draws.log_p[r, 2]) == pytest.approx(float(trace.log_prob_sum()), rel=1e-5)
+    # Draws of one guide follow its own parameters (runs share parameter names).
+    means = draws.samples["fc1.weight"].mean(1)
+    for r, run in enumerate(runs):
+        loc, scale = ps.gaussian_params(run.guide)["fc1.weight"]
+        assert ((means[r] - loc).abs() <= 5 * scale / 6**0.5 + 1e-6).all()
+
+
+def test_tree_has_the_structure_legacy_arviz_from_datatree_reads():
+    # Legacy arviz 0.2x: InferenceData.from_datatree(tree) builds one group per child of
+    # the root from child.to_dataset(); this test checks what that conversion relies on.
+    model = _make_model()
+    runs = [_gaussian_posterior(model, s) for s in range(2)]
+    tree = D.to_inference_data(runs, num_samples=5, spec=model.spec)
+    assert isinstance(tree, xr.DataTree)
+    assert set(tree.children) == {"posterior", "sample_stats"}
+    groups = {name: child.to_dataset() for name, child in tree.children.items()}
+    for name, child in tree.children.items():
+        assert not child.children, f"group {name} must be flat"
+        ds = groups[name]
+        assert isinstance(ds, xr.Dataset)
+        for var in ds.data_vars.values():
+            assert var.dims[:2] == ("chain", "draw")
+    assert set(groups["posterior"].data_vars) == set(model.spec.shapes)
+    draws = D.collect_draws(runs, num_samples=5)
+    assert (torch.as_tensor(groups["posterior"]["fc2.weight"].values) == draws.samples["fc2.weight"]).all()
+
+
+def test_sample_dicts_mcmc_and_symmetric_draws():
+    model = _make_model()
+    spec = model.spec
+    g = torch.Generator().manual_seed(3)
+    chains = [{k: torch.randn(4, *s, generator=g) for k, s in spec.shapes.items()} for _ in range(3)]
+    tree = D.to_inference_data(chains, spec=spec)
+    assert tree["posterior"].to_dataset().sizes["draw"] == 4 and "sample_stats" not in tree.children
+
+    def tiny(y=None):
+        a = pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(a.sum(), 1.0), obs=y)
+
+    mcmc = MCMC(NUTS(tiny), num_samples=5, warmup_steps=5, num_chains=1, disable_progbar=True)
+    mcmc.run(torch.tensor(0.5))
+    post = D.to_inference_data([mcmc, mcmc], data=(torch.tensor(0.5),))
+    assert post["posterior"].to_dataset()["a"].shape == (2, 5, 2)
+    assert post["sample_stats"].to_dataset()["log_p"].shape == (2, 5)
+
+    # Symmetric draws: every draw is the loc moved by some group element (tiny scale).
+    q = {k: (loc, scale * 1e-6) for k, (loc, scale) in _gaussian_posterior(model, 0).items()}
+    sym = D.collect_draws([q, q], num_samples=8, spec=spec, symmetric=True)
+    assert sym.log_q is None and sym.symmetric
+    rows = sym.samples["fc1.weight"].reshape(16, 4, 3)
+    loc_rows = q["fc1.weight"][0]
+    match = torch.cdist(rows, loc_rows[None].expand(16, -1, -1)) < 1e-4  # (16, 4, 4)
+    assert (match.sum(-1) == 1).all() and (match.sum(-2) == 1).all()
+    assert not (match.float().argmax(-1) == torch.arange(4)).all(), "16 uniform permutations were all the identity"
+
+
+def test_errors_and_the_global_rng_is_left_alone():
+    model = _make_model()
+    runs = [_gaussian_posterior(model, s) for s in range(2)]
+    state = torch.get_rng_state()
+    D.to_inference_data(runs, num_samples=3)
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(ValueError, match="align"):
+        D.to_inference_data(runs, align="nearest")
+    with pytest.raises(ps.SpecError, match="spec"):
+        D.to_inference_data(runs, num_samples=3, align="barycenter")
+    with pytest.raises(ps.SpecError, match="spec"):
+        D.to_inference_data(runs, symmetric=True)
+    with pytest.raises(TypeError, match="runs"):
+        D.to_inference_data({"a": torch.zeros(3)})
+    with pytest.raises(ps.SpecError, match="same number of draws"):
+        D.to_inference_data([{"a": torch.zeros(3, 2)}, {"a": torch.zeros(4, 2)}])
+    with pytest.raises(ps.SpecError, match="not fitted"):
+        D.to_inference_data([AutoNormal(model)])
+
+
+def test_site_dims_fall_back_when_a_name_would_get_two_lengths():
+    dims = D.site_dims({"fc1.weight": (4, 3), "fc1.bias": (5,)})
+    assert dims["fc1.weight"] == ["fc1_neuron", "fc1_input"]
+    assert dims["fc1.bias"] == ["fc1_bias_dim0"]
+
+
+def test_log_q_of_a_symmetrized_guide_is_log_q_sym_by_enumeration():
+    x, y = _data()
+    make_model = lambda: ps.models.BayesianMLP(3, [3], 2)  # noqa: E731
+    runs = ps.train_runs(
+        make_model,
+        lambda m: ps.AutoSymmetrizedNormal(m, num_permutations=4, estimator="exact", init_scale=0.3),
+        (x, y),
+        2,
+        steps=3,
+        progress=False,
+    )
+    draws = D.collect_draws(runs, num_samples=5)
+    spec = runs[0].model.spec
+    elements = spec.elements()
+    inverse = spec.inverse(elements)
+    order = elements["fc1"].shape[0]
+    for r, run in enumerate(runs):
+        q = ps.gaussian_params(run.guide)
+        for i in range(5):
+            moved = spec.apply({k: v[r, i] for k, v in draws.samples.items()}, inverse)
+            log_q = sum(
+                dist.Normal(*q[k]).log_prob(moved[k].expand(order, *q[k][0].shape)).reshape(order, -1).sum(-1)
+                for k in q
+            )
+            exact = torch.logsumexp(log_q.double(), 0) - torch.log(torch.tensor(float(order), dtype=torch.float64))
+            assert float(draws.log_q[r, i]) == pytest.approx(float(exact), abs=1e-4)
