@@ -28,7 +28,7 @@ def test_setup_cfg_declares_what_the_code_needs():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     requires = cfg["options"]["install_requires"]
-    for pkg in ("pyro-ppl", "torch", "numpy", "scipy", "arviz-base", "arviz-stats"):
+    for pkg in ("pyro-ppl", "torch", "numpy", "scipy", "arviz-base", "arviz-stats[xarray]"):
         assert pkg in requires
     extras = cfg["options.extras_require"]
     assert "hypothesis" in extras["test"] and "pytest" in extras["test"]
