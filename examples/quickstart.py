@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--quick", action="store_true", help="a short run (a few seconds)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="unused: the quickstart writes no files")
     args = parser.parse_args(argv)
     steps = 200 if args.quick else args.steps
 
