@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from ._validation import check_finite, check_int, check_mapping, check_real
 from .groups import Axis, NeuronGroup, PermutationSpec, SpecError, mlp_spec
 from .groups.builders import _POINTWISE
 
@@ -83,17 +85,105 @@ class _BayesianBase(PyroModule):
     def _init_common(self, out_features: int, likelihood: str, prior_scale: float, obs_scale: float | None) -> None:
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if not (isinstance(prior_scale, (int, float)) and prior_scale > 0 and math.isfinite(prior_scale)):
-            raise ValueError(f"prior_scale must be a positive finite number, got {prior_scale!r}")
-        if obs_scale is not None and not (obs_scale > 0 and math.isfinite(obs_scale)):
-            raise ValueError(f"obs_scale must be positive (or None to learn it), got {obs_scale!r}")
-        self.out_features = out_features
+        prior_scale = check_real("prior_scale", prior_scale, positive=True)
+        if obs_scale is not None:
+            obs_scale = check_real("obs_scale", obs_scale, positive=True)
+        self.out_features = check_int("out_features", out_features, minimum=1)
         self.likelihood = likelihood
-        self.prior_scale = float(prior_scale)
+        self.prior_scale = prior_scale
         self.obs_scale = obs_scale
+        # Priors are built in this dtype/device and follow ``model.to(...)`` / ``model.double()``.
+        self._dtype, self._device = torch.get_default_dtype(), torch.device("cpu")
+        self._site_shapes: dict[str, tuple[int, ...]] = {}
 
     def _prior(self, *shape: int) -> PyroSample:
-        return PyroSample(dist.Normal(0.0, self.prior_scale).expand(shape).to_event(len(shape)))
+        zero = torch.zeros((), dtype=self._dtype, device=self._device)
+        return PyroSample(dist.Normal(zero, zero + self.prior_scale).expand(shape).to_event(len(shape)))
+
+    def _set_priors(self) -> None:
+        for site, shape in self._site_shapes.items():
+            layer, attr = site.rsplit(".", 1)
+            setattr(self._layer(layer), attr, self._prior(*shape))
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> _BayesianBase:
+        # ``model.to(torch.float64)``, ``.double()``, ``.cuda()``: move the priors too (they
+        # are distributions, not buffers), so sampled weights follow the module.
+        out = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.zeros((), dtype=self._dtype, device=self._device))
+        if (probe.dtype, probe.device) != (self._dtype, self._device):
+            self._dtype, self._device = probe.dtype, probe.device
+            self._set_priors()
+        return out
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        n_in = len(self.input_shape)
+        if x.dim() < n_in + 1 or tuple(x.shape[x.dim() - n_in :]) != self.input_shape:
+            want = ", ".join(map(str, self.input_shape))
+            raise SpecError(f"x has shape {tuple(x.shape)}, expected (N, {want}) for {type(self).__name__}")
+
+    def _check_functional(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> None:
+        """Sites, shapes, dtypes and devices of ``functional(params, x)``, named on failure."""
+        check_mapping("params", params)
+        self._check_x(x)
+        batches = set()
+        for site, shape in self._site_shapes.items():
+            if site not in params:
+                raise SpecError(f"params is missing site {site!r} of {type(self).__name__}")
+            w = params[site]
+            if not torch.is_tensor(w):
+                raise TypeError(f"params[{site!r}] must be a torch.Tensor, got {type(w).__name__}")
+            nd = len(shape)
+            if w.dim() < nd or tuple(w.shape[w.dim() - nd :]) != shape:
+                raise SpecError(
+                    f"params[{site!r}] has shape {tuple(w.shape)}, expected (*batch, {', '.join(map(str, shape))})"
+                )
+            if w.dtype != x.dtype:
+                raise TypeError(
+                    f"params[{site!r}] has dtype {w.dtype} but x has {x.dtype}; use one dtype (the model's "
+                    "priors follow model.to(dtype))"
+                )
+            if w.device != x.device:
+                raise ValueError(f"params[{site!r}] is on {w.device} but x is on {x.device}")
+            batches.add(tuple(w.shape[: w.dim() - nd]))
+        if len(batches) > 1:
+            try:
+                torch.broadcast_shapes(*batches)
+            except RuntimeError:
+                raise SpecError(
+                    f"the sites of params have batch shapes {sorted(batches)} that do not broadcast"
+                ) from None
+
+    def _check_data(self, x: torch.Tensor, y: torch.Tensor | None, num_data: int | None) -> None:
+        self._check_x(x)
+        check_finite("x", x)
+        n = x.shape[x.dim() - len(self.input_shape) - 1]
+        if num_data is not None:
+            check_int("num_data", num_data, minimum=n)
+        if y is None:
+            return
+        if not torch.is_tensor(y):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if self.likelihood == "classification":
+            if y.shape != (n,):
+                raise SpecError(f"y has shape {tuple(y.shape)}, expected ({n},): one class label per row of x")
+            if y.numel():
+                lo, hi = torch.aminmax(y)
+                if not (0 <= lo and hi < self.out_features) or (y.is_floating_point() and bool((y != y.round()).any())):
+                    raise ValueError(
+                        f"y must hold integer class labels in [0, {self.out_features}), got values in "
+                        f"[{lo.item()}, {hi.item()}]"
+                    )
+        else:
+            want = (n,) if self.out_features == 1 else (n, self.out_features)
+            if y.shape != want:
+                raise SpecError(f"y has shape {tuple(y.shape)}, expected {want}")
+            if not y.is_floating_point():
+                raise TypeError(f"regression targets y must be floating point, got dtype {y.dtype}")
+            check_finite("y", y)
 
     def _observe(self, out: torch.Tensor, y: torch.Tensor | None, num_data: int | None) -> None:
         n = out.shape[-2]
@@ -106,7 +196,8 @@ class _BayesianBase(PyroModule):
                 sigma = self.obs_scale
                 if sigma is None:
                     # A global latent: shape () or (P, 1) under vectorized particles.
-                    sigma = pyro.sample("obs_scale", dist.HalfNormal(torch.ones((), device=out.device)))
+                    one = torch.ones((), dtype=out.dtype, device=out.device)
+                    sigma = pyro.sample("obs_scale", dist.HalfNormal(one))
                 if self.out_features == 1:
                     pyro.sample("obs", dist.Normal(out.squeeze(-1), sigma), obs=y)
                 else:
@@ -134,6 +225,7 @@ class _BayesianBase(PyroModule):
         -------
         Tensor ``(*particles, N, out_features)``: logits or regression means.
         """
+        self._check_data(x, y, num_data)
         params = {k: _drop_plate_dim(v, self._event_ndims[k]) for k, v in self._sampled_params().items()}
         out = self.functional(params, x)
         self._observe(out, y, num_data)
@@ -164,6 +256,13 @@ class BayesianMLP(_BayesianBase):
     spec : PermutationSpec
         Groups named after the layers (``"fc1"``, ...), bound to the sites' shapes.
 
+    Notes
+    -----
+    The priors (and so the sampled weights) follow the module's dtype and device:
+    ``model.to(torch.float64)`` (or ``model.double()``) gives a float64 network, whose
+    inputs must then be float64 too. ``forward`` and ``functional`` check the data
+    (shapes, dtypes, NaN/Inf, class labels in range) and name what is wrong.
+
     Examples
     --------
     >>> model = BayesianMLP(64, [32, 32], 10)
@@ -185,10 +284,19 @@ class BayesianMLP(_BayesianBase):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        sizes = [int(in_features), *[int(h) for h in hidden_sizes], int(out_features)]
+        if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
+            raise TypeError(f"hidden_sizes must be a sequence of ints, got {hidden_sizes!r}")
+        sizes = [
+            check_int("in_features", in_features),
+            *[check_int(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes)],
+            check_int("out_features", out_features),
+        ]
         if any(s < 1 for s in sizes):
-            raise ValueError(f"all layer sizes must be >= 1, got {sizes}")
+            raise ValueError(f"all layer sizes must be >= 1, got {sizes} (in_features, *hidden_sizes, out_features)")
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {bias!r}")
         self._init_common(out_features, likelihood, prior_scale, obs_scale)
+        self.input_shape = (sizes[0],)
         self.sizes = sizes
         self.act = _activation(activation)
         self.layer_names = [f"fc{i + 1}" for i in range(len(sizes) - 1)]
@@ -210,20 +318,19 @@ class BayesianMLP(_BayesianBase):
             shapes[f"{n}.weight"] = (o, i)
             if bias:
                 shapes[f"{n}.bias"] = (o,)
+        self._site_shapes = shapes
         self.spec = mlp_spec(
             self.layer_names, sizes[1:-1], bias=bias, activation_symmetry=activation_symmetry(self.act)
         ).with_shapes(shapes)
 
     def functional(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(*batch, N, out)`` for weights ``params[site]`` ``(*batch, *shape)``."""
+        self._check_functional(params, x)
         h = x
         last = len(self.layer_names) - 1
         for i, name in enumerate(self.layer_names):
-            try:
-                w = params[f"{name}.weight"]
-                b = params[f"{name}.bias"] if self.bias else None
-            except KeyError as e:
-                raise SpecError(f"params is missing site {e.args[0]!r} of {type(self).__name__}") from None
+            w = params[f"{name}.weight"]
+            b = params[f"{name}.bias"] if self.bias else None
             h = _linear(h, w, b)
             if i < last:
                 h = self.act(h)
@@ -283,11 +390,16 @@ class BayesianCNN(_BayesianBase):
         super().__init__()
         self._init_common(out_features, likelihood, prior_scale, obs_scale)
         self.act = _activation(activation)
-        channels = [int(c) for c in channels]
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"channels must be a sequence of ints, got {channels!r}")
+        channels = [check_int(f"channels[{i}]", c) for i, c in enumerate(channels)]
         if not channels or any(c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}")
-        h, w = image_size
-        chans = [int(in_channels), *channels]
+        if not isinstance(image_size, Sequence) or len(image_size) != 2:
+            raise TypeError(f"image_size must be a pair (height, width), got {image_size!r}")
+        h, w = (check_int(f"image_size[{i}]", v, minimum=1) for i, v in enumerate(image_size))
+        chans = [check_int("in_channels", in_channels, minimum=1), *channels]
+        self.input_shape = (chans[0], h, w)
         self.layer_names = [f"conv{i + 1}" for i in range(len(channels))] + ["fc"]
         self.site_names, self._event_ndims, shapes = [], {}, {}
         for name, c_in, c_out in zip(self.layer_names[:-1], chans[:-1], chans[1:]):
@@ -308,6 +420,7 @@ class BayesianCNN(_BayesianBase):
         for k, s in shapes.items():
             self.site_names.append(k)
             self._event_ndims[k] = len(s)
+        self._site_shapes = shapes
         sym = activation_symmetry(self.act)
         groups = {}
         for i, name in enumerate(self.layer_names[:-1]):
@@ -323,6 +436,7 @@ class BayesianCNN(_BayesianBase):
 
     def functional(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Outputs ``(*batch, N, out)`` for weights ``params[site]`` ``(*batch, *shape)``."""
+        self._check_functional(params, x)
         h = x
         for name in self.layer_names[:-1]:
             h = _conv2d(h, params[f"{name}.weight"], params[f"{name}.bias"], padding=1)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ._validation import check_finite, check_same_device_dtype
 from .groups import FlatLayout, SpecError
 
 __all__ = ["gaussian_params", "is_gaussian_mapping", "point_params", "posterior_kind"]
@@ -30,23 +31,30 @@ def _check_fitted(guide: Any) -> None:
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> torch.Tensor:
-    if not torch.is_tensor(t):
-        raise SpecError(f"{what}[{name!r}] must be a tensor, got {type(t).__name__}")
-    # aminmax propagates NaN and is far cheaper than isfinite(t).all() on large tensors.
-    if t.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(t.detach()))).all()):
-        raise SpecError(f"{what}[{name!r}] contains NaN or Inf values")
-    return t
+    return check_finite(f"{what}[{name!r}]", t)
 
 
 def posterior_kind(q: Any) -> str:
     """``"guide"``, ``"gaussian"`` (mapping of ``(loc, scale)`` / Normal) or ``"point"``."""
     if isinstance(q, torch.nn.Module) and hasattr(q, "prototype_trace"):
         return "guide"
-    if isinstance(q, Mapping) and q:
+    if isinstance(q, Mapping):
+        if not q:
+            raise SpecError("the posterior is an empty mapping: it needs at least one site")
         if is_gaussian_mapping(q):
             return "gaussian"
         if all(torch.is_tensor(v) for v in q.values()):
             return "point"
+        points = [k for k, v in q.items() if torch.is_tensor(v)]
+        bad = [k for k, v in q.items() if k not in points and not is_gaussian_mapping({k: v})]
+        if bad:
+            raise SpecError(
+                f"site {bad[0]!r} of the posterior is a {type(q[bad[0]]).__name__}: neither a tensor, a (loc, scale) "
+                "pair of tensors nor a Normal distribution"
+            )
+        raise SpecError(
+            f"the posterior mixes point tensors (sites {points}) with (loc, scale) pairs; use one form for all sites"
+        )
     raise SpecError(
         "a posterior must be a fitted AutoNormal/AutoDiagonalNormal-family guide, a mapping "
         f"site -> (loc, scale), or a mapping site -> tensor; got {type(q).__name__}"
@@ -108,6 +116,9 @@ def gaussian_params(q: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     for k, (loc, scale) in out.items():
         _check_finite(k, loc, "loc")
         _check_finite(k, scale, "scale")
+        if not (loc.is_floating_point() and scale.is_floating_point()):
+            raise TypeError(f"site {k!r}: loc and scale must be floating-point, got {loc.dtype} and {scale.dtype}")
+        check_same_device_dtype({f"loc[{k!r}]": loc, f"scale[{k!r}]": scale})
         if loc.shape != scale.shape:
             raise SpecError(f"site {k!r}: loc has shape {tuple(loc.shape)} but scale has {tuple(scale.shape)}")
         if (scale < 0).any():

@@ -13,8 +13,9 @@ runs of one model, whose parameters share their names, never see each other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
+
+from ._validation import check_callable, check_finite, check_int
 
 __all__ = ["TrainedRun", "train_runs"]
 
@@ -64,6 +67,36 @@ def _split_data(data: Any) -> tuple[tuple, dict]:
     return (data,), {}
 
 
+def _build(make_model: Callable[[], Any], make_guide: Callable[[Any], Any]) -> tuple[Any, Any]:
+    """``(model, guide)`` from the factories, checked to be callables (a model and a guide)."""
+    model = make_model()
+    if not callable(model):
+        raise TypeError(f"make_model() must return a Pyro model (a callable), got {type(model).__name__}")
+    guide = make_guide(model)
+    if not callable(guide):
+        raise TypeError(f"make_guide(model) must return a Pyro guide (a callable), got {type(guide).__name__}")
+    return model, guide
+
+
+@contextlib.contextmanager
+def _diverged(what: str, step: int) -> Iterator[None]:
+    """Turn Pyro's complaint about NaN distribution parameters into a divergence error."""
+    try:
+        yield
+    except ValueError as e:
+        store = pyro.get_param_store()
+        bad = [k for k, v in store.items() if not bool(torch.isfinite(v.detach()).all())]
+        # torch's argument validation ("... but found invalid values") after a successful first
+        # step means the parameters grew until a distribution's arguments overflowed.
+        overflow = step > 0 and "found invalid values" in str(e)
+        if not (bad or overflow):
+            raise
+        why = f"parameters {bad[:3]} are NaN/Inf" if bad else str(e).splitlines()[0]
+        raise ValueError(
+            f"{what} diverged at step {step}: {why}; lower the learning rate or check the data and the model's scales"
+        ) from e
+
+
 def _fresh_optim(optim: Any) -> Any:
     return pyro.optim.ClippedAdam({"lr": 1e-2}) if optim is None else copy.deepcopy(optim)
 
@@ -89,11 +122,11 @@ def _train_one(
     losses = torch.empty(steps)
     with torch.random.fork_rng(devices=[]), store.scope() as state:
         torch.manual_seed(seed)
-        model = make_model()
-        guide = make_guide(model)
+        model, guide = _build(make_model, make_guide)
         svi = SVI(model, guide, _fresh_optim(optim), Trace_ELBO() if loss is None else loss)
         for i in tqdm(range(steps), desc=desc, leave=False, disable=not progress):
-            losses[i] = svi.step(*args, **kwargs)
+            with _diverged(f"the run with seed {seed}", i):
+                losses[i] = svi.step(*args, **kwargs)
     if not keep_modules:
         model = guide = None  # rebuilt from ``state`` by the caller
     return state, losses, model, guide
@@ -105,8 +138,7 @@ def _rebuild(make_model: Callable, make_guide: Callable, args: tuple, kwargs: di
     One guide call inside ``scope(state)`` makes every ``PyroParam`` of the guide
     module take the stored tensor (Pyro syncs module <- store by name).
     """
-    model = make_model()
-    guide = make_guide(model)
+    model, guide = _build(make_model, make_guide)
     with torch.random.fork_rng(devices=[]), torch.no_grad(), pyro.get_param_store().scope(state):
         guide(*args, **kwargs)
     return model, guide
@@ -179,6 +211,8 @@ def _train_vectorized(
     with torch.random.fork_rng(devices=[]), store.scope() as vstate:
         torch.manual_seed(seed)
         base = make_model()
+        if not callable(base):
+            raise TypeError(f"make_model() must return a Pyro model (a callable), got {type(base).__name__}")
         with torch.no_grad():
             nesting = _plate_nesting(poutine.trace(base).get_trace(*args, **kwargs))
         dim = -(nesting + 1)
@@ -193,7 +227,7 @@ def _train_vectorized(
         optimizer = _fresh_optim(optim)
         losses = torch.empty(steps, num_runs)
         for i in tqdm(range(steps), desc=f"SVI ({num_runs} runs, vectorized)", leave=False, disable=not progress):
-            with poutine.trace(param_only=True) as capture:
+            with poutine.trace(param_only=True) as capture, _diverged(f"a run (vectorized, seed {seed})", i):
                 elbo = _per_run_elbo(vmodel, vguide, args, kwargs, dim, num_runs)
             (-elbo.sum()).backward()
             params = {site["value"].unconstrained() for site in capture.trace.nodes.values()}
@@ -290,21 +324,32 @@ def train_runs(
     ...                      lambda m: AutoNormal(m, init_scale=0.05), (x, y), 8, steps=1000)
     >>> idata = ps.diagnostics.to_inference_data(runs, num_samples=100)
     """
-    if not isinstance(num_runs, int) or num_runs < 1:
+    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
         raise ValueError(f"num_runs must be a positive int, got {num_runs!r}")
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_callable("make_model", make_model)
+    check_callable("make_guide", make_guide)
+    check_int("seed", seed)
+    if num_threads is not None:
+        check_int("num_threads", num_threads, minimum=1)
+    if optim is not None and not isinstance(optim, pyro.optim.PyroOptim):
+        raise TypeError(f"optim must be a pyro.optim.PyroOptim (e.g. pyro.optim.Adam(...)), got {type(optim).__name__}")
     if executor is not None and not isinstance(executor, Executor):
         raise TypeError(f"executor must be a concurrent.futures.Executor, got {type(executor).__name__}")
     if vectorize and executor is not None:
         raise ValueError("vectorize=True trains in-process; it cannot be combined with an executor")
     args, kwargs = _split_data(data)
+    named = {**{f"data[{i}]": a for i, a in enumerate(args)}, **{f"data[{k!r}]": v for k, v in kwargs.items()}}
+    for name, value in named.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            check_finite(name, value)
     if executor is None and vectorize is not False:
         runs = _train_vectorized(
             make_model, make_guide, args, kwargs, num_runs, steps, seed, optim, progress, bool(vectorize)
         )
         if runs is not None:
-            return runs
+            return _check_losses(runs)
     seeds = [seed + r for r in range(num_runs)]
     if executor is None:
         runs = []
@@ -313,7 +358,7 @@ def train_runs(
                 make_model, make_guide, args, kwargs, steps, s, optim, loss, num_threads, True, progress, f"run {r}"
             )
             runs.append(TrainedRun(guide, model, losses, s, state))
-        return runs
+        return _check_losses(runs)
     futures = [
         executor.submit(_train_one, make_model, make_guide, args, kwargs, steps, s, optim, loss, num_threads, False)
         for s in seeds
@@ -323,4 +368,17 @@ def train_runs(
         state, losses, _, _ = fut.result()
         model, guide = _rebuild(make_model, make_guide, args, kwargs, state)
         runs.append(TrainedRun(guide, model, losses, s, state))
+    return _check_losses(runs)
+
+
+def _check_losses(runs: list[TrainedRun]) -> list[TrainedRun]:
+    """A run whose loss became NaN/Inf has diverged: its guide is no posterior, so say so."""
+    for r, run in enumerate(runs):
+        bad = (~torch.isfinite(run.losses)).nonzero()
+        if bad.numel():
+            step = int(bad[0, 0])
+            raise ValueError(
+                f"run {r} (seed {run.seed}) diverged: its loss is {float(run.losses[step])} at step {step}; "
+                "lower the learning rate or check the data and the model's scales"
+            )
     return runs

@@ -126,3 +126,16 @@ def test_errors():
         ps.Symmetrized({"fc1.weight": q["fc1.weight"]}, model.spec)
     with pytest.raises(ps.SpecError, match="event shape"):
         ps.Symmetrized({**q, "fc1.bias": dist.Normal(torch.zeros(4), 1.0).to_event(1)}, model.spec)
+
+
+def test_mutual_information_of_the_distribution():
+    model = BayesianMLP(2, [3], 1)
+    q = mean_field(model.spec.shapes, seed=4)
+    q_sym = ps.Symmetrized(q, model.spec, estimator="exact")
+    torch.manual_seed(0)
+    a = ps.mutual_information(q_sym, num_samples=300)
+    torch.manual_seed(0)
+    b = q_sym.mutual_information(num_samples=300)
+    torch.manual_seed(0)
+    c = ps.mutual_information(q, model.spec, "exact", num_samples=300)
+    assert a == b == c and 0 < a.value < model.spec.log_order

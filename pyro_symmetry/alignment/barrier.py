@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .._validation import check_callable, check_finite, check_int, check_real, check_tensor
 from ..groups import SpecError
-from .inputs import read_posterior
+from .inputs import check_dtypes, read_posterior
 
 __all__ = [
     "BarrierResult",
@@ -66,7 +67,7 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
         ``scale_t = (1 - t) scale0 + t scale1``, or ``site -> (1 - t) w0 + t w1``.
         ``t = 0`` and ``t = 1`` give the inputs exactly.
     """
-    t = float(t)
+    t = check_real("t", t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t}")
     f0, mu0, sd0 = read_posterior(q0, "q0")
@@ -78,6 +79,7 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
     for k in mu0:
         if mu0[k].shape != mu1[k].shape:
             raise SpecError(f"site {k!r}: q0 has shape {tuple(mu0[k].shape)}, q1 has {tuple(mu1[k].shape)}")
+    check_dtypes([k for k in mu0 if mu0[k].is_floating_point() or mu1[k].is_floating_point()], {"q0": mu0, "q1": mu1})
     if f0 == "point":
         return {k: _lerp(mu0[k], mu1[k], t) for k in mu0}
     return {k: (_lerp(mu0[k], mu1[k], t), _lerp(sd0[k], sd1[k], t)) for k in mu0}
@@ -129,10 +131,8 @@ def loss_barrier(
     >>> before = ps.loss_barrier(loss, q0, q1)
     >>> after = ps.loss_barrier(loss, q0, ps.align(q0, q1, model.spec).aligned)
     """
-    if not isinstance(num_points, int) or num_points < 2:
-        raise ValueError(f"num_points must be an int >= 2, got {num_points!r}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    num_points = check_int("num_points", num_points, minimum=2)
+    check_callable("loss_fn", loss_fn)
     ts = torch.linspace(0.0, 1.0, num_points, dtype=torch.float64)
     ts[-1] = 1.0
     grid = ts.tolist()
@@ -140,9 +140,23 @@ def loss_barrier(
         from tqdm.auto import tqdm
 
         grid = tqdm(grid, desc="loss barrier", leave=False)
-    losses = torch.tensor([float(loss_fn(interpolate(q0, q1, t))) for t in grid], dtype=torch.float64)
+    losses = torch.tensor([_loss_value(loss_fn, interpolate(q0, q1, t), t) for t in grid], dtype=torch.float64)
     chord = torch.lerp(losses[0].expand_as(ts), losses[-1].expand_as(ts), ts)
     return BarrierResult(ts, losses, float((losses - chord).max()))
+
+
+def _loss_value(loss_fn: Callable[[Any], float], q: Any, t: float) -> float:
+    """``float(loss_fn(q))``, which must be one finite number."""
+    value = loss_fn(q)
+    if torch.is_tensor(value) and value.numel() != 1:
+        raise ValueError(f"loss_fn must return one number, got a tensor of shape {tuple(value.shape)} at t={t:.3g}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"loss_fn must return a number, got {type(value).__name__} at t={t:.3g}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"loss_fn returned {value} at t={t:.3g}; the loss barrier needs finite losses")
+    return value
 
 
 # ---------------------------------------------------------------------------- losses
@@ -193,19 +207,32 @@ class PredictiveLoss:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if not callable(getattr(self.model, "functional", None)):
             raise TypeError(f"model must have a functional(params, x) method, got {type(self.model).__name__}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+        check_int("num_samples", self.num_samples, minimum=1)
+        check_int("seed", self.seed)
         lik = self.likelihood or getattr(self.model, "likelihood", "classification")
         if lik not in ("classification", "regression"):
             raise ValueError(f"likelihood must be 'classification' or 'regression', got {lik!r}")
         object.__setattr__(self, "likelihood", lik)
         if lik == "regression" and self.metric == "nll":
-            sigma = self.obs_scale if self.obs_scale is not None else getattr(self.model, "obs_scale", None)
-            if sigma is None or not sigma > 0:
-                raise ValueError("regression NLL needs a positive obs_scale (the model's is None): pass obs_scale=")
+            if self.obs_scale is not None:
+                sigma = check_real("obs_scale", self.obs_scale, positive=True)
+            else:
+                sigma = getattr(self.model, "obs_scale", None)
+                if sigma is None:
+                    raise ValueError("regression NLL needs a positive obs_scale (the model's is None): pass obs_scale=")
             object.__setattr__(self, "obs_scale", float(sigma))
+        check_finite("x", check_tensor("x", self.x, floating=True, min_dim=1))
+        check_finite("y", check_tensor("y", self.y, min_dim=1))
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]}")
+        if lik == "classification" and self.y.numel():
+            n_out = getattr(self.model, "out_features", None)
+            lo, hi = torch.aminmax(self.y)
+            if lo < 0 or (n_out is not None and hi >= n_out) or bool((self.y != self.y.round()).any()):
+                raise ValueError(
+                    f"y must hold integer class labels in [0, {n_out if n_out is not None else 'C'}), "
+                    f"got values in [{lo.item()}, {hi.item()}]"
+                )
 
     def outputs(self, q: Any) -> torch.Tensor:
         """Network outputs ``(S, N, out)`` under ``q`` (``S = 1`` for a point)."""

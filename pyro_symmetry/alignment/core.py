@@ -289,10 +289,15 @@ class _Engine:
             for g in self.names:
                 if g not in init:
                     raise SpecError(f"init is missing group {g!r}")
-                p = torch.as_tensor(init[g], device=self.device).long()
+            given = {g: torch.as_tensor(init[g], device=self.device).long() for g in self.names}
+            self.spec._check_element(given, "init")
+            for g, p in given.items():
+                if p.dim() > 1 and p.shape[:-1] != (self.B,):
+                    raise SpecError(
+                        f"init[{g!r}] has shape {tuple(p.shape)}, expected ({p.shape[-1]},) or ({self.B}, n)"
+                    )
                 self.perm[g] = p.expand(self.B, p.shape[-1]).clone()
                 self.version[g] += 1
-            self.spec.validate(self.perm)
             return
         if init == "identity":
             return

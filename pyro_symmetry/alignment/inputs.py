@@ -7,10 +7,21 @@ from typing import Any
 
 import torch
 
+from .._validation import check_int, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError, decode_signed
 from ..posterior import gaussian_params, point_params, posterior_kind
 
-__all__ = ["METHODS", "apply_gaussian", "bind_spec", "check_method", "read_posterior", "rest_distance", "unsigned"]
+__all__ = [
+    "METHODS",
+    "apply_gaussian",
+    "bind_spec",
+    "check_dtypes",
+    "check_method",
+    "check_options",
+    "read_posterior",
+    "rest_distance",
+    "unsigned",
+]
 
 METHODS = ("wasserstein", "weights")
 
@@ -44,10 +55,42 @@ def check_method(method: str, forms: Mapping[str, str]) -> None:
                 )
 
 
+def check_options(max_sweeps: Any, seed: Any, compute_dtype: Any, signs: Any) -> None:
+    """The options every alignment entry point shares."""
+    check_int("max_sweeps", max_sweeps, minimum=0)
+    check_seed("seed", seed)
+    if compute_dtype is not None and compute_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"compute_dtype must be None or a floating-point torch.dtype, got {compute_dtype!r}")
+    if not isinstance(signs, bool):
+        raise TypeError(f"signs must be a bool, got {signs!r}")
+
+
+def check_dtypes(sites: Any, means: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """The moved sites are floating point, with one dtype and device across posteriors.
+
+    ``means`` maps a posterior's name (``"q0"``) to its means or points; mixing float32
+    and float64 posteriors would silently up- or down-cast one of them.
+    """
+    for s in sites:
+        first = None
+        for name, mu in means.items():
+            if s not in mu:
+                continue
+            t = mu[s]
+            if not t.is_floating_point():
+                raise TypeError(f"{name}[{s!r}] must be a floating-point tensor, got dtype {t.dtype}")
+            if first is None:
+                first = (name, t)
+            elif t.dtype != first[1].dtype or t.device != first[1].device:
+                raise TypeError(
+                    f"{name}[{s!r}] is {t.dtype} on {t.device} but {first[0]}[{s!r}] is {first[1].dtype} on "
+                    f"{first[1].device}; convert the posteriors to one dtype and device"
+                )
+
+
 def bind_spec(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], signs: bool) -> PermutationSpec:
     """Check that every site of ``spec`` is present with a consistent shape; bind shapes."""
-    if not isinstance(spec, PermutationSpec):
-        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    check_spec(spec)
     missing = [s for s in spec.sites if s not in shapes]
     if missing:
         raise SpecError(f"sites {missing} of the spec are missing from the posterior (it has {sorted(shapes)})")
@@ -67,15 +110,17 @@ def rest_distance(
     tgt_mu: Mapping[str, torch.Tensor],
     tgt_sd: Mapping[str, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """``(B,)`` float64 squared distance over sites no group moves (targets ``(B, *shape)``)."""
+    """``(B,)`` float64 squared distance over sites no group moves (targets ``(B, *shape)``), on the CPU."""
     total = torch.zeros(next(iter(tgt_mu.values())).shape[0] if tgt_mu else 1, dtype=torch.float64)
+    parts = []
     for s in sites:
         if not ref_mu[s].is_floating_point():
             continue
-        total = total + sq_norm(ref_mu[s] - tgt_mu[s]).cpu()
+        parts.append(sq_norm(ref_mu[s] - tgt_mu[s]))
         if ref_sd is not None and tgt_sd is not None:
-            total = total + sq_norm(ref_sd[s] - tgt_sd[s]).cpu()
-    return total
+            parts.append(sq_norm(ref_sd[s] - tgt_sd[s]))
+    # Sum on the inputs' device; one transfer (and sync) at the end, not one per site.
+    return total + torch.stack(parts).sum(0).cpu() if parts else total
 
 
 def unsigned(perm: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

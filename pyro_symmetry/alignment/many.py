@@ -16,15 +16,25 @@ lowers the total cost ``sum_r C_r``, as in k-means.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .._validation import check_finite, check_int, check_spec
 from ..groups import PermutationSpec, SpecError
 from .core import Channels, Solution, coordinate_descent
-from .inputs import apply_gaussian, bind_spec, check_method, read_posterior, rest_distance, unsigned
+from .inputs import (
+    apply_gaussian,
+    bind_spec,
+    check_dtypes,
+    check_method,
+    check_options,
+    read_posterior,
+    rest_distance,
+    unsigned,
+)
 
 __all__ = ["ManyAlignment", "SampleAlignment", "align_many", "align_samples"]
 
@@ -116,8 +126,6 @@ def _refine(
     sol = coordinate_descent(spec, ref, tgt, progress=progress, **kw)
     if not barycenter:
         return sol, dict(ref), 0, bool(sol.converged.all())
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ValueError(f"max_iters must be a positive int, got {max_iters!r}")
     kw = {k: v for k, v in kw.items() if k != "init"}
     stable = False
     it = 0
@@ -170,12 +178,18 @@ def align_many(
     >>> res = ps.align_many([guide0, guide1, guide2], model.spec, reference="barycenter")
     >>> res.barycenter["fc1.weight"]   # (loc, scale)
     """
+    if isinstance(posteriors, Mapping) or not isinstance(posteriors, Iterable):
+        raise TypeError(f"posteriors must be a sequence of posteriors, got {type(posteriors).__name__}")
+    check_options(max_sweeps, seed, compute_dtype, signs)
+    check_int("max_iters", max_iters, minimum=1)
     posteriors = list(posteriors)
     if not posteriors:
         raise ValueError("posteriors is empty")
+    check_spec(spec)
     read = [read_posterior(q, f"posteriors[{r}]") for r, q in enumerate(posteriors)]
     check_method(method, {f"posteriors[{r}]": f for r, (f, _, _) in enumerate(read)})
     spec = bind_spec(spec, {k: tuple(v.shape) for k, v in read[0][1].items()}, signs)
+    check_dtypes(spec.sites, {f"posteriors[{r}]": mu for r, (_, mu, _) in enumerate(read)})
     sites = list(read[0][1])
     for r, (_, mu, _) in enumerate(read[1:], 1):
         for s in set(sites) | set(mu):
@@ -281,8 +295,9 @@ def align_samples(
         raise ValueError(f"align_samples matches points: method must be 'weights', got {method!r}")
     if not isinstance(samples, Mapping) or not samples:
         raise TypeError(f"samples must be a non-empty mapping site -> tensor, got {type(samples).__name__}")
-    if not isinstance(spec, PermutationSpec):
-        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    check_spec(spec)
+    check_options(max_sweeps, seed, compute_dtype, signs)
+    check_int("max_iters", max_iters, minimum=1)
     ref_points = None
     if isinstance(reference, Mapping):
         _, ref_points, _ = read_posterior(reference, "reference")
@@ -352,12 +367,15 @@ def _batch_shape(
         x = samples[s]
         if not torch.is_tensor(x):
             raise TypeError(f"samples[{s!r}] must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"samples[{s!r}] must be a floating-point tensor, got dtype {x.dtype}")
+        check_finite(f"samples[{s!r}]", x)
         nd = spec.site_moves(s)[0]
         if x.dim() < nd:
             raise SpecError(f"samples[{s!r}] has shape {tuple(x.shape)}, fewer than the site's {nd} dims")
         b, event[s] = tuple(x.shape[: x.dim() - nd]), tuple(x.shape[x.dim() - nd :])
         if batch is None:
-            batch = b
+            batch, first = b, s
         elif b != batch:
-            raise SpecError(f"samples[{s!r}] has batch shape {b}, other sites have {batch}")
+            raise SpecError(f"samples[{s!r}] has batch shape {b}, but samples[{first!r}] has {batch}")
     return batch, event

@@ -10,7 +10,7 @@ import torch
 
 from ..groups import PermutationSpec, SpecError
 from .core import coordinate_descent
-from .inputs import apply_gaussian, bind_spec, check_method, read_posterior, rest_distance
+from .inputs import apply_gaussian, bind_spec, check_dtypes, check_method, check_options, read_posterior, rest_distance
 
 __all__ = ["AlignmentResult", "align"]
 
@@ -115,10 +115,12 @@ def align(
     >>> res.objective[0] >= res.objective[-1]
     True
     """
+    check_options(max_sweeps, seed, compute_dtype, signs)
     f0, mu0, sd0 = read_posterior(q0, "q0")
     f1, mu1, sd1 = read_posterior(q1, "q1")
     check_method(method, {"q0": f0, "q1": f1})
     spec = bind_spec(spec, {k: tuple(v.shape) for k, v in mu0.items()}, signs)
+    check_dtypes(spec.sites, {"q0": mu0, "q1": mu1})
     for s in spec.sites:
         if s not in mu1 or mu1[s].shape != mu0[s].shape:
             got = tuple(mu1[s].shape) if s in mu1 else "missing"

@@ -24,6 +24,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from .._validation import check_finite, check_int, check_spec
 from ..alignment import align_many, align_samples
 from ..groups import PermutationSpec, SpecError
 from ..posterior import gaussian_params, is_gaussian_mapping
@@ -112,7 +113,7 @@ def _sum_per_draw(trace: Any, num: int) -> torch.Tensor:
     """``(num,)`` sum of the scaled log-probs of all sample sites (factors included)
     of a trace run under the outermost plate ``_ps_draws`` of size ``num``."""
     trace.compute_log_prob()
-    total = torch.zeros(num, dtype=torch.float64)
+    total = None
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site_is_subsample(site):
             lp = site["log_prob"]
@@ -121,8 +122,9 @@ def _sum_per_draw(trace: Any, num: int) -> torch.Tensor:
                     f"site {name!r} has log-prob shape {tuple(lp.shape)} under a plate of {num} draws; "
                     "the model or guide does not vectorize over draws"
                 )
-            total = total + lp.reshape(num, -1).sum(-1).double()
-    return total
+            part = lp.reshape(num, -1).sum(-1).double()
+            total = part if total is None else total + part
+    return torch.zeros(num, dtype=torch.float64) if total is None else total
 
 
 def _guide_draws(guide: Any, num: int, args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -206,8 +208,11 @@ def collect_draws(
     seed: int = 0,
 ) -> RunDraws:
     """Draw ``num_samples`` weights from every run; see :func:`to_inference_data`."""
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    check_int("seed", seed)
+    if spec is not None:
+        check_spec(spec)
     if _is_mcmc(runs):
         runs = [runs]
     if isinstance(runs, Mapping) or not isinstance(runs, Sequence) or len(runs) == 0:
@@ -284,6 +289,9 @@ def _stack_chains(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
                     f"chain {i}, site {k!r}: draws of shape {tuple(c[k].shape)}, chain 0 has "
                     f"{tuple(chains[0][k].shape)} (every run needs the same number of draws and site shapes)"
                 )
+        for k in sites:
+            if c[k].is_floating_point():
+                check_finite(f"chain {i}, site {k!r}", c[k])
     return {k: torch.stack([c[k].detach() for c in chains]) for k in sites}
 
 

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._validation import check_finite, check_int, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..scaling import canonicalize
 
@@ -83,6 +84,8 @@ def _as_matrix(x: Any, name: str, keys: Sequence[str] | None = None) -> tuple[to
         sizes = {v.shape[0] if v.dim() else -1 for v in vals}
         if len(sizes) != 1 or -1 in sizes:
             raise SpecError(f"every site of {name} needs the same leading sample dim; got sizes {sorted(sizes)}")
+        for k, v in zip(keys, vals):
+            check_finite(f"{name}[{k!r}]", v)
         n = sizes.pop()
         return torch.cat([v.reshape(n, -1) for v in vals], -1), keys
     if keys is not None:
@@ -93,7 +96,19 @@ def _as_matrix(x: Any, name: str, keys: Sequence[str] | None = None) -> tuple[to
         x = x[:, None]
     if x.dim() != 2:
         raise ValueError(f"{name} must have shape (n,) or (n, d), got {tuple(x.shape)}")
+    check_finite(name, x)
     return x, None
+
+
+def _check_samples(x: Any, y: Any) -> None:
+    """Two sample dicts must have the same sites with the same per-sample shapes."""
+    if isinstance(x, Mapping) and isinstance(y, Mapping):
+        if set(x) != set(y):
+            raise SpecError(f"x and y have different sites: {sorted(set(x) ^ set(y))}")
+        for k in x:
+            sx, sy = tuple(torch.as_tensor(x[k]).shape[1:]), tuple(torch.as_tensor(y[k]).shape[1:])
+            if sx != sy:
+                raise SpecError(f"site {k!r}: x has per-sample shape {sx} but y has {sy}")
 
 
 def _pairwise(z: torch.Tensor, kind: str) -> torch.Tensor:
@@ -129,11 +144,18 @@ def mmd2_unbiased(
     """Unbiased ``MMD^2`` of two samples ``(n, d)``, ``(m, d)`` for one kernel and bandwidth."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    x, _ = _as_matrix(x, "x")
-    y, _ = _as_matrix(y, "y")
-    z = torch.cat([x, y]).to(torch.float64)
+    _check_samples(x, y)
+    x, keys = _as_matrix(x, "x")
+    y, _ = _as_matrix(y, "y", keys)
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise ValueError(f"MMD needs at least 2 samples on each side, got {x.shape[0]} and {y.shape[0]}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x has dimension {x.shape[1]} but y has {y.shape[1]}")
+    z = torch.cat([x, y.to(x.device)]).to(torch.float64)
     labels = (torch.arange(z.shape[0], device=z.device) < x.shape[0])[None]
     bw = torch.as_tensor(bandwidth, dtype=z.dtype, device=z.device)
+    if not bool(((bw > 0) & torch.isfinite(bw)).all()):
+        raise ValueError(f"bandwidth must be positive and finite, got {bw.tolist()}")
     return _mmd2_labels(_kernel(_pairwise(z, kernel), kernel, bw), labels, x.shape[0], y.shape[0])[0]
 
 
@@ -241,12 +263,18 @@ def mmd(
     kinds = KERNELS if kernel == "both" else (kernel,)
     if kernel != "both" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'gaussian', 'laplace' or 'both', got {kernel!r}")
-    if not isinstance(num_permutations, int) or num_permutations < 1:
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
         raise ValueError(f"num_permutations must be a positive int, got {num_permutations!r}")
+    check_int("seed", seed)
+    if bandwidths is None:
+        check_int("num_bandwidths", num_bandwidths, minimum=1)
+        check_real("bandwidth_ratio", bandwidth_ratio, positive=True)
+    _check_samples(x, y)
     label = None
     if symmetry_aware:
         if spec is None:
             raise SpecError("symmetry_aware=True needs the spec of the network")
+        check_spec(spec)
         if not (isinstance(x, Mapping) and isinstance(y, Mapping)):
             raise TypeError("symmetry_aware=True needs x and y as sample dicts site -> (n, *shape)")
         n = next(iter(x.values())).shape[0]
@@ -276,8 +304,8 @@ def mmd(
             grid = med * bandwidth_ratio ** torch.arange(-half, num_bandwidths - half, dtype=z.dtype, device=dev)
         else:
             grid = torch.as_tensor(bandwidths, dtype=z.dtype, device=dev).reshape(-1)
-            if not (grid > 0).all():
-                raise ValueError(f"bandwidths must be positive, got {grid.tolist()}")
+            if not grid.numel() or not bool(((grid > 0) & torch.isfinite(grid)).all()):
+                raise ValueError(f"bandwidths must be positive and finite (at least one), got {grid.tolist()}")
         # All bandwidths of a kernel at once, in chunks of at most ~2^24 kernel entries.
         chunk = max(1, (1 << 24) // dist.numel())
         for part in grid.split(chunk):

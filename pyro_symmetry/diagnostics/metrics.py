@@ -33,9 +33,30 @@ __all__ = [
 ]
 
 
+def _check_probs(probs: torch.Tensor, name: str) -> torch.Tensor:
+    """Probabilities: floating point, finite, in ``[0, 1]`` and summing to 1 over classes.
+
+    Catches logits (or log-probabilities) passed where probabilities are expected.
+    """
+    if not probs.is_floating_point():
+        raise TypeError(f"{name} must be floating-point probabilities, got dtype {probs.dtype}")
+    if probs.numel():
+        lo, hi = torch.aminmax(probs)
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
+            raise ValueError(f"{name} must be probabilities in [0, 1], got values in [{float(lo)}, {float(hi)}]")
+        # A loose tolerance (round-off of a float32 softmax, even after a cast to float64): this
+        # catches logits and unnormalized scores, not precision.
+        tol = probs.shape[-1] * max(1e-4, torch.finfo(probs.dtype).eps ** 0.5)
+        err = float((probs.sum(-1) - 1).abs().max())
+        if err > tol:
+            raise ValueError(f"{name} must sum to 1 over the last (class) dim; the largest deviation is {err:.3g}")
+    return probs
+
+
 def _mean_probs(probs: torch.Tensor, name: str = "probs") -> torch.Tensor:
     if not torch.is_tensor(probs) or probs.dim() not in (2, 3):
         raise ValueError(f"{name} must be a tensor (N, C) or (S, N, C), got {getattr(probs, 'shape', type(probs))}")
+    _check_probs(probs, name)
     return probs.mean(0) if probs.dim() == 3 else probs
 
 
@@ -93,6 +114,7 @@ def mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
     """
     if not torch.is_tensor(prob_samples) or prob_samples.dim() != 3:
         raise ValueError("mutual_information needs per-sample predictions of shape (S, N, C)")
+    _check_probs(prob_samples, "prob_samples")
     return (_entropy(prob_samples.mean(0)) - _entropy(prob_samples).mean(0)).clamp_min(0.0)
 
 
@@ -126,7 +148,7 @@ def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, num_bins: int
     """
     p = _mean_probs(probs)
     y = _check_labels(p, labels)
-    if not isinstance(num_bins, int) or num_bins < 1:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
     conf, pred = p.max(-1)
     correct = (pred == y).to(p.dtype)
@@ -149,6 +171,11 @@ def _ood_curve(
     scores_in: torch.Tensor, scores_out: torch.Tensor, ood_positive: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cumulative true and false positives at each distinct threshold, highest first."""
+    for name, s in (("scores_in", scores_in), ("scores_out", scores_out)):
+        if not torch.is_tensor(s):
+            raise TypeError(f"{name} must be a tensor of scores, got {type(s).__name__}")
+        if s.is_floating_point() and bool(s.isnan().any()):
+            raise ValueError(f"{name} contains NaN scores")
     scores_in, scores_out = scores_in.reshape(-1), scores_out.reshape(-1)
     if not ood_positive:  # in-distribution inputs positive, lower uncertainty first
         scores_in, scores_out = -scores_out, -scores_in
@@ -198,8 +225,8 @@ def fpr_at_tpr(
     threshold sweeps the distinct scores from high to low (the ROC curve of
     scikit-learn's ``roc_curve``).
     """
-    if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be a number in (0, 1], got {tpr!r}")
     tps, fps = _ood_curve(scores_in, scores_out, ood_positive)
     tpr_curve, fpr_curve = tps / tps[-1], fps / fps[-1]
     # A small tolerance keeps TPR = 0.95 exactly (e.g. 19/20) from rounding below 0.95.
@@ -243,6 +270,12 @@ def evaluate(
     if prob_samples.dim() == 3:
         out["mutual_information"] = mutual_information(prob_samples).mean()
     if ood_prob_samples is not None:
+        _mean_probs(ood_prob_samples, "ood_prob_samples")
+        if ood_prob_samples.shape[-1] != prob_samples.shape[-1]:
+            raise ValueError(
+                f"ood_prob_samples has {ood_prob_samples.shape[-1]} classes but prob_samples has "
+                f"{prob_samples.shape[-1]}"
+            )
         if ood_score == "mutual_information":
             s_in, s_out = mutual_information(prob_samples), mutual_information(ood_prob_samples)
         else:

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_callable, check_int
 from ..alignment import BarrierResult, align_many, gaussian_nll_loss, loss_barrier
 from ..estimators import MIEstimate, mutual_information
 from ..groups import PermutationSpec, SpecError
@@ -339,6 +340,19 @@ def symmetry_report(
     >>> report = ps.diagnostics.symmetry_report(runs, data=(x_test, y_test), out_dir="report")
     >>> print(report)
     """
+    if align not in ("barycenter", "reference"):
+        raise ValueError(f"align must be 'barycenter' or 'reference', got {align!r}")
+    check_int("barrier_pairs", barrier_pairs, minimum=0)
+    check_int("barrier_points", barrier_points, minimum=2)
+    check_int("mi_samples", mi_samples, minimum=1)
+    check_int("mi_permutations", mi_permutations, minimum=1)
+    check_int("mmd_permutations", mmd_permutations, minimum=1)
+    check_int("num_weights_plotted", num_weights_plotted, minimum=0)
+    check_int("seed", seed)
+    if loss_fn is not None:
+        check_callable("loss_fn", loss_fn)
+    if data is not None and (not isinstance(data, (tuple, list)) or len(data) != 2):
+        raise TypeError(f"data must be a pair (x, y) of held-out tensors, got {type(data).__name__}")
     steps = ["draws", "alignment", "R-hat/ESS", "I(g;w)", "barriers", "MMD", "figures"]
     bar = tqdm(steps, desc="symmetry report", disable=not progress, leave=False)
     step = iter(bar)

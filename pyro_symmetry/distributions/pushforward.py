@@ -17,7 +17,9 @@ import torch.distributions as td
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from .._validation import check_spec
 from ..groups import FlatLayout, GroupElement, PermutationSpec, SpecError, apply_flat, flat_permutation
+from ..groups.builders import _own_batch_ndim
 
 __all__ = ["Pushforward", "PushforwardGuide", "pushforward_guide"]
 
@@ -76,25 +78,29 @@ class Pushforward(TorchDistribution):
     ) -> None:
         if not isinstance(spec, PermutationSpec):
             raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
-        spec._check_element(perm)
+        gbatch = spec._check_element(perm)
         self.spec, self.perm, self.layout = spec, dict(perm), layout
         self.base = base
-        gbatch = torch.broadcast_shapes(*(p.shape[:-1] for p in perm.values())) if perm else torch.Size()
         if isinstance(base, td.Distribution):
             if layout is None:
                 raise SpecError("a flat base distribution needs layout=FlatLayout(...) to know its sites")
+            if not isinstance(layout, FlatLayout):
+                raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
             if base.event_shape != (layout.dim,):
                 raise SpecError(f"base has event shape {tuple(base.event_shape)}, the layout needs ({layout.dim},)")
+            batch = _broadcast(gbatch, {"base": base.batch_shape})
             self._index = flat_permutation(spec, perm, layout)
             self._inv_index = flat_permutation(spec, spec.inverse(perm), layout)
-            batch = torch.broadcast_shapes(base.batch_shape, gbatch)
             super().__init__(batch, base.event_shape, validate_args=validate_args)
         elif isinstance(base, Mapping):
             missing = [s for s in spec.sites if s not in base]
             if missing:
                 raise SpecError(f"sites {missing} of the spec have no distribution in base (have {sorted(base)})")
+            for k, d in base.items():
+                if not isinstance(d, td.Distribution):
+                    raise TypeError(f"base[{k!r}] must be a Distribution, got {type(d).__name__}")
+            batch = _broadcast(gbatch, {f"base[{k!r}]": d.batch_shape for k, d in base.items()})
             self._inv = spec.inverse(perm)
-            batch = torch.broadcast_shapes(gbatch, *(d.batch_shape for d in base.values()))
             super().__init__(batch, torch.Size(), validate_args=validate_args)
         else:
             raise SpecError(f"base must be a Distribution or a mapping site -> Distribution, got {type(base).__name__}")
@@ -135,6 +141,9 @@ class Pushforward(TorchDistribution):
             return self.base.log_prob(apply_flat(value, self._inv_index))
         if not isinstance(value, Mapping):
             raise SpecError("this push-forward is over a mapping of sites: log_prob needs a dict site -> tensor")
+        missing = [k for k in self.base if k not in value]
+        if missing:
+            raise SpecError(f"sites {missing} of the push-forward are missing from the value (have {sorted(value)})")
         src = self.spec.apply(value, self._inv)
         return sum(d.log_prob(src[k]) for k, d in self.base.items())
 
@@ -177,6 +186,20 @@ class Pushforward(TorchDistribution):
         return self
 
 
+def _broadcast(gbatch: torch.Size, shapes: Mapping[str, torch.Size]) -> torch.Size:
+    """Broadcast the group element's batch shape with the base's, naming the culprit."""
+    batch = gbatch
+    for name, shape in shapes.items():
+        try:
+            batch = torch.broadcast_shapes(batch, shape)
+        except RuntimeError:
+            raise SpecError(
+                f"{name} has batch shape {tuple(shape)}, which does not broadcast with the group element's "
+                f"batch shape {tuple(gbatch)}"
+            ) from None
+    return batch
+
+
 def _is_model_site(msg: dict, sites: Sequence[str]) -> bool:
     return msg["type"] == "sample" and msg["name"] in sites and not msg["infer"].get("is_auxiliary", False)
 
@@ -199,21 +222,30 @@ class PushforwardGuide:
     """
 
     def __init__(self, guide: Any, spec: PermutationSpec, perm: GroupElement) -> None:
+        check_spec(spec)
+        if not callable(guide):
+            raise TypeError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
         spec._check_element(perm)
         if any(p.dim() != 1 for p in perm.values()):
             raise SpecError("PushforwardGuide takes one (unbatched) group element")
         if getattr(guide, "prototype_trace", None) is None:
             raise SpecError(f"{type(guide).__name__} is not fitted: call it once (or run an SVI step) first")
-        self.guide, self.spec, self.perm = guide, spec, dict(perm)
         nodes = guide.prototype_trace.nodes
+        shapes = {}
         for s in spec.sites:
-            if s not in nodes:
+            if s not in nodes or nodes[s]["type"] != "sample" or nodes[s]["is_observed"]:
                 raise SpecError(f"site {s!r} of the spec is not a latent site of the guide's model")
             support = nodes[s]["fn"].support
             while isinstance(support, constraints.independent):
                 support = support.base_constraint
             if support is not constraints.real:
                 raise SpecError(f"site {s!r} has support {support}; only real-valued sites can be permuted")
+            fn = nodes[s]["fn"]
+            own = _own_batch_ndim(nodes[s])
+            shapes[s] = tuple(fn.batch_shape[len(fn.batch_shape) - own :]) + tuple(fn.event_shape)
+        # A spec whose groups do not match the model's site shapes is rejected here, naming them.
+        spec.with_shapes({**(spec.shapes or {}), **shapes})
+        self.guide, self.spec, self.perm = guide, spec, dict(perm)
         self._event_dims = {s: nodes[s]["fn"].event_dim for s in spec.sites}
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:

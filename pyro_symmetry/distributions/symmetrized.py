@@ -10,6 +10,7 @@ import torch.distributions as td
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from .._validation import check_int, check_real
 from ..estimators import BaseDensity
 from ..estimators.exact import MAX_EXACT_ORDER
 from ..estimators.information import METHODS, MIEstimate, mutual_information, resolve_method, symmetry_log_ratio
@@ -55,9 +56,18 @@ class Symmetrized(TorchDistribution):
     layout : FlatLayout, optional
         Required for a flat ``base``.
     beta : float
-        Inverse temperature of the importance proposal.
+        Inverse temperature of the importance proposal (``>= 0``).
     max_order : int
         Enumeration limit of ``"exact"``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Unknown ``estimator``, ``num_samples < 1`` or not an int, NaN/Inf or
+        non-positive scales in ``base`` (naming the site).
+    SpecError
+        ``base`` not matching ``spec`` (naming the site and shapes), or a group too
+        large for ``"exact"`` (``|G| > max_order``) or ``"permanent"``, at construction.
 
     Notes
     -----
@@ -95,14 +105,15 @@ class Symmetrized(TorchDistribution):
         max_order: int = MAX_EXACT_ORDER,
         validate_args: bool | None = None,
     ) -> None:
-        if estimator not in METHODS:
+        if not isinstance(estimator, str) or estimator not in METHODS:
             raise ValueError(f"estimator must be one of {METHODS}, got {estimator!r}")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples (K) must be an int >= 1, got {num_samples!r}")
+        num_samples = check_int("num_samples (K)", num_samples, minimum=1)
+        beta = check_real("beta", beta, nonnegative=True)
+        max_order = check_int("max_order", max_order, minimum=1)
         self._base = BaseDensity(base, spec, layout)
         self.base, self.spec, self.layout = base, self._base.spec, layout
-        self.estimator = resolve_method(self._base, estimator)
-        self.num_samples, self.beta, self.max_order = num_samples, float(beta), max_order
+        self.estimator = resolve_method(self._base, estimator, max_order)
+        self.num_samples, self.beta, self.max_order = num_samples, beta, max_order
         if self._base.is_flat:
             batch, event = base.batch_shape, base.event_shape
         else:
@@ -151,6 +162,10 @@ class Symmetrized(TorchDistribution):
             self._base, None, value, self.estimator, self.num_samples, beta=self.beta, max_order=self.max_order
         )
         return ratio + self.spec.log_order
+
+    def symmetry_base(self) -> BaseDensity:
+        """The base ``q`` with the spec (and layout), as the estimators take it."""
+        return self._base
 
     def mutual_information(self, num_samples: int = 1000, **kwargs: Any) -> MIEstimate:
         """``I(g; w)`` of the base (see :func:`~pyro_symmetry.mutual_information`)."""

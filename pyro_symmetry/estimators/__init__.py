@@ -9,6 +9,7 @@ the per-method functions stay here (``ps.estimators.exact_log_ratio``).
 
 from ._base import BaseDensity
 from ._base import Marginals as Marginals
+from ._base import detach_distribution as detach_distribution
 from .contrastive import contrastive_log_ratio as contrastive_log_ratio
 from .exact import MAX_EXACT_ORDER as MAX_EXACT_ORDER
 from .exact import exact_log_ratio as exact_log_ratio
@@ -18,6 +19,7 @@ from .importance import plackett_luce_proposal as plackett_luce_proposal
 from .information import METHODS as METHODS
 from .information import MIEstimate, log_q_sym, log_s, mutual_information, symmetry_log_ratio
 from .information import base_of as base_of
+from .information import estimate_log_ratio as estimate_log_ratio
 from .information import resolve_method as resolve_method
 from .permanent import log_permanent
 from .permanent import permanent_log_ratio as permanent_log_ratio

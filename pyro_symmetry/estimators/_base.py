@@ -18,9 +18,10 @@ import pyro.distributions as dist
 import torch
 import torch.distributions as td
 
+from .._validation import check_finite, check_spec
 from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
 
-__all__ = ["BaseDensity", "Marginals", "as_base"]
+__all__ = ["BaseDensity", "Marginals", "as_base", "detach_distribution"]
 
 Value = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -49,6 +50,48 @@ def _unwrap(d: td.Distribution) -> tuple[td.Distribution, int]:
     return d, n
 
 
+def detach_distribution(d: td.Distribution) -> td.Distribution:
+    """The same distribution with its parameters detached from the autograd graph.
+
+    Handles (independent) Normals, (low-rank) multivariate Normals and
+    ``MixtureOfDiagNormals``; any other distribution is returned unchanged.
+    """
+    inner, n = _unwrap(d)
+    if isinstance(inner, td.Normal):
+        out = dist.Normal(inner.loc.detach(), inner.scale.detach(), validate_args=False)
+    elif isinstance(inner, td.LowRankMultivariateNormal):
+        out = dist.LowRankMultivariateNormal(
+            inner.loc.detach(), inner.cov_factor.detach(), inner.cov_diag.detach(), validate_args=False
+        )
+    elif isinstance(inner, td.MultivariateNormal):
+        out = dist.MultivariateNormal(inner.loc.detach(), scale_tril=inner.scale_tril.detach(), validate_args=False)
+    elif isinstance(inner, dist.MixtureOfDiagNormals):
+        out = dist.MixtureOfDiagNormals(
+            inner.locs.detach(), inner.coord_scale.detach(), inner.component_logits.detach()
+        )
+    else:
+        return d
+    return out.to_event(n) if n else out
+
+
+def _reference_param(d: td.Distribution) -> torch.Tensor | None:
+    """A floating parameter tensor of ``d`` (for its dtype and device), if one is found."""
+    inner, _ = _unwrap(d)
+    for name in ("loc", "locs", "scale_tril", "logits", "probs", "rate", "concentration"):
+        t = inner.__dict__.get(name)
+        if torch.is_tensor(t) and t.is_floating_point():
+            return t
+    return None
+
+
+def _check_normal_params(label: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
+    """Finite means and positive finite scales (``Normal``'s own check lets ``scale = inf`` through)."""
+    check_finite(f"{label} loc", loc)
+    check_finite(f"{label} scale", scale)
+    if scale.numel() and not bool((scale > 0).all()):
+        raise ValueError(f"{label} scale must be positive, got min {float(scale.min()):.3g}")
+
+
 class BaseDensity:
     """``q`` together with the spec and (for a flat ``q``) the layout.
 
@@ -58,11 +101,27 @@ class BaseDensity:
     spec : PermutationSpec
     layout : FlatLayout, optional
         Required when ``q`` is one distribution over the flat latent vector.
+    validate : bool
+        Check that Normal parameters are finite with positive scales (one pass over
+        them; the guides skip it on their training path, where Pyro's own sample
+        statement has already checked the same parameters).
+
+    Raises
+    ------
+    SpecError
+        A site of the spec missing from ``q``, or an event shape that is not the site's.
+    ValueError
+        NaN/Inf means or scales, non-positive scales (naming the site).
+    TypeError
+        ``q``'s sites in different dtypes or on different devices.
     """
 
-    def __init__(self, q: Any, spec: PermutationSpec, layout: FlatLayout | None = None) -> None:
-        if not isinstance(spec, PermutationSpec):
-            raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    def __init__(
+        self, q: Any, spec: PermutationSpec, layout: FlatLayout | None = None, *, validate: bool = True
+    ) -> None:
+        check_spec(spec)
+        if layout is not None and not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
         if isinstance(q, td.Distribution):
             if layout is None:
                 raise SpecError("a distribution over the flat latent vector needs layout=FlatLayout(...)")
@@ -77,8 +136,15 @@ class BaseDensity:
             dists = {}
             for k, v in q.items():
                 if isinstance(v, (tuple, list)) and len(v) == 2:
-                    loc, scale = (torch.as_tensor(t) for t in v)
-                    v = dist.Normal(loc, scale).to_event(loc.dim())
+                    loc, scale = v
+                    if not (torch.is_tensor(loc) and torch.is_tensor(scale)):
+                        raise TypeError(f"q[{k!r}] must be a (loc, scale) pair of tensors, got {type(loc).__name__}")
+                    if not (loc.is_floating_point() and scale.is_floating_point()):
+                        raise TypeError(
+                            f"q[{k!r}]: loc and scale must be floating point, got {loc.dtype}, {scale.dtype}"
+                        )
+                    _check_normal_params(f"q[{k!r}]", loc, scale)
+                    v = dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
                 if not isinstance(v, td.Distribution):
                     raise SpecError(f"q[{k!r}] must be a Distribution or a (loc, scale) pair, got {type(v).__name__}")
                 dists[k] = v
@@ -104,6 +170,51 @@ class BaseDensity:
         self.spec, self.layout = spec, layout
         self._event_ndim = {s: spec.site_moves(s)[0] for s in spec.sites}
         self._kernel = self._normal_kernel()
+        self.dtype, self.device = self._dtype_device()
+        if validate and self._kernel is not None:
+            for key, (loc, inv, _) in self._kernel.items():
+                label = "q" if key == "flat" else f"q[{key!r}]"
+                _check_normal_params(label, loc, inv.reciprocal())
+
+    def _dtype_device(self) -> tuple[torch.dtype | None, torch.device | None]:
+        """The dtype and device of ``q``'s parameters; sites that disagree are an error."""
+        items = [("q", self.flat)] if self.flat is not None else [(f"q[{s!r}]", self.dists[s]) for s in self.spec.sites]
+        ref = None
+        for label, d in items:
+            t = _reference_param(d)
+            if t is None:
+                continue
+            if ref is None:
+                ref = (label, t)
+            elif t.dtype != ref[1].dtype:
+                raise TypeError(f"{label} has dtype {t.dtype} but {ref[0]} has {ref[1].dtype}; use one dtype for q")
+            elif t.device != ref[1].device:
+                raise ValueError(f"{label} is on {t.device} but {ref[0]} is on {ref[1].device}; use one device for q")
+        return (None, None) if ref is None else (ref[1].dtype, ref[1].device)
+
+    def _check_tensor(self, label: str, x: Any) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"{label} must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{label} must be a floating-point tensor, got dtype {x.dtype}")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(f"{label} has dtype {x.dtype} but q's parameters are {self.dtype}; use one dtype")
+        if self.device is not None and x.device != self.device:
+            raise ValueError(f"{label} is on {x.device} but q's parameters are on {self.device}; use one device")
+
+    def detached(self) -> BaseDensity:
+        """``q`` with its parameters detached (gradients then flow through the value only)."""
+        if self.flat is not None:
+            return BaseDensity(detach_distribution(self.flat), self.spec, self.layout, validate=False)
+        return BaseDensity({k: detach_distribution(d) for k, d in self.dists.items()}, self.spec, validate=False)
+
+    def check_value(self, value: Value) -> None:
+        """Raise ``ValueError`` naming the site if the moving part of ``value`` holds NaN/Inf."""
+        if self.flat is not None:
+            check_finite("value", value)
+        else:
+            for s in self.spec.sites:
+                check_finite(f"value[{s!r}]", value[s])
 
     def _normal_kernel(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]] | None:
         """``(loc, 1/scale, event_ndim)`` per moving part when ``q`` is a diagonal Normal there."""
@@ -133,6 +244,7 @@ class BaseDensity:
             if not torch.is_tensor(value) or value.dim() < 1 or value.shape[-1] != self.layout.dim:
                 shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
                 raise SpecError(f"value must be a tensor (*batch, {self.layout.dim}), got {shape}")
+            self._check_tensor("value", value)
             return value.shape[:-1]
         if not isinstance(value, Mapping):
             raise SpecError("q is a mapping of sites: the value must be a dict site -> tensor")
@@ -141,6 +253,7 @@ class BaseDensity:
             if s not in value:
                 raise SpecError(f"site {s!r} of the spec is missing from the value (have {sorted(value)})")
             x, nd = value[s], self._event_ndim[s]
+            self._check_tensor(f"value[{s!r}]", x)
             if tuple(x.shape[x.dim() - nd :]) != tuple(self.spec.shapes[s]) or x.dim() < nd:
                 raise SpecError(f"value[{s!r}] has shape {tuple(x.shape)}, expected (*batch, {self.spec.shapes[s]})")
             shapes.append(x.shape[: x.dim() - nd])

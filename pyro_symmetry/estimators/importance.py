@@ -62,7 +62,8 @@ def _sample_assignment(
     flat = scores.reshape(N, n, O)
     order = flat.amax(-1).argsort(-1, descending=True)  # visit order, fixed by the contents
     visit = beta * flat.gather(1, order.unsqueeze(-1).expand(N, n, O))  # rows in visit order
-    u = torch.rand((N, n, O), generator=generator, device=None if generator is None else generator.device)
+    device = scores.device if generator is None else generator.device
+    u = torch.rand((N, n, O), generator=generator, device=device, dtype=scores.dtype)
     gumbel = -torch.log(-torch.log(u.to(scores.device).clamp(1e-20, 1.0 - 1e-7)))
     if S == 2:
         # A neuron's canonical sign (that of its best option) indexes the noise by relative

@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributions as td
 
+from .._validation import check_int, check_real
 from ..groups import FlatLayout, PermutationSpec, SpecError
-from ._base import BaseDensity, as_base
+from ._base import BaseDensity, as_base, detach_distribution
 from .contrastive import contrastive_log_ratio
 from .exact import MAX_EXACT_ORDER, exact_log_ratio
 from .importance import importance_log_ratio
@@ -33,6 +34,7 @@ __all__ = [
     "METHODS",
     "MIEstimate",
     "base_of",
+    "estimate_log_ratio",
     "log_q_sym",
     "log_s",
     "mutual_information",
@@ -68,14 +70,31 @@ class MIEstimate(NamedTuple):
     log_order: float
 
 
-def resolve_method(base: BaseDensity, method: str) -> str:
-    """The method ``"auto"`` stands for: exact if ``|G| <= 10^4``, else the permanent
-    (decoupled groups, mean-field ``q``, widths <= 20), else ``"importance"``."""
-    if method not in METHODS:
+def resolve_method(base: BaseDensity, method: str, max_order: int = MAX_EXACT_ORDER) -> str:
+    """The method to use, checked against ``q`` and the spec.
+
+    ``"auto"`` stands for exact enumeration if ``|G| <= 10^4``, else the permanent
+    (decoupled groups, mean-field ``q``, widths <= 20), else ``"importance"``. An
+    explicit ``"exact"`` is refused (:class:`~pyro_symmetry.SpecError`) when ``|G|``
+    exceeds ``max_order``, and ``"permanent"`` when the groups are coupled, ``q`` is
+    not mean-field or a group is wider than 30, before any work is done.
+    """
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "exact":
+        if base.spec.order > max_order:
+            raise SpecError(
+                f"method='exact' enumerates |G| = {base.spec.order:.4g} elements (log|G| = {base.spec.log_order:.1f}), "
+                f"more than max_order={max_order}; use 'permanent' (one hidden layer) or a bound "
+                "('importance', 'contrastive')"
+            )
+        return method
+    if method == "permanent":
+        check_decoupled(base)
+        return method
     if method != "auto":
         return method
-    if base.spec.order <= AUTO_EXACT_ORDER:
+    if base.spec.order <= min(AUTO_EXACT_ORDER, max_order):
         return "exact"
     if max(base.spec.sizes.values()) <= AUTO_PERMANENT_WIDTH:
         try:
@@ -86,10 +105,35 @@ def resolve_method(base: BaseDensity, method: str) -> str:
     return "importance"
 
 
-def _check_k(num_permutations: Any) -> int:
-    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 1:
-        raise ValueError(f"num_permutations must be an int >= 1, got {num_permutations!r}")
-    return num_permutations
+def _check_k(num_permutations: Any, name: str = "num_permutations") -> int:
+    return check_int(name, num_permutations, minimum=1)
+
+
+def _check_options(beta: Any, generator: Any, max_order: Any) -> float:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_int("max_order", max_order, minimum=1)
+    return check_real("beta", beta, nonnegative=True)
+
+
+def estimate_log_ratio(
+    base: BaseDensity,
+    value: Any,
+    method: str,
+    num_permutations: int,
+    beta: float = 1.0,
+    generator: torch.Generator | None = None,
+    max_order: int = MAX_EXACT_ORDER,
+) -> torch.Tensor:
+    """:func:`symmetry_log_ratio` for a checked ``base``, resolved ``method`` and options
+    and a value drawn from ``q`` (no NaN check): the guides' training path."""
+    if method == "exact":
+        return exact_log_ratio(base, value, max_order)
+    if method == "permanent":
+        return permanent_log_ratio(base, value)
+    if method == "contrastive":
+        return contrastive_log_ratio(base, value, num_permutations, generator)
+    return importance_log_ratio(base, value, num_permutations, beta, generator)
 
 
 def symmetry_log_ratio(
@@ -112,11 +156,12 @@ def symmetry_log_ratio(
         ``layout``), or a :class:`~pyro_symmetry.estimators.BaseDensity`
     spec : PermutationSpec
     value : dict ``site -> (*batch, *shape)`` or flat ``(*batch, D)``
+        In ``q``'s dtype and on its device.
     method : {"exact", "permanent", "contrastive", "importance", "auto"}
     num_permutations : int
         ``K`` (bounds only), identity included.
     layout, beta, generator, max_order
-        Flat layout; Plackett-Luce inverse temperature; RNG for the group
+        Flat layout; Plackett-Luce inverse temperature (``>= 0``); RNG for the group
         elements; enumeration limit of ``"exact"``.
 
     Returns
@@ -124,17 +169,25 @@ def symmetry_log_ratio(
     Tensor ``(*batch,)``, differentiable (pathwise) in ``value`` and ``q``.
     Exact for ``"exact"``/``"permanent"``; for the bounds, a random estimate whose
     expectation over ``w ~ q`` upper-bounds ``E log q_sym(w) - E log q(w)``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``method``, ``num_permutations < 1``, NaN/Inf in ``q`` or ``value``
+        (naming the site).
+    SpecError
+        A value that does not match the spec (naming the site and shape), or a group
+        too large for ``"exact"``/``"permanent"``.
+    TypeError
+        A non-integer ``num_permutations``, a value in another dtype than ``q``.
     """
+    beta = _check_options(beta, generator, max_order)
     base = as_base(q, spec, layout) if not isinstance(q, BaseDensity) else q
-    m = resolve_method(base, method)
-    if m == "exact":
-        return exact_log_ratio(base, value, max_order)
-    if m == "permanent":
-        return permanent_log_ratio(base, value)
-    K = _check_k(num_permutations)
-    if m == "contrastive":
-        return contrastive_log_ratio(base, value, K, generator)
-    return importance_log_ratio(base, value, K, beta, generator)
+    m = resolve_method(base, method, max_order)
+    K = _check_k(num_permutations) if m in ("contrastive", "importance") else 1
+    base.batch_shape_of(value)  # sites, shapes, dtypes and devices, named on failure
+    base.check_value(value)
+    return estimate_log_ratio(base, value, m, K, beta, generator, max_order)
 
 
 def log_s(q: Any, spec: PermutationSpec | None, value: Any, method: str = "auto", **kwargs: Any) -> torch.Tensor:
@@ -146,7 +199,8 @@ def log_s(q: Any, spec: PermutationSpec | None, value: Any, method: str = "auto"
 def log_q_sym(q: Any, spec: PermutationSpec | None, value: Any, method: str = "auto", **kwargs: Any) -> torch.Tensor:
     """``log q_sym(w) = log (1/|G|) sum_g q(g^{-1} w)``; see :func:`symmetry_log_ratio`."""
     base = as_base(q, spec, kwargs.pop("layout", None)) if not isinstance(q, BaseDensity) else q
-    return base.log_prob(value) + symmetry_log_ratio(base, None, value, method, **kwargs)
+    ratio = symmetry_log_ratio(base, None, value, method, **kwargs)
+    return base.log_prob(value) + ratio
 
 
 def base_of(q_or_guide: Any, spec: PermutationSpec | None = None, layout: FlatLayout | None = None) -> BaseDensity:
@@ -161,8 +215,16 @@ def base_of(q_or_guide: Any, spec: PermutationSpec | None = None, layout: FlatLa
     if isinstance(q_or_guide, BaseDensity):
         return q_or_guide
     if hasattr(q_or_guide, "symmetry_base"):
-        base = q_or_guide.symmetry_base()
-        return base if spec is None else BaseDensity(base.flat or base.dists, spec, base.layout)
+        with torch.no_grad():
+            base = q_or_guide.symmetry_base()
+        base = BaseDensity(
+            detach_distribution(base.flat)
+            if base.is_flat
+            else {k: detach_distribution(d) for k, d in base.dists.items()},
+            base.spec if spec is None else spec,
+            base.layout,
+        )
+        return base
     if spec is None:
         spec = getattr(q_or_guide, "spec", None)
     if spec is None:
@@ -177,34 +239,13 @@ def base_of(q_or_guide: Any, spec: PermutationSpec | None = None, layout: FlatLa
         if isinstance(q_or_guide, autoguide.AutoContinuous):
             with torch.no_grad():
                 post = q_or_guide.get_posterior()
-            return BaseDensity(_detach(post), spec, FlatLayout.from_guide(q_or_guide))
+            return BaseDensity(detach_distribution(post), spec, FlatLayout.from_guide(q_or_guide))
         return BaseDensity(gaussian_params(q_or_guide), spec)
     if isinstance(q_or_guide, td.Distribution):
         return BaseDensity(q_or_guide, spec, layout)
     if isinstance(q_or_guide, Mapping):
         return BaseDensity(q_or_guide, spec)
-    raise SpecError(f"cannot read a posterior q from a {type(q_or_guide).__name__}")
-
-
-def _detach(d: td.Distribution) -> td.Distribution:
-    """Detach a flat posterior built from parameters (for estimation, not training)."""
-    import pyro.distributions as dist
-
-    inner, n = d, 0
-    while isinstance(inner, td.Independent):
-        n += inner.reinterpreted_batch_ndims
-        inner = inner.base_dist
-    if isinstance(inner, td.Normal):
-        return dist.Normal(inner.loc.detach(), inner.scale.detach()).to_event(n)
-    if isinstance(inner, td.LowRankMultivariateNormal):
-        return dist.LowRankMultivariateNormal(inner.loc.detach(), inner.cov_factor.detach(), inner.cov_diag.detach())
-    if isinstance(inner, td.MultivariateNormal):
-        return dist.MultivariateNormal(inner.loc.detach(), scale_tril=inner.scale_tril.detach())
-    if isinstance(inner, dist.MixtureOfDiagNormals):
-        return dist.MixtureOfDiagNormals(
-            inner.locs.detach(), inner.coord_scale.detach(), inner.component_logits.detach()
-        )
-    return d
+    raise TypeError(f"cannot read a posterior q from a {type(q_or_guide).__name__}")
 
 
 def mutual_information(
@@ -238,8 +279,9 @@ def mutual_information(
     num_permutations : int
         ``K`` for the bounds (identity included).
     layout, beta, batch_size, generator, max_order
-        Flat layout; proposal inverse temperature; draws evaluated at once; RNG of
-        the group elements (the draws of ``w`` use torch's global RNG);
+        Flat layout; proposal inverse temperature (``>= 0``); draws evaluated at
+        once; RNG of the group elements (the draws of ``w`` use torch's global RNG,
+        so ``torch.manual_seed`` plus ``generator`` make the estimate reproducible);
         enumeration limit.
 
     Returns
@@ -247,15 +289,24 @@ def mutual_information(
     MIEstimate
         ``value`` (nats), ``stderr``, resolved ``method``, ...
 
+    Raises
+    ------
+    ValueError, TypeError
+        Bad counts or options (naming the argument), NaN/Inf parameters (naming the site).
+    SpecError
+        An unfitted guide, a spec that does not match ``q``, a group too large for
+        ``"exact"``/``"permanent"``.
+
     Examples
     --------
     >>> est = ps.mutual_information(guide, method="importance", num_permutations=16)
     >>> print(f"I = {est.value:.2f} +- {est.stderr:.2f} (log|G| = {est.log_order:.1f})")
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    check_int("num_samples", num_samples, minimum=2)
+    check_int("batch_size", batch_size, minimum=1)
+    beta = _check_options(beta, generator, max_order)
     base = base_of(q_or_guide, spec, layout)
-    m = resolve_method(base, method)
+    m = resolve_method(base, method, max_order)
     K = _check_k(num_permutations) if m in ("contrastive", "importance") else None
     if m == "importance":
         # The proposal holds K (n x 2n) score matrices per draw: bound the batch's memory.
@@ -266,7 +317,7 @@ def mutual_information(
         for start in range(0, num_samples, batch_size):
             n = min(batch_size, num_samples - start)
             w = base.sample(torch.Size([n]))
-            r = symmetry_log_ratio(base, None, w, m, K or 1, beta=beta, generator=generator, max_order=max_order)
+            r = estimate_log_ratio(base, w, m, K or 1, beta, generator, max_order)
             terms.append(-r.double())
     t = torch.cat(terms)
     return MIEstimate(

@@ -20,8 +20,11 @@ reduced in chunks: no Python loop over subsets.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .._validation import check_int
 from ..groups import SpecError
 from ._base import BaseDensity
 from .factors import group_sites, neuron_log_factors
@@ -78,17 +81,45 @@ def log_permanent(log_a: torch.Tensor, sinkhorn_iters: int = 30) -> torch.Tensor
 
     Returns
     -------
-    Tensor ``(*batch,)`` in ``log_a``'s dtype; differentiable in ``log_a``.
+    Tensor ``(*batch,)`` in ``log_a``'s dtype; differentiable in ``log_a``. ``-inf``
+    where a row or column is all ``-inf`` (no perfect matching).
+
+    Raises
+    ------
+    TypeError
+        ``log_a`` not a floating-point tensor.
+    ValueError
+        A non-square shape, ``n > 30``, NaN or ``+inf`` entries, ``sinkhorn_iters < 0``.
 
     Notes
     -----
     Ryser (1963); cost ``O(2^n n)`` per matrix, refused above ``n = 30``.
     """
-    n = log_a.shape[-1]
-    if log_a.dim() < 2 or log_a.shape[-2] != n:
+    if not torch.is_tensor(log_a):
+        raise TypeError(f"log_a must be a torch.Tensor, got {type(log_a).__name__}")
+    if not log_a.is_floating_point():
+        raise TypeError(f"log_a must be a floating-point tensor of log-entries, got dtype {log_a.dtype}")
+    if log_a.dim() < 2 or log_a.shape[-2] != log_a.shape[-1]:
         raise ValueError(f"log_a must be (*batch, n, n), got shape {tuple(log_a.shape)}")
+    check_int("sinkhorn_iters", sinkhorn_iters, minimum=0)
+    n = log_a.shape[-1]
     if n > MAX_PERMANENT_WIDTH:
-        raise ValueError(f"the permanent of a {n} x {n} matrix costs 2^{n} n operations; at most {MAX_PERMANENT_WIDTH}")
+        raise ValueError(
+            f"log_a is {n} x {n}: its permanent costs 2^{n} n operations; at most {MAX_PERMANENT_WIDTH} x "
+            f"{MAX_PERMANENT_WIDTH} is allowed"
+        )
+    if log_a.numel():
+        with torch.no_grad():
+            bad = torch.isnan(log_a) | (log_a == math.inf)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"log_a holds NaN or +inf entries (first at index {tuple(bad.nonzero()[0].tolist())}); "
+                    "only finite values and -inf (a zero entry) are allowed"
+                )
+            # A row or column of zeros has no perfect matching: the permanent is 0.
+            empty = (log_a == -math.inf).all(-1).any(-1) | (log_a == -math.inf).all(-2).any(-1)
+    else:
+        empty = torch.zeros(log_a.shape[:-2], dtype=torch.bool, device=log_a.device)
     a = log_a.double()
     with torch.no_grad():
         # The scalings only condition the sum: any u, v give an exact identity, so no gradient.
@@ -97,8 +128,13 @@ def log_permanent(log_a: torch.Tensor, sinkhorn_iters: int = 30) -> torch.Tensor
         for _ in range(sinkhorn_iters):
             u = torch.logsumexp(a - v.unsqueeze(-2), dim=-1)
             v = torch.logsumexp(a - u.unsqueeze(-1), dim=-2)
+    if bool(empty.any()):
+        a = torch.where(empty[..., None, None], torch.zeros_like(a), a)
+        u = torch.where(empty[..., None], torch.zeros_like(u), u)
+        v = torch.where(empty[..., None], torch.zeros_like(v), v)
     m = torch.exp(a - u.unsqueeze(-1) - v.unsqueeze(-2))
     out = torch.log(_ryser(m)) + u.sum(-1) + v.sum(-1)
+    out = out.masked_fill(empty, -math.inf)
     return out.to(log_a.dtype)
 
 
@@ -116,9 +152,12 @@ def check_decoupled(base: BaseDensity) -> None:
             owner[site] = g
     if not base.marginals().exact:
         raise SpecError("the permanent needs a factorized (mean-field Normal) q; use method='exact' or 'importance'")
-    big = [g for g, n in spec.sizes.items() if n > MAX_PERMANENT_WIDTH]
+    big = {g: n for g, n in spec.sizes.items() if n > MAX_PERMANENT_WIDTH}
     if big:
-        raise SpecError(f"group(s) {big} are wider than {MAX_PERMANENT_WIDTH}: the permanent is too costly")
+        raise SpecError(
+            f"group(s) {big} are wider than {MAX_PERMANENT_WIDTH}: the permanent (2^n n work) is too costly; "
+            "use method='importance'"
+        )
 
 
 def permanent_log_ratio(base: BaseDensity, value) -> torch.Tensor:

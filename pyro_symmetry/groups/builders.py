@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from .._validation import check_int
 from .spec import Axis, NeuronGroup, PermutationSpec, SpecError
 
 __all__ = ["mlp_spec", "model_site_shapes", "spec_from_module"]
@@ -37,8 +38,19 @@ def mlp_spec(
     >>> spec = mlp_spec(["fc1", "fc2", "fc3"], [32, 32])
     >>> spec.log_order  # 2 * lgamma(33)
     """
+    if isinstance(layer_names, str) or not isinstance(layer_names, Sequence):
+        raise TypeError(f"layer_names must be a sequence of layer names, got {layer_names!r}")
+    if isinstance(hidden_sizes, str) or not isinstance(hidden_sizes, Sequence):
+        raise TypeError(f"hidden_sizes must be a sequence of ints, got {hidden_sizes!r}")
     layer_names = list(layer_names)
-    hidden_sizes = [int(h) for h in hidden_sizes]
+    for i, name in enumerate(layer_names):
+        if not isinstance(name, str):
+            raise TypeError(f"layer_names[{i}] must be a str, got {name!r}")
+    if len(set(layer_names)) != len(layer_names):
+        raise SpecError(f"layer_names must be distinct, got {layer_names}")
+    hidden_sizes = [check_int(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes)]
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be a bool, got {bias!r}")
     if len(hidden_sizes) != len(layer_names) - 1:
         raise SpecError(
             f"mlp_spec needs one hidden size per layer boundary: got {len(layer_names)} layers "
@@ -131,6 +143,8 @@ def spec_from_module(module: nn.Module) -> PermutationSpec:
     SpecError
         If a leaf has parameters but is not a supported layer, naming the leaf.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     groups: dict[str, dict[str, Any]] = {}
     current: str | None = None
     last_layer: str | None = None

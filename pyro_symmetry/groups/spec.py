@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._validation import check_batch_shape, check_int, check_mapping
 from ._indexing import decode_signed, encode_signed, gather_axes
 
 __all__ = [
@@ -61,16 +62,47 @@ class Axis(NamedTuple):
     ndim: int | None = None  # the site's own number of dims, if known
 
 
-def _as_axis(entry: Any, group: str) -> Axis:
-    if isinstance(entry, Axis):
-        return entry
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_axis(entry: Any, where: str) -> Axis:
     if isinstance(entry, (tuple, list)) and len(entry) in (2, 3, 4):
         site, axis = entry[0], entry[1]
         inner = entry[2] if len(entry) >= 3 else 1
         ndim = entry[3] if len(entry) == 4 else None
-        if isinstance(site, str) and isinstance(axis, int) and isinstance(inner, int) and inner >= 1:
+        if (
+            isinstance(site, str)
+            and _is_int(axis)
+            and _is_int(inner)
+            and inner >= 1
+            and (ndim is None or (_is_int(ndim) and ndim >= 0))
+        ):
             return Axis(site, axis, inner, ndim)
-    raise SpecError(f"neuron group {group!r}: entry {entry!r} is not a (site: str, axis: int[, inner: int >= 1]) pair")
+    raise SpecError(
+        f"{where}: entry {entry!r} is not a (site: str, axis: int[, inner: int >= 1[, ndim: int >= 0]]) tuple"
+    )
+
+
+def _as_axes(entries: Any, where: str) -> tuple[Axis, ...]:
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+        raise SpecError(f"{where} must be a sequence of (site, axis) pairs, got {entries!r}")
+    return tuple(_as_axis(e, f"{where}[{i}]") for i, e in enumerate(entries))
+
+
+def _check_shapes(shapes: Any) -> dict[str, tuple[int, ...]]:
+    """``site -> shape`` with every shape a sequence of non-negative ints."""
+    if not isinstance(shapes, Mapping):
+        raise SpecError(f"shapes must be a mapping site -> shape, got {type(shapes).__name__}")
+    out = {}
+    for site, shape in shapes.items():
+        if not isinstance(site, str):
+            raise SpecError(f"site names must be str, got {site!r} ({type(site).__name__})")
+        try:
+            out[site] = check_batch_shape(f"shapes[{site!r}]", shape)
+        except (TypeError, ValueError) as e:
+            raise SpecError(str(e)) from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -102,8 +134,8 @@ class NeuronGroup:
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
             raise SpecError(f"NeuronGroup size must be a positive int, got {self.size!r}")
-        object.__setattr__(self, "incoming", tuple(_as_axis(e, "?") for e in self.incoming))
-        object.__setattr__(self, "outgoing", tuple(_as_axis(e, "?") for e in self.outgoing))
+        object.__setattr__(self, "incoming", _as_axes(self.incoming, "NeuronGroup incoming"))
+        object.__setattr__(self, "outgoing", _as_axes(self.outgoing, "NeuronGroup outgoing"))
         if self.activation_symmetry not in ACTIVATION_SYMMETRIES:
             raise SpecError(
                 f"activation_symmetry must be one of {ACTIVATION_SYMMETRIES}, got {self.activation_symmetry!r}"
@@ -154,11 +186,13 @@ class PermutationSpec:
             raise SpecError(f"groups must be a mapping name -> NeuronGroup, got {type(self.groups).__name__}")
         groups = dict(self.groups)
         for name, g in groups.items():
+            if not isinstance(name, str):
+                raise SpecError(f"group names must be str, got {name!r} ({type(name).__name__})")
             if not isinstance(g, NeuronGroup):
                 raise SpecError(f"group {name!r} is a {type(g).__name__}, expected a NeuronGroup")
         object.__setattr__(self, "groups", groups)
         if self.shapes is not None:
-            object.__setattr__(self, "shapes", {k: tuple(int(s) for s in v) for k, v in self.shapes.items()})
+            object.__setattr__(self, "shapes", _check_shapes(self.shapes))
         self._resolve()
 
     # ------------------------------------------------------------------ layout
@@ -256,7 +290,7 @@ class PermutationSpec:
 
     def with_shapes(self, shapes: Mapping[str, Sequence[int]]) -> PermutationSpec:
         """The same spec, checked against and bound to the given site shapes."""
-        return PermutationSpec(self.groups, {k: tuple(v) for k, v in shapes.items()})
+        return PermutationSpec(self.groups, _check_shapes(shapes))
 
     def replace_groups(self, groups: Mapping[str, NeuronGroup]) -> PermutationSpec:
         return PermutationSpec(groups, self.shapes)
@@ -267,8 +301,9 @@ class PermutationSpec:
     # ------------------------------------------------------------------ group law
     def identity(self, batch_shape: Sequence[int] = (), device: Any = None) -> dict[str, torch.Tensor]:
         """The identity element, optionally expanded to ``batch_shape``."""
+        batch_shape = check_batch_shape("batch_shape", batch_shape)
         dev = self._device(device)
-        return {k: torch.arange(n, device=dev).expand(tuple(batch_shape) + (n,)).clone() for k, n in self.sizes.items()}
+        return {k: torch.arange(n, device=dev).expand(batch_shape + (n,)).clone() for k, n in self.sizes.items()}
 
     def sample(
         self,
@@ -282,10 +317,13 @@ class PermutationSpec:
         For sign-flip groups (odd activations) the element is a uniform *signed*
         permutation unless ``signed=False``. ``generator`` makes draws reproducible.
         """
+        batch_shape = check_batch_shape("batch_shape", batch_shape)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         dev = generator.device if generator is not None else self._device(device)
         out = {}
         for k, g in self.groups.items():
-            shape = tuple(batch_shape) + (g.size,)
+            shape = batch_shape + (g.size,)
             p = torch.rand(shape, generator=generator, device=dev).argsort(-1)
             if signed and g.signed:
                 neg = torch.rand(shape, generator=generator, device=dev) < 0.5
@@ -293,30 +331,41 @@ class PermutationSpec:
             out[k] = p
         return out
 
-    def _check_element(self, perm: GroupElement, what: str = "perm") -> None:
+    def _check_element(self, perm: GroupElement, what: str = "perm") -> torch.Size:
+        """Check a (batched) group element; return its broadcast batch shape.
+
+        Every entry must be a (signed, for sign-flip groups) permutation of ``0..n-1`` in
+        every batch entry: one sort per group, cheap next to moving the weights.
+        """
         if not isinstance(perm, Mapping):
             raise SpecError(f"{what} must be a mapping group name -> LongTensor, got {type(perm).__name__}")
         missing = set(self.groups) - set(perm)
         extra = set(perm) - set(self.groups)
         if missing or extra:
-            raise SpecError(f"{what} has groups {sorted(perm)}, the spec has {sorted(self.groups)}")
+            raise SpecError(f"{what} has groups {sorted(perm, key=str)}, the spec has {sorted(self.groups)}")
         for k, p in perm.items():
             if not isinstance(p, torch.Tensor) or p.dtype not in (torch.int64, torch.int32):
                 raise SpecError(f"{what}[{k!r}] must be an integer LongTensor, got {getattr(p, 'dtype', type(p))}")
-            if p.dim() == 0 or p.shape[-1] != self.groups[k].size:
-                raise SpecError(f"{what}[{k!r}] has shape {tuple(p.shape)}, expected (*batch, {self.groups[k].size})")
+            n = self.groups[k].size
+            if p.dim() == 0 or p.shape[-1] != n:
+                raise SpecError(f"{what}[{k!r}] has shape {tuple(p.shape)}, expected (*batch, {n})")
+            signed = self.groups[k].signed
+            src = decode_signed(p)[0] if signed else p
+            if not bool((src.sort(-1).values == torch.arange(n, device=p.device)).all()):
+                if not signed and bool((p < 0).any()):
+                    raise SpecError(
+                        f"{what}[{k!r}] flips signs (negative entries) but group {k!r} has no sign-flip symmetry"
+                    )
+                raise SpecError(f"{what}[{k!r}] is not a permutation of 0..{n - 1} in every batch entry")
+        try:
+            return torch.broadcast_shapes(*(p.shape[:-1] for p in perm.values()))
+        except RuntimeError:
+            shapes = {k: tuple(p.shape[:-1]) for k, p in perm.items()}
+            raise SpecError(f"{what} has batch shapes {shapes} that do not broadcast") from None
 
     def validate(self, perm: GroupElement) -> None:
         """Raise :class:`SpecError` unless ``perm`` is a valid (batched) group element."""
         self._check_element(perm)
-        for k, p in perm.items():
-            src, neg = decode_signed(p.long())
-            n = self.groups[k].size
-            ok = (src.sort(-1).values == torch.arange(n, device=p.device)).all()
-            if not bool(ok):
-                raise SpecError(f"perm[{k!r}] is not a permutation of 0..{n - 1} in every batch entry")
-            if bool(neg.any()) and not self.groups[k].signed:
-                raise SpecError(f"perm[{k!r}] flips signs but group {k!r} has no sign-flip symmetry")
 
     def inverse(self, perm: GroupElement) -> dict[str, torch.Tensor]:
         """``inverse(p)`` with ``apply(apply(w, p), inverse(p)) == w``."""
@@ -335,8 +384,14 @@ class PermutationSpec:
 
         ``apply(apply(w, b), a) == apply(w, compose(a, b))``; batch dims broadcast.
         """
-        self._check_element(a, "a")
-        self._check_element(b, "b")
+        batch_a = self._check_element(a, "a")
+        batch_b = self._check_element(b, "b")
+        try:
+            torch.broadcast_shapes(batch_a, batch_b)
+        except RuntimeError:
+            raise SpecError(
+                f"a has batch shape {tuple(batch_a)} and b {tuple(batch_b)}: they do not broadcast"
+            ) from None
         out = {}
         for k in self.groups:
             sa, na = decode_signed(a[k].long())
@@ -353,6 +408,7 @@ class PermutationSpec:
 
         Raises :class:`SpecError` if ``|G| > max_order``.
         """
+        max_order = check_int("max_order", max_order, minimum=1)
         if self.order > max_order:
             raise SpecError(
                 f"|G| = {self.order} (log|G| = {self.log_order:.1f}) exceeds the enumeration limit "
@@ -387,8 +443,16 @@ class PermutationSpec:
         Returns
         -------
         dict ``site -> Tensor (*broadcast(batch_w, batch_g), *site_shape)``
+
+        Raises
+        ------
+        SpecError
+            If an entry of ``perm`` is not a (signed, for sign-flip groups) permutation
+            of ``0..n-1`` in every batch entry (checked with one sort per group), a site
+            is missing or has the wrong shape, or the batch shapes do not broadcast.
         """
-        self._check_element(perm)
+        check_mapping("params", params, nonempty=bool(self.sites))
+        batch_g = self._check_element(perm)
         out = dict(params)
         batched = any(p.dim() > 1 for p in perm.values())
         for site in self.sites:
@@ -397,6 +461,14 @@ class PermutationSpec:
             x = params[site]
             nd, moves = self._site_moves(site, batched)
             self._check_site(site, x, nd, moves)
+            batch_x = x.shape[: x.dim() - nd]
+            try:
+                torch.broadcast_shapes(batch_x, batch_g)
+            except RuntimeError:
+                raise SpecError(
+                    f"params[{site!r}] has batch shape {tuple(batch_x)}, which does not broadcast with the "
+                    f"group element's batch shape {tuple(batch_g)}"
+                ) from None
             out[site] = gather_axes(x, nd, [(ax, inner, perm[g], self.groups[g].signed) for ax, inner, g in moves])
         return out
 
@@ -440,9 +512,13 @@ class PermutationSpec:
         must use the same permutation; tying the groups of those layers makes one
         group acting on all their axes.
         """
+        if isinstance(names, str) or not isinstance(names, Iterable):
+            raise TypeError(f"names must be a sequence of group names, got {names!r}")
         names = list(names)
         if len(names) < 2:
             raise SpecError("tie needs at least two group names")
+        if len(set(names)) != len(names):
+            raise SpecError(f"tie got repeated group names {names}")
         for k in names:
             if k not in self.groups:
                 raise SpecError(f"cannot tie unknown group {k!r}; groups are {sorted(self.groups)}")

@@ -8,6 +8,7 @@ that breaks sign flips) makes them false, so the guides check it at set-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +16,17 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from .._validation import check_int, check_real
 from ..groups import PermutationSpec, SpecError
 
-__all__ = ["check_invariance"]
+__all__ = ["check_invariance", "fork_rng"]
+
+
+def fork_rng() -> Any:
+    """Fork torch's CPU RNG (and CUDA's when initialized): code inside draws from the
+    current state and leaves it as it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _site_log_probs(model: Callable, values: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict:
@@ -45,7 +54,9 @@ def check_invariance(
     The spec's sites are set to a fresh prior draw (so that an initialization at
     zero cannot hide a broken symmetry), every other site is held at one trace's
     values, and ``log p`` of every sample site (priors and likelihood) is compared
-    at ``w`` and at ``g . w`` for a random (signed) ``g``.
+    at ``w`` and at ``g . w`` for a random (signed) ``g``. The draws come from a
+    fork of torch's RNG: the check leaves the random stream as it found it, so a
+    guide that runs it at set-up trains exactly as one that does not.
 
     Parameters
     ----------
@@ -56,8 +67,25 @@ def check_invariance(
         Seed of the group element (the check is deterministic given the model's draw).
     rtol, atol : float
         Tolerance ``|lp(g.w) - lp(w)| <= atol + rtol |lp(w)|`` per site.
+
+    Raises
+    ------
+    SpecError
+        A site of the spec that is not a latent sample site, or a site whose
+        log-density changes (naming it and whether it is a prior or the likelihood).
+    ValueError
+        A site whose log-density is NaN or infinite at a prior draw (naming it).
+    TypeError
+        ``spec`` not a ``PermutationSpec``, ``model`` not callable.
     """
-    with torch.no_grad(), poutine.block():
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    if not callable(model):
+        raise TypeError(f"model must be callable, got {type(model).__name__}")
+    seed = check_int("seed", seed)
+    rtol = check_real("rtol", rtol, nonnegative=True)
+    atol = check_real("atol", atol, nonnegative=True)
+    with fork_rng(), torch.no_grad(), poutine.block():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
         values = {
             name: site["value"]
@@ -81,6 +109,11 @@ def check_invariance(
         if b is None:
             continue
         a, b = float(a), float(b)
+        if not math.isfinite(a):
+            raise ValueError(
+                f"the log-density of site {name!r} is {a} at a prior draw of the spec's sites: check the data and "
+                "the model's parameters for NaN/Inf"
+            )
         if not abs(a - b) <= atol + rtol * abs(a):
             kind = "likelihood" if tr.nodes[name]["is_observed"] else "prior"
             raise SpecError(

@@ -13,6 +13,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_feasible
 from torch.distributions import biject_to
 
+from .._validation import check_int, check_real
 from ..estimators import BaseDensity
 from ..groups import PermutationSpec
 from ._common import SymmetryTerm, find_spec, is_real
@@ -56,11 +57,31 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
         hidden layer). ``"auto"``: resolved at set-up as in
         :func:`~pyro_symmetry.mutual_information`.
     beta : float
-        Inverse temperature of the importance proposal.
+        Inverse temperature of the importance proposal (``>= 0``).
     init_loc_fn, init_scale, create_plates
-        As for ``AutoNormal``.
+        As for ``AutoNormal`` (``init_scale`` a positive finite number).
     check_invariance : bool
         Check the model's prior and likelihood under a random group element at set-up.
+    gradient : {"stl", "full"}
+        How the correction is differentiated. ``"stl"`` (default): through ``w``
+        only, with ``q``'s parameters held fixed inside it ("sticking the landing");
+        the dropped part has expectation zero for the exact ``q_sym`` and is noise of
+        size ``1/scale`` when ``q`` is invariant, as at ``AutoNormal``'s
+        initialization, where it would derail Adam. ``"full"``: through ``w`` and
+        the parameters (the reparameterization gradient of the finite-K estimate).
+        See :class:`~pyro_symmetry.guides._common.SymmetryTerm`.
+
+    Raises
+    ------
+    SpecError
+        No spec; at set-up, a spec site that is not a real-valued latent site of the
+        model or whose shape does not match (naming site, axis and size), a group too
+        large for ``"exact"``/``"permanent"``, a model whose prior or likelihood is
+        not invariant (naming the site); an unfitted guide asked for
+        ``median``/``quantiles``/``sample_posterior``/``symmetrized``.
+    ValueError, TypeError
+        ``num_permutations`` not an int ``>= 1``, unknown ``estimator``/``gradient``,
+        ``init_scale`` or ``beta`` out of range.
 
     Notes
     -----
@@ -96,10 +117,12 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
         init_scale: float = 0.1,
         create_plates: Callable | None = None,
         check_invariance: bool = True,
+        gradient: str = "stl",
     ) -> None:
         spec = spec if spec is not None else find_spec(model)
+        init_scale = check_real("init_scale", init_scale, positive=True)
         super().__init__(model, init_loc_fn=init_loc_fn, init_scale=init_scale, create_plates=create_plates)
-        self._init_symmetry(spec, num_permutations, estimator, beta, check_invariance)
+        self._init_symmetry(spec, num_permutations, estimator, beta, check_invariance, gradient)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -107,12 +130,21 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
 
     def symmetry_base(self, *args: Any, **kwargs: Any) -> BaseDensity:
         """``q`` on the spec's sites: ``site -> Normal(loc, scale).to_event(...)``."""
+        self._check_fitted()
         q = {}
         for s in self.spec.sites:
             loc, scale = self._get_loc_and_scale(s)
             # Already checked by the draw of the same call: no second validation per step.
             q[s] = dist.Normal(loc, scale, validate_args=False).to_event(self._event_dims[s])
-        return BaseDensity(q, self.spec)
+        return BaseDensity(q, self.spec, validate=False)
+
+    def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        return super().median(*args, **kwargs)
+
+    def quantiles(self, quantiles: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        return super().quantiles(quantiles, *args, **kwargs)
 
     def _get_loc_and_scale(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.__dict__.get("_loc_scale_cache")
@@ -136,6 +168,8 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
     def sample_posterior(self, num_samples: int, symmetrized: bool = True) -> dict[str, torch.Tensor]:
         """Draws ``site -> (num_samples, *shape)`` from ``q_sym`` (a uniform ``g`` per
         draw) or, with ``symmetrized=False``, from ``q``."""
+        self._check_fitted()
+        num_samples = check_int("num_samples", num_samples, minimum=1)
         out = {}
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             loc, scale = self._get_loc_and_scale(name)

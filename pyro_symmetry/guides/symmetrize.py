@@ -14,8 +14,8 @@ from pyro.nn import PyroParam
 from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
 
+from .._validation import check_int, check_real
 from ..estimators import BaseDensity
-from ..estimators.information import resolve_method
 from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
 from ._common import SymmetryTerm, find_spec
 
@@ -51,7 +51,7 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
     guide : AutoContinuous
     spec : PermutationSpec, optional
         Defaults to the model's ``.spec``.
-    num_permutations, estimator, beta, check_invariance
+    num_permutations, estimator, beta, check_invariance, gradient
         As for :class:`~pyro_symmetry.AutoSymmetrizedNormal`. ``"permanent"`` needs
         a diagonal Normal (``AutoDiagonalNormal``); ``"importance"`` scores its
         proposal with the diagonal marginals of ``q`` (or per-component factors of
@@ -79,6 +79,7 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
         estimator: str = "contrastive",
         beta: float = 1.0,
         check_invariance: bool = True,
+        gradient: str = "stl",
     ) -> None:
         if not isinstance(guide, AutoContinuous):
             raise TypeError(
@@ -88,7 +89,12 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
         super().__init__()
         self.guide = guide
         self._init_symmetry(
-            spec if spec is not None else find_spec(guide.model), num_permutations, estimator, beta, check_invariance
+            spec if spec is not None else find_spec(guide.model),
+            num_permutations,
+            estimator,
+            beta,
+            check_invariance,
+            gradient,
         )
         self.layout: FlatLayout | None = None
 
@@ -104,14 +110,16 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
     def prototype_trace(self) -> Any:
         return self.guide.prototype_trace
 
-    def _resolve_auto(self) -> str:
-        return resolve_method(BaseDensity(self.guide.get_posterior(), self.spec, self.layout), "auto")
+    def _check_fitted(self) -> None:
+        if self.layout is None or self.guide.prototype_trace is None:
+            raise SpecError(
+                f"Symmetrize({type(self.guide).__name__}) is not fitted: run an SVI step (or call it once) first"
+            )
 
     def symmetry_base(self, *args: Any, **kwargs: Any) -> BaseDensity:
         """``q`` over the flat latent with its layout."""
-        if self.layout is None:
-            raise SpecError(f"{type(self.guide).__name__} is not set up yet: run an SVI step (or call it once) first")
-        return BaseDensity(self.guide.get_posterior(*args, **kwargs), self.spec, self.layout)
+        self._check_fitted()
+        return BaseDensity(self.guide.get_posterior(*args, **kwargs), self.spec, self.layout, validate=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         recorder = _LatentRecorder(f"_{self.guide._pyro_name}_latent")
@@ -126,17 +134,22 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
         return result
 
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        self._check_fitted()
         return self.guide.median(*args, **kwargs)
 
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any) -> dict:
+        self._check_fitted()
         return self.guide.quantiles(quantiles, *args, **kwargs)
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_fitted()
         return self.guide.get_posterior(*args, **kwargs)
 
     @torch.no_grad()
     def sample_posterior(self, num_samples: int, *args: Any, symmetrized: bool = True, **kwargs: Any) -> dict:
         """Draws ``site -> (num_samples, *shape)`` from ``q_sym`` (or ``q``)."""
+        self._check_fitted()
+        num_samples = check_int("num_samples", num_samples, minimum=1)
         z = self.guide.get_posterior(*args, **kwargs).sample((num_samples,))
         if symmetrized:
             perm = self.spec.sample((num_samples,), device=z.device)
@@ -164,7 +177,14 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
         Per-site initialization of the component means (before jitter).
     init_scale : float
         Initial standard deviations, and the scale of the jitter that separates the
-        components' initial means.
+        components' initial means (a positive finite number).
+
+    Raises
+    ------
+    ValueError, TypeError
+        ``num_components`` not an int ``>= 1``, ``init_scale`` not positive and finite.
+    SpecError
+        ``get_posterior``/``median``/``quantiles`` before the guide is set up.
 
     Notes
     -----
@@ -176,10 +196,8 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
     def __init__(
         self, model: Any, num_components: int = 2, *, init_loc_fn: Any = init_to_median, init_scale: float = 0.1
     ) -> None:
-        if isinstance(num_components, bool) or not isinstance(num_components, int) or num_components < 1:
-            raise ValueError(f"num_components must be an int >= 1, got {num_components!r}")
-        if not (isinstance(init_scale, float) and init_scale > 0):
-            raise ValueError(f"init_scale must be a positive float, got {init_scale!r}")
+        num_components = check_int("num_components", num_components, minimum=1)
+        init_scale = check_real("init_scale", init_scale, positive=True)
         self.num_components, self._init_scale = num_components, init_scale
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.spec = find_spec(model)
@@ -193,9 +211,15 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
         self.scales = PyroParam(torch.full_like(jitter, self._init_scale), self.scale_constraint)
         self.logits = PyroParam(torch.zeros(C, dtype=loc.dtype, device=loc.device))
 
+    def _check_fitted(self) -> None:
+        if self.prototype_trace is None:
+            raise SpecError(f"{type(self).__name__} is not fitted: run an SVI step (or call it once) first")
+
     def get_posterior(self, *args: Any, **kwargs: Any) -> dist.MixtureOfDiagNormals:
+        self._check_fitted()
         return dist.MixtureOfDiagNormals(self.locs, self.scales, self.logits)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_fitted()
         c = int(self.logits.argmax())
         return self.locs[c], self.scales[c]

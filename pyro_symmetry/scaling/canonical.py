@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._validation import check_int, check_params, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..posterior import point_params
 from ._axes import groups_with, site_axes
@@ -126,7 +127,14 @@ def sort_permutation(
         ``spec.apply(params, perm)`` has each group's keys in descending order (a
         stable sort: ties keep their order, so sorted input maps to the identity).
     """
+    check_spec(spec)
+    check_params(params, spec)
+    if isinstance(groups, str):
+        raise TypeError(f"groups must be a list of group names, got {groups!r}")
     groups = list(spec.groups) if groups is None else list(groups)
+    unknown = [g for g in groups if g not in spec.groups]
+    if unknown:
+        raise SpecError(f"groups {unknown} are not in the spec (groups: {sorted(spec.groups)})")
     current = dict(params)
     perm: dict[str, torch.Tensor] = {}
     device = next(v.device for v in params.values() if isinstance(v, torch.Tensor))
@@ -254,15 +262,19 @@ def canonicalize(
     """
     if not isinstance(params_or_samples, Mapping) or not params_or_samples:
         raise TypeError(f"params_or_samples must be a non-empty mapping site -> tensor, got {type(params_or_samples)}")
-    for site in spec.sites:
-        if site not in params_or_samples:
-            raise SpecError(f"site {site!r} of the spec is missing (have {sorted(params_or_samples)})")
-        if not isinstance(params_or_samples[site], torch.Tensor):
-            raise TypeError(f"params_or_samples[{site!r}] must be a tensor, got {type(params_or_samples[site])}")
+    check_spec(spec)
+    check_params(params_or_samples, spec, name="params_or_samples")
     if permutation not in ("align", "sort", None):
         raise ValueError(f"permutation must be 'align', 'sort' or None, got {permutation!r}")
     if reference is not None and permutation != "align":
         raise ValueError("reference is only used with permutation='align'")
+    if not (reference is None or isinstance(reference, Mapping) or reference == "barycenter"):
+        raise ValueError(f"reference must be None, 'barycenter' or a mapping site -> tensor, got {reference!r}")
+    if not isinstance(scaling, bool):
+        raise TypeError(f"scaling must be a bool, got {scaling!r}")
+    check_int("max_iters", max_iters, minimum=0)
+    check_int("max_sweeps", max_sweeps, minimum=0)
+    check_seed("seed", seed)
 
     x, log_scales, signs = (
         _remove_activation_symmetries(params_or_samples, spec, tol, max_iters)

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .._validation import check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
 from ._axes import SiteAxis, groups_with, reduce_squares, site_axes
 from .rescaling import mass, mass_sites, scale_site
@@ -341,22 +342,24 @@ def min_mass(
     Network Posteriors. Stock, Graham, Gribonval, Jégou (ICLR 2019), Equi-normalization
     of Neural Networks.
     """
+    check_spec(spec)
     groups = groups_with(spec, "scale")
     if not groups:
         raise SpecError(
             "min_mass needs a group with a positively homogeneous activation (activation_symmetry='scale'); "
             f"the spec's groups are {{{', '.join(f'{k}: {g.activation_symmetry}' for k, g in spec.groups.items())}}}"
         )
-    if not isinstance(max_iters, int) or max_iters < 0:
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
         raise ValueError(f"max_iters must be a non-negative int, got {max_iters!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if isinstance(sites, str):
+        raise TypeError(f"sites must be a sequence of site names, got {sites!r}")
     table = site_axes(spec, groups)  # every site the rescaling changes
-    for site, (nd, _) in table.items():
-        if site not in params:
-            raise SpecError(f"site {site!r} of the spec is missing from params (have {sorted(params)})")
-        if not isinstance(params[site], torch.Tensor) or params[site].dim() < nd:
-            raise SpecError(f"params[{site!r}] must be a tensor with at least {nd} dims")
+    # NaN/Inf weights would make every scale NaN without an error; integers cannot be rescaled.
+    batch = check_params(params, spec, list(table))
+    if math.prod(batch) == 0:
+        raise ValueError(f"params has an empty batch shape {tuple(batch)}: there is nothing to rescale")
     sites = tuple(mass_sites(spec) if sites is None else sites)
     objective = {s: v for s, v in table.items() if s in sites}
     if not objective:
@@ -364,9 +367,12 @@ def min_mass(
     _check_table(objective)
     constant = [s for s in sites if s not in table]  # counted in the mass, not changed by rescaling
     dtype = torch.float64 if any(params[s].dtype == torch.float64 for s in table) else torch.float32
-    tol = _DEFAULT_TOL[dtype] if tol is None else float(tol)
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+    if tol is None:
+        tol = _DEFAULT_TOL[dtype]
+    else:
+        tol = check_real("tol", tol, finite=False)
+        if not tol > 0:
+            raise ValueError(f"tol must be positive, got {tol}")
 
     batch = torch.broadcast_shapes(*(params[s].shape[: params[s].dim() - nd] for s, (nd, _) in table.items()))
     B = math.prod(batch)

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .._validation import check_finite, check_params, check_spec
 from ..groups import PermutationSpec, SpecError
 from ._axes import SiteAxis, check_group_tensors, groups_with, site_axes, split_event
 
@@ -99,14 +100,26 @@ def rescale(
     >>> u = {"fc1": torch.randn(8), "fc2": torch.randn(8)}
     >>> w2 = ps.rescale(w, model.spec, u)   # model.functional(w2, x) == model.functional(w, x)
     """
+    check_spec(spec)
     log_scales = check_group_tensors(spec, log_scales, "scale", "log_scales")
+    for k, u in log_scales.items():
+        if u.dtype == torch.bool or u.is_complex():
+            raise TypeError(f"log_scales[{k!r}] must be a real (floating-point) tensor, got dtype {u.dtype}")
+        check_finite(f"log_scales[{k!r}]", u)
+    table = site_axes(spec, list(log_scales))
+    # Rescaling multiplies by exp(u): integer weights would be silently turned into floats.
+    batch = check_params(params, spec, list(table), finite=False)
+    for k, u in log_scales.items():
+        try:
+            torch.broadcast_shapes(batch, u.shape[:-1])
+        except RuntimeError:
+            raise SpecError(
+                f"log_scales[{k!r}] has batch shape {tuple(u.shape[:-1])}, which does not broadcast with the "
+                f"params' batch shape {tuple(batch)}"
+            ) from None
     out = dict(params)
-    for site, (nd, axes) in site_axes(spec, list(log_scales)).items():
-        if site not in params:
-            raise SpecError(f"site {site!r} of the spec is missing from params (have {sorted(params)})")
+    for site, (nd, axes) in table.items():
         x = params[site]
-        if not isinstance(x, torch.Tensor) or x.dim() < nd:
-            raise SpecError(f"params[{site!r}] must be a tensor with at least {nd} dims, got {getattr(x, 'shape', x)}")
         for a in axes:
             n = spec.groups[a.group].size
             if x.shape[x.dim() - nd + a.axis] != n * a.inner:
@@ -141,6 +154,9 @@ def mass(params: Mapping[str, torch.Tensor], spec: PermutationSpec, sites: Seque
     -------
     Tensor ``(*batch,)``
     """
+    check_spec(spec)
+    if isinstance(sites, str):
+        raise TypeError(f"sites must be a sequence of site names, got {sites!r}")
     sites = mass_sites(spec) if sites is None else tuple(sites)
     if not sites:
         raise SpecError("no sites to measure: the spec has no group with activation_symmetry='scale'")

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .._validation import check_mapping, check_spec
 from ..groups import PermutationSpec, SpecError, encode_signed
 from ._axes import check_group_tensors, groups_with, site_axes
 
@@ -67,6 +68,8 @@ def flip_signs(
     >>> model = ps.models.BayesianMLP(4, [8], 3, activation="tanh")
     >>> w2 = ps.flip_signs(w, model.spec, {"fc1": torch.rand(8) < 0.5})
     """
+    check_spec(spec)
+    check_mapping("params", params)
     signs = check_group_tensors(spec, signs, "sign", "signs")
     device = next((v.device for v in params.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     element = {}
@@ -122,6 +125,10 @@ def sign_convention(
     dict ``group -> BoolTensor (*batch, n)``
         ``True`` where the neuron must be flipped; apply with :func:`flip_signs`.
     """
+    check_spec(spec)
+    check_mapping("params", params)
+    if isinstance(groups, str):
+        raise TypeError(f"groups must be a list of group names, got {groups!r}")
     groups = groups_with(spec, "sign") if groups is None else list(groups)
     check_group_tensors(spec, {k: torch.zeros(spec.groups[k].size) for k in groups}, "sign", "groups")
     current = dict(params)
