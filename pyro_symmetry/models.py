@@ -26,7 +26,7 @@ from torch import nn
 
 from ._validation import check_finite, check_int, check_mapping, check_real
 from .groups import Axis, NeuronGroup, PermutationSpec, SpecError, mlp_spec
-from .groups.builders import _POINTWISE
+from .groups._chain import pointwise_kind
 
 __all__ = ["ACTIVATIONS", "BayesianCNN", "BayesianMLP", "activation_symmetry"]
 
@@ -58,10 +58,8 @@ def _activation(act: str | nn.Module | type) -> nn.Module:
 
 def activation_symmetry(act: nn.Module) -> str:
     """``"scale"``, ``"sign"`` or ``"none"`` for a pointwise activation module."""
-    for cls, kinds in _POINTWISE.items():
-        if isinstance(act, cls):
-            return "scale" if "scale" in kinds else ("sign" if "sign" in kinds else "none")
-    return "none"
+    kinds = pointwise_kind(act) or frozenset()
+    return "scale" if "scale" in kinds else ("sign" if "sign" in kinds else "none")
 
 
 def _drop_plate_dim(w: torch.Tensor, event_ndim: int) -> torch.Tensor:
@@ -188,16 +186,17 @@ class _BayesianBase(PyroModule):
     def _observe(self, out: torch.Tensor, y: torch.Tensor | None, num_data: int | None) -> None:
         n = out.shape[-2]
         size = n if num_data is None else int(num_data)
+        sigma = self.obs_scale
+        if self.likelihood != "classification" and sigma is None:
+            # A global latent, sampled outside the data plate: shape () or (P, 1) under
+            # vectorized particles.
+            one = torch.ones((), dtype=out.dtype, device=out.device)
+            sigma = pyro.sample("obs_scale", dist.HalfNormal(one))
         # A fixed subsample keeps the likelihood scaled by size / batch without random indices.
         with pyro.plate("data", size=size, subsample=torch.arange(n, device=out.device)):
             if self.likelihood == "classification":
                 pyro.sample("obs", dist.Categorical(logits=out), obs=y)
             else:
-                sigma = self.obs_scale
-                if sigma is None:
-                    # A global latent: shape () or (P, 1) under vectorized particles.
-                    one = torch.ones((), dtype=out.dtype, device=out.device)
-                    sigma = pyro.sample("obs_scale", dist.HalfNormal(one))
                 if self.out_features == 1:
                     pyro.sample("obs", dist.Normal(out.squeeze(-1), sigma), obs=y)
                 else:

@@ -297,8 +297,9 @@ def train_runs(
     optim : pyro.optim.PyroOptim, optional
         Copied per run. Default ``ClippedAdam({"lr": 1e-2})``.
     loss : ELBO, optional
-        Default ``Trace_ELBO()``. Ignored by the vectorized path, which computes
-        the same single-particle ELBO per run.
+        Default ``Trace_ELBO()``. Given a loss, runs are trained one after another
+        (or on the executor): the vectorized path computes its own single-particle
+        ELBO per run, so ``vectorize=True`` with a ``loss`` is an error.
     vectorize : bool, optional
         In-process only. Train all runs as one batched problem: the model runs
         under an extra plate of size R, so an ``AutoNormal`` guide holds R
@@ -339,6 +340,13 @@ def train_runs(
         raise TypeError(f"executor must be a concurrent.futures.Executor, got {type(executor).__name__}")
     if vectorize and executor is not None:
         raise ValueError("vectorize=True trains in-process; it cannot be combined with an executor")
+    if loss is not None:
+        if vectorize:
+            raise ValueError(
+                "vectorize=True computes its own single-particle Trace_ELBO per run; it cannot use loss=. "
+                "Pass vectorize=False (or leave it None) to train with this loss"
+            )
+        vectorize = False  # a user's ELBO (particles, TraceMeanField_ELBO, ...) must be the one trained
     args, kwargs = _split_data(data)
     named = {**{f"data[{i}]": a for i, a in enumerate(args)}, **{f"data[{k!r}]": v for k, v in kwargs.items()}}
     for name, value in named.items():

@@ -186,3 +186,118 @@ def test_from_module_on_pyro_module_sites():
     spec = ps.PermutationSpec.from_module(net)
     assert spec.shapes["0.weight"] == (4, 3) and spec.groups["0"].activation_symmetry == "sign"
     spec.check(net, torch.randn(2, 3))
+
+
+class _Functional(nn.Module):
+    """Layers registered first, the activation registered last or applied functionally."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(3, 5), nn.Linear(5, 4), nn.Linear(4, 2)
+        self.act = act  # a module, or a torch function
+
+    def forward(self, x):
+        return self.out(self.act(self.fc2(self.act(self.fc1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    "act, expected",
+    [(nn.Tanh(), "sign"), (torch.tanh, "sign"), (torch.sin, "sign"), (torch.relu, "scale"), (nn.GELU(), "none")],
+)
+def test_execution_order_not_registration_order(act, expected):
+    """The chain is read from a trace of forward: symmetries of activations registered
+    after the layers (or functional ones) are inferred, and the function is invariant
+    under a random signed permutation and, for ReLU, rescaling."""
+    net = _randomize(_Functional(act), 0)
+    spec = ps.PermutationSpec.from_module(net)
+    assert {g.activation_symmetry for g in spec.groups.values()} == {expected}
+    x = torch.randn(6, 3, dtype=torch.float64)
+    _check_invariance(net, spec, x, 1)
+    if expected == "scale":
+        scales = {k: torch.randn(n, dtype=torch.float64) for k, n in spec.sizes.items()}
+        net2 = copy.deepcopy(net)
+        net2.load_state_dict({**net.state_dict(), **ps.rescale(net.state_dict(), spec, scales)})
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), net2(x))
+
+
+def test_hardtanh_is_odd_only_when_symmetric():
+    sym = {
+        (-1.0, 1.0): "sign",
+        (-2.0, 2.0): "sign",
+        (0.0, 6.0): "none",
+    }
+    for (lo, hi), expected in sym.items():
+        net = nn.Sequential(nn.Linear(3, 4), nn.Hardtanh(lo, hi), nn.Linear(4, 2))
+        assert ps.PermutationSpec.from_module(net).groups["0"].activation_symmetry == expected
+    assert ps.models.activation_symmetry(nn.ReLU6()) == "none"
+
+
+def test_residual_and_shared_layers_are_refused_not_misread():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.out = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            return self.out(h + self.fc2(h))
+
+    with pytest.raises(ps.SpecError, match="not a chain of layers: call_function 'add'.*PermutationSpec.tie"):
+        ps.PermutationSpec.from_module(Skip())
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(torch.relu(self.fc1(x))))
+
+    with pytest.raises(ps.SpecError, match="module 'fc1' is called twice"):
+        ps.PermutationSpec.from_module(Shared())
+
+    class Unknown(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc2(torch.cumsum(self.fc1(x), -1))
+
+    with pytest.raises(ps.SpecError, match="cannot infer the symmetry of the operation 'cumsum'"):
+        ps.PermutationSpec.from_module(Unknown())
+
+
+def test_untraceable_pyro_module_is_conservative_and_can_be_overridden():
+    """A PyroModule whose forward holds Pyro statements cannot be traced: its leaves are
+    read in registration order, and a gap with no activation module (here a functional
+    tanh) gets no activation symmetry rather than a wrong one. Callable priors are fine."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroSample
+
+    class Net(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = PyroModule[nn.Linear](3, 4)
+            self.fc1.weight = PyroSample(lambda m: dist.Normal(0.0, 1.0).expand([4, 3]).to_event(2))
+            self.fc2 = PyroModule[nn.Linear](4, 1)
+
+        def forward(self, x, y=None):
+            out = self.fc2(torch.tanh(self.fc1(x))).squeeze(-1)
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("obs", dist.Normal(out, 1.0), obs=y)
+            return out
+
+    net = Net()
+    spec = ps.PermutationSpec.from_module(net)
+    assert spec.groups["fc1"].activation_symmetry == "none"
+    assert spec.shapes["fc1.weight"] == (4, 3) and spec.shapes["fc1.bias"] == (4,)
+    spec.check(net, torch.randn(2, 3))
+    declared = ps.PermutationSpec.from_module(net, activation_symmetry={"fc1": "sign"})
+    assert declared.groups["fc1"].signed
+    with pytest.raises(ps.SpecError, match=r"activation_symmetry names groups \['fc9'\]"):
+        ps.PermutationSpec.from_module(net, activation_symmetry={"fc9": "sign"})
+    model = ps.models.BayesianMLP(3, [4], 2)
+    assert ps.PermutationSpec.from_module(model) is model.spec

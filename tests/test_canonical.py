@@ -139,6 +139,24 @@ def test_align_recovers_a_planted_orbit(act):
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_default_align_maps_single_orbit_members_to_one_point(act):
+    """With no reference, one network is aligned to its own sorted form: two members of an
+    orbit, canonicalized one at a time (or as a batch, in either order), meet."""
+    model = BayesianMLP(5, [6, 4], 3, activation=act)
+    spec = model.spec
+    w = model_params(model, seed=11)
+    copies = orbit(w, spec, 2, 12, scale=1.0)
+    one = [ps.canonicalize({k: v[i] for k, v in copies.items()}, spec).params for i in range(2)]
+    for k in spec.sites:
+        assert rel_err(one[0][k], one[1][k]) < 1e-8
+    flipped = {k: v.flip(0) for k, v in copies.items()}
+    for batch in (copies, flipped):
+        canon = ps.canonicalize(batch, spec).params
+        for k in spec.sites:
+            assert rel_err(canon[k][0], one[0][k]) < 1e-8 and rel_err(canon[k][1], one[0][k]) < 1e-8
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
 def test_align_is_idempotent(act):
     model = BayesianMLP(4, [5, 5], 2, activation=act)
     samples = model_params(model, (6,), seed=8)

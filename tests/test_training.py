@@ -125,3 +125,18 @@ def test_bad_arguments():
         ps.train_runs(_make_conjugate, AutoNormal, (Y,), 1, steps=1, executor=object())
     with pytest.raises(ValueError, match="AutoNormal"):
         ps.train_runs(_make_conjugate, AutoDiagonalNormal, (Y,), 1, steps=1, vectorize=True, progress=False)
+
+
+def test_a_given_loss_is_the_one_trained():
+    """With ``loss=`` the runs train with that ELBO (sequentially), never silently with another."""
+    calls = []
+
+    class CountingELBO(pyro.infer.Trace_ELBO):
+        def loss_and_grads(self, model, guide, *args, **kwargs):
+            calls.append(1)
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    runs = ps.train_runs(_make_conjugate, AutoNormal, (Y,), 2, steps=3, loss=CountingELBO(), progress=False)
+    assert len(calls) == 6 and [r.seed for r in runs] == [0, 1]
+    with pytest.raises(ValueError, match="vectorize=True .* cannot use loss="):
+        ps.train_runs(_make_conjugate, AutoNormal, (Y,), 2, steps=3, loss=CountingELBO(), vectorize=True)

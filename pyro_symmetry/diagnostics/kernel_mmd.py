@@ -48,7 +48,8 @@ class MMDResult(NamedTuple):
     Attributes
     ----------
     mmd2 : float
-        Unbiased ``MMD^2`` of the first kernel at the median-distance bandwidth.
+        Unbiased ``MMD^2`` of the first kernel at the median-distance bandwidth (the
+        centre of the default grid), or at the first of explicit ``bandwidths``.
     p_value : float
         Permutation p-value of the test aggregated over all kernels/bandwidths.
     mmd2_grid : Tensor ``(K,)``

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
 from .._validation import check_int
+from ._chain import BOTH, LAYERS, NONE, NORMS, execution_steps, pointwise_kind
 from .spec import Axis, NeuronGroup, PermutationSpec, SpecError
 
 __all__ = ["mlp_spec", "model_site_shapes", "spec_from_module"]
@@ -66,91 +68,87 @@ def mlp_spec(
     return PermutationSpec(groups)
 
 
-# Effect of each pointwise module on the extra activation symmetries that survive
-# between two layers: the intersection over the chain decides the group's symmetry.
-_BOTH = frozenset({"sign", "scale"})
-_SCALE = frozenset({"scale"})
-_SIGN = frozenset({"sign"})
-_NONE: frozenset = frozenset()
-_POINTWISE: dict[type, frozenset] = {
-    nn.Identity: _BOTH,
-    nn.Flatten: _BOTH,
-    nn.Dropout: _BOTH,
-    nn.Dropout1d: _BOTH,
-    nn.Dropout2d: _BOTH,
-    nn.AvgPool1d: _BOTH,
-    nn.AvgPool2d: _BOTH,
-    nn.AdaptiveAvgPool1d: _BOTH,
-    nn.AdaptiveAvgPool2d: _BOTH,
-    nn.ReLU: _SCALE,
-    nn.LeakyReLU: _SCALE,
-    nn.MaxPool1d: _SCALE,
-    nn.MaxPool2d: _SCALE,
-    nn.AdaptiveMaxPool1d: _SCALE,
-    nn.AdaptiveMaxPool2d: _SCALE,
-    nn.Tanh: _SIGN,
-    nn.Hardtanh: _SIGN,
-    nn.Softsign: _SIGN,
-    nn.Tanhshrink: _SIGN,
-    nn.ReLU6: _NONE,
-    nn.ELU: _NONE,
-    nn.SELU: _NONE,
-    nn.CELU: _NONE,
-    nn.GELU: _NONE,
-    nn.SiLU: _NONE,
-    nn.Mish: _NONE,
-    nn.Sigmoid: _NONE,
-    nn.Softplus: _NONE,
-    nn.Hardswish: _NONE,
-    nn.Hardsigmoid: _NONE,
-    nn.LogSigmoid: _NONE,
-    nn.Softmax: _NONE,
-    nn.LogSoftmax: _NONE,
-}
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
-
-
-def _leaves(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in module.named_modules() if not list(m.children())]
-
-
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def spec_from_module(module: nn.Module) -> PermutationSpec:
+def _layer_shapes(name: str, m: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Weight and bias shapes of a layer from its attributes (also when they are priors)."""
+    p = _prefix(name)
+    if isinstance(m, nn.Linear):
+        w = (m.out_features, m.in_features)
+    else:
+        w = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    return {f"{p}weight": w, **({f"{p}bias": (w[0],)} if _has_bias(m) else {})}
+
+
+def _has_bias(m: nn.Module) -> bool:
+    return "bias" in getattr(m, "_pyro_samples", {}) or getattr(m, "bias", None) is not None
+
+
+def spec_from_module(
+    module: nn.Module, *, activation_symmetry: str | Mapping[str, str] | None = None
+) -> PermutationSpec:
     """Spec of a chain of ``Linear``/``Conv1d``/``Conv2d`` layers.
 
-    The module's leaf submodules are read in registration order as a chain
-    (``nn.Sequential``, or a ``PyroModule`` whose layers are registered in
-    forward order). Between two layers only pointwise activations, pooling,
-    dropout, flatten and BatchNorm/LayerNorm are allowed; norm parameters and
-    running statistics follow their channels. A ``Flatten`` from conv channels to
-    a ``Linear`` makes each channel a block of ``in_features // channels``
-    columns. The output layer's neurons are not permuted.
+    The chain is read in execution order from a ``torch.fx`` trace of the module
+    (``nn.Sequential``, or any module whose ``forward`` is traceable: functional
+    activations such as ``torch.tanh`` or ``F.relu`` are then recognized, and a
+    residual connection is refused). A module that cannot be traced (e.g. a
+    ``PyroModule`` whose ``forward`` holds Pyro statements) is read in the
+    registration order of its leaf modules, which must be the forward order.
+    Between two layers only pointwise activations, pooling, dropout, flatten and
+    BatchNorm/LayerNorm are allowed; norm parameters and running statistics follow
+    their channels. A ``Flatten`` from conv channels to a ``Linear`` makes each
+    channel a block of ``in_features // channels`` columns. The output layer's
+    neurons are not permuted.
 
-    Each group's ``activation_symmetry`` is inferred from the modules between
+    Each group's ``activation_symmetry`` is inferred from the operations between
     its layer and the next: ``"scale"`` if they are all positively homogeneous
-    (ReLU, max pooling), ``"sign"`` if all odd (tanh, average pooling), else
-    ``"none"`` (any norm layer removes both).
+    (ReLU, max pooling), ``"sign"`` if all odd (tanh, sin, erf, average pooling),
+    else ``"none"`` (any norm layer removes both). When the order is only known
+    from registration (an untraceable module that is not made of ``nn.Sequential``
+    containers), a gap between two layers with no activation module registered in
+    it may hide a functional activation, so such a group gets ``"none"``: its
+    permutations are still exact, and ``activation_symmetry=`` declares more.
+
+    A module with a ``spec`` attribute that is a ``PermutationSpec`` (the models of
+    :mod:`pyro_symmetry.models`) returns it.
 
     Residual networks are not chains: build the per-layer spec by hand or with
     this function on each branch and tie the groups of one residual stream with
     :meth:`PermutationSpec.tie`.
 
+    Parameters
+    ----------
+    module : nn.Module
+    activation_symmetry : {"none", "sign", "scale"} or mapping group -> str, optional
+        Overrides the inferred symmetry of every group (a str) or of the named ones.
+
     Raises
     ------
     SpecError
-        If a leaf has parameters but is not a supported layer, naming the leaf.
+        If a step of the chain is not a supported layer or operation (naming it), or
+        the module is not a chain (a residual connection, a layer called twice).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    own = getattr(module, "spec", None)
+    if isinstance(own, PermutationSpec):
+        return _override(own, activation_symmetry)
+    steps, exact_order = execution_steps(module)
     groups: dict[str, dict[str, Any]] = {}
     current: str | None = None
     last_layer: str | None = None
-    for name, m in _leaves(module):
+    for name, m in steps:
+        if isinstance(m, frozenset):  # a functional operation
+            if current is not None:
+                groups[current]["sym"] &= m
+                groups[current]["seen"] = True
+            continue
         p = _prefix(name)
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        kind = pointwise_kind(m)
+        if isinstance(m, LAYERS):
             size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
                 raise SpecError(f"layer {name!r}: grouped convolutions (groups={m.groups}) are not supported")
@@ -171,13 +169,19 @@ def spec_from_module(module: nn.Module) -> PermutationSpec:
                     )
                 g["outgoing"].append(Axis(f"{p}weight", 1, inner))
             incoming = [Axis(f"{p}weight", 0)]
-            if m.bias is not None:
+            if _has_bias(m):
                 incoming.append(Axis(f"{p}bias", 0))
             groups[name] = dict(
-                size=size, incoming=incoming, outgoing=[], sym=set(_BOTH), conv=not isinstance(m, nn.Linear)
+                size=size,
+                incoming=incoming,
+                outgoing=[],
+                sym=set(BOTH),
+                conv=not isinstance(m, nn.Linear),
+                seen=exact_order,
+                layer=m,
             )
             current = last_layer = name
-        elif isinstance(m, _NORMS):
+        elif isinstance(m, NORMS):
             if current is None:
                 continue  # input normalization: not a hidden group
             g = groups[current]
@@ -200,11 +204,12 @@ def spec_from_module(module: nn.Module) -> PermutationSpec:
             for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
                 if t is not None and t.dim() >= 1:
                     g["incoming"].append(Axis(f"{p}{pname}", 0))
-            g["sym"] &= _NONE
-        elif type(m) in _POINTWISE or isinstance(m, tuple(_POINTWISE)):
-            kind = next(v for k, v in _POINTWISE.items() if isinstance(m, k))
+            g["sym"] &= NONE
+            g["seen"] = True
+        elif kind is not None:
             if current is not None:
                 groups[current]["sym"] &= kind
+                groups[current]["seen"] = True
         elif any(True for _ in m.parameters(recurse=False)):
             raise SpecError(
                 f"cannot infer the symmetry of module {name!r} ({type(m).__name__}); build the "
@@ -217,14 +222,40 @@ def spec_from_module(module: nn.Module) -> PermutationSpec:
             )
     if last_layer is None:
         raise SpecError(f"module {type(module).__name__} has no Linear or Conv layer")
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    for k, g in groups.items():
+        shapes.update(_layer_shapes(k, g["layer"]))
+    shapes.update(_pyro_sample_shapes(module))
     del groups[last_layer]  # output neurons are not interchangeable
     out = {}
     for k, g in groups.items():
-        sym = "scale" if "scale" in g["sym"] else ("sign" if "sign" in g["sym"] else "none")
+        sym = (
+            "none"
+            if not g["seen"]
+            else ("scale" if "scale" in g["sym"] else ("sign" if "sign" in g["sym"] else "none"))
+        )
         out[k] = NeuronGroup(g["size"], tuple(g["incoming"]), tuple(g["outgoing"]), sym)
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    shapes.update(_pyro_sample_shapes(module))
-    return PermutationSpec(out, shapes)
+    return _override(PermutationSpec(out, shapes), activation_symmetry)
+
+
+def _override(spec: PermutationSpec, activation_symmetry: str | Mapping[str, str] | None) -> PermutationSpec:
+    if activation_symmetry is None:
+        return spec
+    if isinstance(activation_symmetry, str):
+        activation_symmetry = dict.fromkeys(spec.groups, activation_symmetry)
+    if not isinstance(activation_symmetry, Mapping):
+        raise TypeError(f"activation_symmetry must be a str or a mapping group -> str, got {activation_symmetry!r}")
+    unknown = [k for k in activation_symmetry if k not in spec.groups]
+    if unknown:
+        raise SpecError(
+            f"activation_symmetry names groups {unknown} that the spec does not have ({sorted(spec.groups)})"
+        )
+    return spec.replace_groups(
+        {
+            k: replace(g, activation_symmetry=activation_symmetry.get(k, g.activation_symmetry))
+            for k, g in spec.groups.items()
+        }
+    )
 
 
 def _pyro_sample_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -234,11 +234,14 @@ def canonicalize(
     permutation : {"align", "sort", None}
     reference : None, "barycenter" or mapping ``site -> Tensor (*site_shape)``
         For ``"align"``: ``None`` aligns to the first sample (index 0 of every batch
-        dim), ``"barycenter"`` to the iteratively refined mean of the aligned samples,
-        a mapping (point values, or ``(loc, scale)`` pairs whose means are used) to
-        that network, itself first put in canonical scaling / signs.
+        dim) with its neurons sorted by ``sort_key`` (so a single network gets its
+        sorted form, and members of one orbit meet), ``"barycenter"`` to the
+        iteratively refined mean of the aligned samples, a mapping (point values, or
+        ``(loc, scale)`` pairs whose means are used) to that network, itself first put
+        in canonical scaling / signs.
     sort_key : "incoming_norm", int or callable
-        For ``"sort"``, see :func:`sort_permutation`.
+        For ``"sort"`` (and the default ``"align"`` reference), see
+        :func:`sort_permutation`.
     tol, max_iters
         Passed to :func:`~pyro_symmetry.scaling.min_mass`.
     seed, max_sweeps
@@ -287,11 +290,16 @@ def canonicalize(
     if permutation == "sort":
         perm = sort_permutation(x, spec, sort_key)
         x = spec.apply(x, perm)
-    elif permutation == "align" and (len(batch) > 0 or isinstance(reference, Mapping)):
+    elif permutation == "align":
         from ..alignment import align_samples
 
         ref: Any = reference
-        if isinstance(reference, Mapping):
+        if reference is None:
+            # The first sample in sorted order: a reference that is itself canonical, so every
+            # element of an orbit (one network, or the first of a batch) meets the same one.
+            first = {s: x[s][(0,) * len(batch)] for s in spec.sites}
+            ref = spec.apply(first, sort_permutation(first, spec, sort_key))
+        elif isinstance(reference, Mapping):
             ref = point_params(reference)  # a (loc, scale) mapping is aligned by its means
             if scaling:
                 ref.update(_remove_activation_symmetries({k: ref[k] for k in spec.sites}, spec, tol, max_iters)[0])
