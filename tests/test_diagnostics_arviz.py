@@ -1,6 +1,7 @@
 """Runs as ArviZ chains: structure of the DataTree, named dims, log_q/log_p, and the
 structure legacy ``arviz.InferenceData.from_datatree`` relies on."""
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -159,3 +160,20 @@ def test_log_q_of_a_symmetrized_guide_is_log_q_sym_by_enumeration():
             )
             exact = torch.logsumexp(log_q.double(), 0) - torch.log(torch.tensor(float(order), dtype=torch.float64))
             assert float(draws.log_q[r, i]) == pytest.approx(float(exact), abs=1e-4)
+
+
+def test_legacy_arviz_converts_the_tree_with_from_datatree():
+    """What a user of legacy ``arviz`` 0.2x does with our ``xarray.DataTree``."""
+    az = pytest.importorskip("arviz")
+    if not az.__version__.startswith("0."):
+        pytest.skip("arviz 1.x reads the DataTree directly")
+    model = _make_model()
+    runs = [_gaussian_posterior(model, s) for s in range(3)]
+    tree = D.to_inference_data(runs, num_samples=40, spec=model.spec)
+    idata = az.InferenceData.from_datatree(tree)
+    assert set(idata.groups()) == {"posterior", "sample_stats"}
+    assert idata.posterior["fc1.weight"].shape == tree["posterior"]["fc1.weight"].shape
+    np.testing.assert_array_equal(idata.posterior["fc1.weight"].values, tree["posterior"]["fc1.weight"].values)
+    # legacy R-hat on the converted data equals ours (arviz-stats) on the tree
+    legacy = az.rhat(idata, var_names=["fc2.bias"])["fc2.bias"].values
+    np.testing.assert_allclose(legacy, D.rhat_ess(tree).rhat["fc2.bias"], rtol=1e-6)

@@ -168,6 +168,42 @@ def test_invariance_check_names_the_site():
     ps.AutoSymmetrizedNormal(_Broken("prior"), check_invariance=False)(x, y)  # opt-out
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_invariance_check_moves_every_neuron_of_narrow_groups(seed):
+    """Width-2 groups (Gelberg's tractable BNN) and width-1 signed groups: a random
+    element is often the identity there, the check's fixed elements never are."""
+    x, y = _regression_data(6)
+
+    class Tilted(BayesianMLP):
+        def __init__(self):
+            super().__init__(2, [2], 1, likelihood="regression")
+            self.fc1.weight = PyroSample(dist.Normal(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), 1.0).to_event(2))
+
+    with pytest.raises(ps.SpecError, match="'fc1.weight'.*prior"):
+        ps.check_invariance(Tilted(), Tilted().spec, x, y, seed=seed)
+    relu = BayesianMLP(2, [1], 1, likelihood="regression", activation="relu")
+    signed = ps.mlp_spec(["fc1", "fc2"], [1], activation_symmetry="sign")
+    with pytest.raises(ps.SpecError, match="'obs'.*likelihood"):
+        ps.check_invariance(relu, signed, x, y, seed=seed)
+    ps.check_invariance(BayesianMLP(2, [1], 1, likelihood="regression", activation="tanh"), signed, x, y, seed=seed)
+
+
+def test_invariance_check_holds_random_subsamples_fixed():
+    """A minibatching model (random subsample indices) is invariant: both runs of the
+    check must see the same minibatch."""
+    x, y = _regression_data(60)
+    model = BayesianMLP(2, [4], 1, likelihood="regression")
+
+    def minibatched(x, y):
+        with pyro.plate("batch", len(x), subsample_size=10) as idx:
+            pass
+        return model(x[idx], y[idx], num_data=len(x))
+
+    ps.check_invariance(minibatched, model.spec, x, y)
+    guide = ps.AutoSymmetrizedNormal(minibatched, spec=model.spec, num_permutations=4)
+    pyro.infer.SVI(minibatched, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO()).step(x, y)
+
+
 def test_guide_errors():
     x, y = _regression_data(6)
     model = BayesianMLP(2, [3], 1, likelihood="regression", obs_scale=None)

@@ -273,7 +273,10 @@ def mutual_information(
     method : {"exact", "permanent", "contrastive", "importance", "auto"}
         ``"auto"``: exact enumeration if ``|G| <= 10^4``, else the permanent if
         the groups are decoupled (one hidden layer), ``q`` is mean-field and the
-        widths are at most 20, else ``"importance"``.
+        widths are at most 20, else ``"importance"``. For a symmetrized guide this
+        is independent of the estimator it trains with (a measurement wants the
+        tightest affordable estimate, not the training bound): pass
+        ``method=guide.estimator, num_permutations=guide.num_permutations`` for that.
     num_samples : int
         Draws ``w ~ q`` (the Monte Carlo over ``w``).
     num_permutations : int

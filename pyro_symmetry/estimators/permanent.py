@@ -32,7 +32,7 @@ from .factors import group_sites, neuron_log_factors
 __all__ = ["log_permanent", "permanent_log_ratio", "check_decoupled"]
 
 #: Widths above this are refused (2^n n work per matrix).
-MAX_PERMANENT_WIDTH = 30
+MAX_PERMANENT_WIDTH = 25
 _LOW_BITS = 12
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -89,11 +89,13 @@ def log_permanent(log_a: torch.Tensor, sinkhorn_iters: int = 30) -> torch.Tensor
     TypeError
         ``log_a`` not a floating-point tensor.
     ValueError
-        A non-square shape, ``n > 30``, NaN or ``+inf`` entries, ``sinkhorn_iters < 0``.
+        A non-square shape, ``n > 25``, NaN or ``+inf`` entries, ``sinkhorn_iters < 0``.
 
     Notes
     -----
-    Ryser (1963); cost ``O(2^n n)`` per matrix, refused above ``n = 30``.
+    Ryser (1963); cost ``O(2^n n)`` per matrix, refused above ``n = 25``: beyond
+    it rounding in the alternating sum grows (on the all-ones matrix, the worst
+    case, the log-permanent is off by 2e-4 nats at n = 24 but by 0.04 at n = 28).
     """
     if not torch.is_tensor(log_a):
         raise TypeError(f"log_a must be a torch.Tensor, got {type(log_a).__name__}")

@@ -29,8 +29,12 @@ def fork_rng() -> Any:
     return torch.random.fork_rng(devices=devices)
 
 
-def _site_log_probs(model: Callable, values: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> dict:
-    tr = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+def _site_log_probs(
+    model: Callable, values: dict[str, torch.Tensor], subsample: poutine.Trace, args: tuple, kwargs: dict
+) -> dict:
+    # Replaying the subsample indices makes every run see the same minibatch.
+    conditioned = poutine.replay(poutine.condition(model, data=values), trace=subsample)
+    tr = poutine.trace(conditioned).get_trace(*args, **kwargs)
     tr.compute_log_prob()
     return {
         name: site["log_prob_sum"]
@@ -54,7 +58,9 @@ def check_invariance(
     The spec's sites are set to a fresh prior draw (so that an initialization at
     zero cannot hide a broken symmetry), every other site is held at one trace's
     values, and ``log p`` of every sample site (priors and likelihood) is compared
-    at ``w`` and at ``g . w`` for a random (signed) ``g``. The draws come from a
+    at ``w`` and at ``g . w`` for two (signed) elements ``g``: a cyclic shift of
+    every group with all signs flipped, which moves every neuron, and a random one.
+    Random subsample indices of the model's plates are held fixed. The draws come from a
     fork of torch's RNG: the check leaves the random stream as it found it, so a
     guide that runs it at set-up trains exactly as one that does not.
 
@@ -98,27 +104,43 @@ def check_invariance(
             if tr.nodes[s]["is_observed"]:
                 raise SpecError(f"site {s!r} of the spec is observed; the group must act on latent sites")
             values[s] = tr.nodes[s]["fn"].sample()
-        ref = values[spec.sites[0]]
-        perm = spec.sample(generator=torch.Generator().manual_seed(seed))
-        perm = {k: p.to(ref.device) for k, p in perm.items()}
-        moved = spec.apply({s: values[s] for s in spec.sites}, perm)
-        lp0 = _site_log_probs(model, values, args, kwargs)
-        lp1 = _site_log_probs(model, {**values, **moved}, args, kwargs)
+        subsample = poutine.Trace()
+        for name, site in tr.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site):
+                subsample.add_node(name, **site)
+        device = values[spec.sites[0]].device
+        lp0 = _site_log_probs(model, values, subsample, args, kwargs)
+        lps = []
+        for perm in _test_elements(spec, seed):
+            moved = spec.apply({s: values[s] for s in spec.sites}, {k: p.to(device) for k, p in perm.items()})
+            lps.append(_site_log_probs(model, {**values, **moved}, subsample, args, kwargs))
     for name, a in lp0.items():
-        b = lp1.get(name)
-        if b is None:
-            continue
-        a, b = float(a), float(b)
-        if not math.isfinite(a):
-            raise ValueError(
-                f"the log-density of site {name!r} is {a} at a prior draw of the spec's sites: check the data and "
-                "the model's parameters for NaN/Inf"
-            )
-        if not abs(a - b) <= atol + rtol * abs(a):
-            kind = "likelihood" if tr.nodes[name]["is_observed"] else "prior"
-            raise SpecError(
-                f"the model is not invariant under the spec at site {name!r}: its {kind} log-density is {a:.6g} at w "
-                f"and {b:.6g} at g.w for a random group element g. The symmetrized posterior's identities need a "
-                "G-invariant prior and likelihood: check the spec's groups, sites and activation symmetry "
-                "(or pass check_invariance=False if you know better)"
-            )
+        for lp1 in lps:
+            if name in lp1:
+                _compare_site(tr, name, float(a), float(lp1[name]), rtol, atol)
+
+
+def _test_elements(spec: PermutationSpec, seed: int) -> list[dict[str, torch.Tensor]]:
+    """A cyclic shift of every group (all signs flipped where signs apply), which moves
+    every neuron even of a width-2 or width-1 group, and a random (signed) element."""
+    shift = {}
+    for k, g in spec.groups.items():
+        p = torch.roll(torch.arange(g.size), 1)
+        shift[k] = ~p if g.signed else p
+    return [shift, spec.sample(generator=torch.Generator().manual_seed(seed))]
+
+
+def _compare_site(tr: poutine.Trace, name: str, a: float, b: float, rtol: float, atol: float) -> None:
+    if not math.isfinite(a):
+        raise ValueError(
+            f"the log-density of site {name!r} is {a} at a prior draw of the spec's sites: check the data and "
+            "the model's parameters for NaN/Inf"
+        )
+    if not abs(a - b) <= atol + rtol * abs(a):
+        kind = "likelihood" if tr.nodes[name]["is_observed"] else "prior"
+        raise SpecError(
+            f"the model is not invariant under the spec at site {name!r}: its {kind} log-density is {a:.6g} at w "
+            f"and {b:.6g} at g.w for a group element g. The symmetrized posterior's identities need a "
+            "G-invariant prior and likelihood: check the spec's groups, sites and activation symmetry "
+            "(or pass check_invariance=False if you know better)"
+        )
