@@ -53,7 +53,7 @@ def check_invariance(
     **kwargs: Any,
 ) -> None:
     """Raise :class:`~pyro_symmetry.SpecError` naming the first site whose log-density
-    changes when the spec's sites are moved by a random group element.
+    changes when the spec's sites are moved by a group element.
 
     The spec's sites are set to a fresh prior draw (so that an initialization at
     zero cannot hide a broken symmetry), every other site is held at one trace's

@@ -61,7 +61,8 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
     init_loc_fn, init_scale, create_plates
         As for ``AutoNormal`` (``init_scale`` a positive finite number).
     check_invariance : bool
-        Check the model's prior and likelihood under a random group element at set-up.
+        Check the model's prior and likelihood under two group elements (one moving
+        every neuron, one random) at set-up.
     gradient : {"stl", "full"}
         How the correction is differentiated. ``"stl"`` (default): through ``w``
         only, with ``q``'s parameters held fixed inside it ("sticking the landing");
