@@ -115,7 +115,9 @@ def _is_chain_value(a: Any) -> bool:
 
 def _fx_steps(module: nn.Module) -> list[Step] | None:
     try:
-        graph = _Tracer().trace(module)
+        # A forward that samples (a PyroModule reading its priors) must not move the user's RNG.
+        with torch.random.fork_rng(devices=[]):
+            graph = _Tracer().trace(module)
     except Exception:  # noqa: BLE001 - untraceable code (Pyro statements, data-dependent control flow)
         return None
     steps: list[Step] = []
