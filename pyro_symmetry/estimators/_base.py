@@ -66,7 +66,7 @@ def detach_distribution(d: td.Distribution) -> td.Distribution:
     elif isinstance(inner, td.MultivariateNormal):
         out = dist.MultivariateNormal(inner.loc.detach(), scale_tril=inner.scale_tril.detach(), validate_args=False)
     elif isinstance(inner, dist.MixtureOfDiagNormals):
-        out = dist.MixtureOfDiagNormals(
+        out = type(inner)(  # keeps a subclass such as StableMixtureOfDiagNormals
             inner.locs.detach(), inner.coord_scale.detach(), inner.component_logits.detach()
         )
     else:

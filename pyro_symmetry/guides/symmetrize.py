@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
@@ -15,6 +14,7 @@ from pyro.poutine.messenger import Messenger
 from torch.distributions import biject_to
 
 from .._validation import check_int, check_real
+from ..distributions._mixture import StableMixtureOfDiagNormals
 from ..estimators import BaseDensity
 from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
 from ._common import SymmetryTerm, find_spec
@@ -164,9 +164,11 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
 
         q(z) = \sum_{c=1}^C \pi_c \, N(z \mid \mu_c, \mathrm{diag}\, \sigma_c^2)
 
-    using :class:`pyro.distributions.MixtureOfDiagNormals` (reparameterized draws
-    with implicit gradients). Meant as the base of :class:`Symmetrize`, whose
-    symmetrized posterior then has ``C |G|`` components.
+    using :class:`~pyro_symmetry.distributions._mixture.StableMixtureOfDiagNormals`:
+    Pyro's ``MixtureOfDiagNormals`` (reparameterized draws with implicit gradients),
+    its gradients computed in log space so that they stay finite for high-dimensional
+    latents. Meant as the base of :class:`Symmetrize`, whose symmetrized posterior
+    then has ``C |G|`` components.
 
     Parameters
     ----------
@@ -215,9 +217,9 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
         if self.prototype_trace is None:
             raise SpecError(f"{type(self).__name__} is not fitted: run an SVI step (or call it once) first")
 
-    def get_posterior(self, *args: Any, **kwargs: Any) -> dist.MixtureOfDiagNormals:
+    def get_posterior(self, *args: Any, **kwargs: Any) -> StableMixtureOfDiagNormals:
         self._check_fitted()
-        return dist.MixtureOfDiagNormals(self.locs, self.scales, self.logits)
+        return StableMixtureOfDiagNormals(self.locs, self.scales, self.logits)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_fitted()
