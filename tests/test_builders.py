@@ -301,3 +301,12 @@ def test_untraceable_pyro_module_is_conservative_and_can_be_overridden():
         ps.PermutationSpec.from_module(net, activation_symmetry={"fc9": "sign"})
     model = ps.models.BayesianMLP(3, [4], 2)
     assert ps.PermutationSpec.from_module(model) is model.spec
+
+
+def test_check_names_a_bias_the_spec_leaves_out():
+    model = ps.models.BayesianMLP(3, [5], 2)
+    G, A = ps.NeuronGroup, ps.Axis
+    spec = ps.PermutationSpec({"h": G(5, [A("fc1.weight", 0)], [A("fc2.weight", 1)])})
+    with pytest.raises(ps.SpecError, match="permutes the rows of 'fc1.weight' but not 'fc1.bias'"):
+        spec.check(model, torch.randn(2, 3))
+    model.spec.check(model, torch.randn(2, 3))

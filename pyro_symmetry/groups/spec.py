@@ -554,11 +554,27 @@ class PermutationSpec:
         sample sites are the sites) or an ``nn.Module`` (its parameters and buffers
         by state-dict name, plus its Pyro sample sites if it is a ``PyroModule``
         called with ``*args``). Raises :class:`SpecError` naming the first site,
-        axis or size that does not match.
+        axis or size that does not match, or a layer's bias that the spec leaves
+        out while it permutes the layer's weight rows (``"fc1.bias"`` beside an
+        incoming ``"fc1.weight"``: permuting one without the other changes the
+        function).
         """
         from .builders import model_site_shapes
 
-        return self.with_shapes(model_site_shapes(model, *args, **kwargs))
+        shapes = model_site_shapes(model, *args, **kwargs)
+        bound = self.with_shapes(shapes)
+        covered = set(bound.sites)
+        for name, g in bound.groups.items():
+            for ax in g.incoming:
+                if not ax.site.endswith(".weight"):
+                    continue
+                bias = ax.site[: -len("weight")] + "bias"
+                if bias in shapes and bias not in covered and shapes[bias][-1:] == (g.size,):
+                    raise SpecError(
+                        f"group {name!r} permutes the rows of {ax.site!r} but not {bias!r} (shape {shapes[bias]}); "
+                        f"add ({bias!r}, 0) to the group's incoming axes"
+                    )
+        return bound
 
     def __repr__(self) -> str:
         parts = ", ".join(
