@@ -173,7 +173,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
-    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for every aligner (1: the quoted figures)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch and BLAS threads for every aligner (1: the quoted figures)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from threadpoolctl import threadpool_limits
