@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from ._rank import ess_bulk, rhat_rank
 from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree
 
 __all__ = ["ConvergenceComparison", "ConvergenceSummary", "layer_of", "rhat_ess", "rhat_ess_before_after"]
@@ -158,6 +157,8 @@ def rhat_ess(
         rhat = {v: np.asarray(r[v].values, dtype=float) for v in names}
         ess = {v: np.asarray(e[v].values, dtype=float) for v in names}
     else:
+        from ._rank import ess_bulk, rhat_rank  # scipy.stats: imported on first use, not with the package
+
         rhat, ess = {}, {}
         for v in names:
             da = ds[v].transpose("chain", "draw", ...)
