@@ -293,9 +293,7 @@ def main() -> None:
     parser.add_argument("--out", default="out/symmetrized_vi", help="output directory for figures")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small networks run fastest on one)")
-    parser.add_argument(
-        "--sections", default=None, help="comma-separated sections to run (default 1,2,3)"
-    )
+    parser.add_argument("--sections", default=None, help="comma-separated sections to run (default 1,2,3)")
     args = parser.parse_args()
     sections = {int(k) for k in (args.sections or "1,2,3").split(",")}
     logging.getLogger("pyro").setLevel(logging.WARNING)  # "Guessed max_plate_nesting" on every guide

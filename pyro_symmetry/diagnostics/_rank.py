@@ -4,7 +4,7 @@ The same statistics as ``arviz_stats.rhat(method="rank")`` and
 ``arviz_stats.ess(method="bulk")`` (Vehtari, Gelman, Simpson, Carpenter, Bürkner 2021,
 "Rank-normalization, folding, and localization: an improved R-hat"), computed for all
 elements of a ``(chain, draw, n)`` array in a few numpy calls. ArviZ evaluates them one
-element at a time in Python (about 1.7 ms per weight), which is minutes for the tens of
+element at a time in Python (about 2 ms per weight), which is minutes for the tens of
 thousands of weights of a BNN; here the cost is a sort and an FFT over the whole array.
 ``tests/test_diagnostics_convergence.py`` checks the results against ``arviz_stats``.
 """

@@ -130,7 +130,8 @@ def rhat_ess(
         ``"vectorized"`` (default, ``method="rank"`` only) computes the same
         rank-normalized split R-hat and bulk ESS as ``arviz_stats`` for every weight at
         once; ``"arviz"`` calls ``arviz_stats.rhat``/``ess``, which loop over the
-        weights in Python (about 1.7 ms each: minutes for a network's worth).
+        weights in Python (about 2 ms each: minutes for a network's worth; see
+        ``benchmarks/rhat.py``).
 
     Returns
     -------
