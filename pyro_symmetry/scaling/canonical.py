@@ -297,7 +297,7 @@ def canonicalize(
         if reference is None:
             # The first sample in sorted order: a reference that is itself canonical, so every
             # element of an orbit (one network, or the first of a batch) meets the same one.
-            first = {s: x[s][(0,) * len(batch)] for s in spec.sites}
+            first = {s: x[s][(0,) * (x[s].dim() - spec.site_moves(s)[0])] for s in spec.sites}
             ref = spec.apply(first, sort_permutation(first, spec, sort_key))
         elif isinstance(reference, Mapping):
             ref = point_params(reference)  # a (loc, scale) mapping is aligned by its means
