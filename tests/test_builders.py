@@ -310,3 +310,26 @@ def test_check_names_a_bias_the_spec_leaves_out():
     with pytest.raises(ps.SpecError, match="permutes the rows of 'fc1.weight' but not 'fc1.bias'"):
         spec.check(model, torch.randn(2, 3))
     model.spec.check(model, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize(
+    "op, expected",
+    [
+        (lambda h: 2.0 * h, "scale"),
+        (lambda h: h / 2, "scale"),
+        (lambda h: torch.mul(h, 3.0), "scale"),
+        (lambda h: h + 1, "none"),
+    ],
+)
+def test_scalar_arithmetic_on_the_chain(op, expected):
+    """Multiplying by a constant keeps ReLU's scaling symmetry; adding one keeps only permutations."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.fc2(op(torch.relu(self.fc1(x))))
+
+    assert ps.PermutationSpec.from_module(Net()).groups["fc1"].activation_symmetry == expected

@@ -88,6 +88,7 @@ _METHODS: dict[str, frozenset] = {
 # Metadata queries: they read a chain tensor without continuing the chain.
 _META_METHODS = {"size", "dim", "numel", "ndimension"}
 _SCALAR_OPS = {operator.mul: BOTH, operator.truediv: BOTH, operator.add: NONE, operator.sub: NONE}
+_TORCH_ARITH = {torch.mul: operator.mul, torch.div: operator.truediv, torch.add: operator.add, torch.sub: operator.sub}
 
 Step = tuple[str, Any]  # (name, nn.Module) or (name, frozenset of surviving symmetries)
 
@@ -180,11 +181,19 @@ def _function_kind(node: fx.Node) -> frozenset:
     if node.op == "call_function":
         if t in _FUNCTIONS:
             return _FUNCTIONS[t]
-        if t in _SCALAR_OPS or t in (torch.mul, torch.add, torch.div, torch.sub):
-            others = [a for a in node.args[1:] if not isinstance(a, fx.Node)]
-            if others and all(isinstance(a, (int, float)) and math.isfinite(a) for a in others):
-                op = {torch.mul: operator.mul, torch.div: operator.truediv, torch.add: operator.add}.get(t, t)
-                return _SCALAR_OPS.get(op, NONE)
+        op = _TORCH_ARITH.get(t, t)
+        if op in _SCALAR_OPS and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            # x * c, c * x and x / c scale every neuron alike (both symmetries survive);
+            # x + c, x - c, c + x only keep permutations. c / x is not a scalar op here.
+            scalar = b if isinstance(a, fx.Node) else a
+            chain_first = isinstance(a, fx.Node)
+            if (
+                isinstance(scalar, (int, float))
+                and math.isfinite(scalar)
+                and (chain_first or op is not operator.truediv)
+            ):
+                return _SCALAR_OPS[op]
     raise SpecError(
         f"cannot infer the symmetry of the operation {_describe(node)!r} ({node.op}); build the PermutationSpec by "
         "hand with NeuronGroup(...), or use a supported activation module"
