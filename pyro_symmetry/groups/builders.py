@@ -288,7 +288,12 @@ def model_site_shapes(model: Callable | nn.Module, *args: Any, **kwargs: Any) ->
         import pyro.poutine as poutine
         from pyro.poutine.util import site_is_subsample
 
-        tr = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
+        from .._state import isolated
+
+        # Tracing samples from the prior and may create params: leave the caller's RNGs
+        # and param store as they were.
+        with isolated():
+            tr = poutine.trace(poutine.block(model, hide_types=["param"])).get_trace(*args, **kwargs)
         for name, site in tr.nodes.items():
             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site):
                 # A site's own shape is its event shape plus the batch dims that belong
