@@ -59,7 +59,7 @@ def isolated(param_store: bool = True) -> Iterator[None]:
     """Run a block with torch's, numpy's and Python's RNGs forked, the thread count and
     default dtype restored, and (``param_store=True``) Pyro's param store as it was."""
     py_state = random.getstate()
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - the legacy global state is what callers use
     threads = torch.get_num_threads()
     dtype = torch.get_default_dtype()
     with contextlib.ExitStack() as stack:
@@ -70,7 +70,7 @@ def isolated(param_store: bool = True) -> Iterator[None]:
             yield
         finally:
             random.setstate(py_state)
-            np.random.set_state(np_state)
+            np.random.set_state(np_state)  # noqa: NPY002
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             if torch.get_default_dtype() != dtype:
@@ -107,7 +107,7 @@ def snapshot() -> GlobalState:
     store = pyro.get_param_store()
     return GlobalState(
         torch_rng=_digest(torch.random.get_rng_state()),
-        numpy_rng=_digest(np.random.get_state()[1].tobytes()),
+        numpy_rng=_digest(np.random.get_state()[1].tobytes()),  # noqa: NPY002
         python_rng=_digest(random.getstate()),
         num_threads=torch.get_num_threads(),
         default_dtype=torch.get_default_dtype(),
