@@ -135,8 +135,9 @@ def test_pushforward_guide_predictions_unchanged(guide_cls, act):
     ref = model.spec.apply(guide.median(), perm)
     for k in model.spec.sites:
         assert torch.equal(med[k], ref[k])
-    # quantiles of g#q: coordinate i is s_i * w_src(i), a Normal with permuted, sign-flipped mean
-    levels = torch.tensor([0.1, 0.5, 0.9])
+    # quantiles of g#q: coordinate i is s_i * w_src(i), a Normal with permuted, sign-flipped mean;
+    # levels not symmetric about 0.5, so that a flipped coordinate needs the level 1 - p itself
+    levels = torch.tensor([0.2, 0.5, 0.9])
     q = moved.quantiles(levels.tolist())
     locs = model.spec.apply({k: v[0] for k, v in ps.gaussian_params(guide).items()}, perm)
     scales = model.spec.apply({k: v[1] for k, v in ps.gaussian_params(guide).items()}, perm)
@@ -154,3 +155,42 @@ def test_pushforward_guide_errors():
     guide(torch.randn(2, 3), torch.tensor([0, 1]))
     with pytest.raises(ps.SpecError, match="unbatched"):
         ps.pushforward_guide(guide, model.spec, model.spec.sample((2,)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        AutoNormal,
+        AutoDiagonalNormal,
+        AutoLowRankMultivariateNormal,
+        lambda m: ps.AutoSymmetrizedNormal(m, num_permutations=2),
+        lambda m: ps.Symmetrize(AutoDiagonalNormal(m), m.spec, num_permutations=2),
+    ],
+    ids=["AutoNormal", "AutoDiagonalNormal", "AutoLowRank", "AutoSymmetrizedNormal", "Symmetrize"],
+)
+def test_pushforward_guide_quantiles_match_its_own_draws_at_asymmetric_levels(make):
+    """The empirical CDF of many draws of g#q at its claimed p-quantile is p, within 5 binomial
+    standard errors, for every coordinate, sign-flipped ones included (signed group, tanh)."""
+    model = BayesianMLP(3, [4], 2, activation="tanh")
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    guide = make(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    perm = {"fc1": torch.tensor([-2, 2, -4, 0])}  # signed: 1 -> -2 flipped, 3 -> 0 flipped, ...
+    assert any((p < 0).any() for p in perm.values())
+    moved = ps.pushforward_guide(guide, model.spec, perm)
+    levels = [0.2, 0.9]
+    q = moved.quantiles(levels)
+    n = 4000
+    draws = Predictive(model, guide=moved, num_samples=n, parallel=True, return_sites=model.spec.sites)(x)
+    for k in model.spec.sites:
+        v = draws[k].reshape((n,) + model.spec.shapes[k])
+        for i, p in enumerate(levels):
+            frac = (v <= q[k][i]).double().mean(0)
+            se = (p * (1 - p) / n) ** 0.5
+            assert (frac - p).abs().max() < 5 * se, (k, p, float((frac - p).abs().max() / se))
+    # the same levels as a tensor
+    qt = moved.quantiles(torch.tensor(levels))
+    for k in model.spec.sites:
+        assert torch.allclose(qt[k], q[k])

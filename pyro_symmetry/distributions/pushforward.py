@@ -264,12 +264,22 @@ class PushforwardGuide:
     def quantiles(
         self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        """Quantiles of ``g#q``: permuted quantiles, with ``q -> 1 - q`` where signs flip."""
+        """Quantiles of ``g#q`` at the levels ``quantiles`` (a sequence or tensor of
+        levels in ``(0, 1)``), ``site -> (len(quantiles), *shape)``.
+
+        A coordinate that ``g`` moves without flipping is the source coordinate's
+        quantile at the same level; one it flips, ``-X``, has its ``p``-quantile at
+        ``-Q_X(1 - p)``, so the guide's quantiles at the levels ``1 - p`` are computed too
+        (reversing the list of levels is only right for levels symmetric about 0.5).
+        """
+        if torch.is_tensor(quantiles):
+            quantiles = quantiles.tolist()  # the guides build their own tensor of levels
         qs = self.guide.quantiles(quantiles, *args, **kwargs)
+        qc = self.guide.quantiles([1 - float(p) for p in quantiles], *args, **kwargs)
         sites = self.spec.sites
         # The quantile axis leads and acts as a batch dim of ``apply``.
         direct = self.spec.apply({s: qs[s] for s in sites}, self.perm)
-        reverse = self.spec.apply({s: qs[s].flip(0) for s in sites}, self.perm)
+        reverse = self.spec.apply({s: qc[s] for s in sites}, self.perm)
         negated = self.spec.apply({s: torch.ones_like(qs[s][0]) for s in sites}, self.perm)
         out = dict(qs)
         for s in sites:
