@@ -7,6 +7,21 @@ elements of a ``(chain, draw, n)`` array in a few numpy calls. ArviZ evaluates t
 element at a time in Python (about 2 ms per weight), which is minutes for the tens of
 thousands of weights of a BNN; here the cost is a sort and an FFT over the whole array.
 ``tests/test_diagnostics_convergence.py`` checks the results against ``arviz_stats``.
+
+Degenerate draws (zero within-chain variance) are handled exactly, not by round-off:
+
+* every split chain constant but the chains differ (MAP runs, ``AutoDelta``, tiny
+  scales): R-hat is ``inf`` (not converged). ArviZ returns ``inf`` or, when
+  ``np.var`` of identical values rounds to ~1e-34 instead of 0, a finite ~1e16;
+  variances here are taken about the first element, so identical values give 0;
+* every draw of every chain equal: R-hat is NaN (undefined), as in ArviZ;
+* the bulk R-hat defined and the folded one 0/0 (two-valued draws symmetric about
+  their median): R-hat is the bulk one, as ArviZ's ``max(bulk, tail)`` gives (a plain
+  ``np.maximum`` would return NaN, which callers then miscount as converged).
+
+:func:`degenerate` flags the weights whose split chains are all constant; bulk ESS
+there is ArviZ's number (the total draw count when all draws agree, a number
+unrelated to mixing otherwise), which callers should not read as an ESS.
 """
 
 from __future__ import annotations
@@ -16,7 +31,7 @@ from scipy import stats
 from scipy.fft import irfft, next_fast_len, rfft
 from scipy.special import ndtri
 
-__all__ = ["ess_bulk", "rhat_rank"]
+__all__ = ["degenerate", "ess_bulk", "rhat_rank"]
 
 
 def _split_chains(x: np.ndarray) -> np.ndarray:
@@ -34,12 +49,23 @@ def _z_scale(x: np.ndarray) -> np.ndarray:
     return ndtri((ranks - 3 / 8) / (c * d - 2 * 3 / 8 + 1)).T.reshape(c, d, n)
 
 
+def _var(x: np.ndarray, axis: int) -> np.ndarray:
+    """``np.var(x, axis, ddof=1)`` taken about the first element along ``axis``.
+
+    The same value up to round-off, but exactly 0 for identical values (``np.var`` of
+    n copies of one float is often ~1e-34, which turns a zero within-chain variance
+    into a finite R-hat of ~1e16 instead of ``inf``).
+    """
+    return np.var(x - np.take(x, [0], axis=axis), axis=axis, ddof=1)
+
+
 def _rhat(x: np.ndarray) -> np.ndarray:
-    """Classic R-hat of ``(chains, draws, n)``."""
+    """Classic R-hat of ``(chains, draws, n)``: ``inf`` for constant chains that differ,
+    NaN when every value is equal."""
     d = x.shape[1]
-    between = d * np.var(x.mean(1), axis=0, ddof=1)
-    within = np.var(x, axis=1, ddof=1).mean(0)
-    with np.errstate(divide="ignore", invalid="ignore"):  # constant weights: NaN, as in ArviZ
+    between = d * _var(x.mean(1), axis=0)
+    within = _var(x, axis=1).mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 -> NaN, b/0 -> inf
         return np.sqrt((between / within + d - 1) / d)
 
 
@@ -53,11 +79,27 @@ def rhat_rank(x: np.ndarray) -> np.ndarray:
     Returns
     -------
     ndarray ``(n,)``
+        ``inf`` where every split chain is constant but they differ (not converged),
+        NaN where every draw is equal (undefined).
     """
     split = _split_chains(np.asarray(x, dtype=float))
     bulk = _rhat(_z_scale(split))
     folded = np.abs(split - np.median(split.reshape(-1, split.shape[-1]), axis=0))
-    return np.maximum(bulk, _rhat(_z_scale(folded)))
+    # fmax: a 0/0 folded R-hat must not hide a defined bulk one (ArviZ's max(bulk, tail)).
+    return np.fmax(bulk, _rhat(_z_scale(folded)))
+
+
+def degenerate(x: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: every split chain of the weight is constant (zero within-chain variance).
+
+    R-hat is then ``inf`` (the chains differ) or NaN (all equal) and ESS is undefined.
+
+    Parameters
+    ----------
+    x : ndarray ``(chains, draws, n)``
+    """
+    split = _split_chains(np.asarray(x, dtype=float))
+    return (split.max(1) == split.min(1)).all(0)
 
 
 def _autocov(x: np.ndarray) -> np.ndarray:

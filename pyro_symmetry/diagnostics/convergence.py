@@ -14,7 +14,8 @@ R-hat is the rank-normalized split R-hat and ESS the bulk ESS of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,15 +33,50 @@ def layer_of(site: str) -> str:
     return site.rsplit(".", 1)[0] if "." in site else site
 
 
+def _as_inf(x: np.ndarray) -> np.ndarray:
+    """Undefined R-hats (NaN) as ``+inf``: never below a threshold, never dropped from a max."""
+    return np.where(np.isnan(x), np.inf, x)
+
+
+def _low_order_stat(x: np.ndarray, stat: Callable[[np.ndarray], Any]) -> float:
+    """``stat`` (``np.min``, ``np.median``) of ESS values with NaN (undefined) ranked lowest.
+
+    An undefined ESS can never raise an aggregate: the result is NaN when the
+    statistic lands on (or averages with) an undefined value.
+    """
+    if not x.size:
+        return float("nan")
+    with np.errstate(invalid="ignore"):
+        v = float(stat(np.where(np.isnan(x), -np.inf, x)))
+    return v if np.isfinite(v) else float("nan")
+
+
+def _fmt(x: float, fmt: str) -> str:
+    return "n/a" if math.isnan(x) else format(x, fmt)
+
+
 @dataclass(frozen=True)
 class ConvergenceSummary:
     """Per-weight R-hat and bulk ESS with per-layer aggregates.
+
+    Degenerate draws never read as converged. A weight whose every (split) run is
+    constant (point estimates, ``AutoDelta``, Gaussians with tiny scales) has R-hat
+    ``inf`` when the runs differ and NaN (undefined) when every draw is equal; its
+    ESS is NaN (undefined: a constant run says nothing about mixing; ArviZ's number
+    there is the total draw count, or more). Aggregates treat them pessimistically:
+
+    * :meth:`fraction_above` counts a NaN R-hat as above every threshold (as ``inf``);
+    * :meth:`row` takes ``rhat_max``/``rhat_median`` with NaN as ``inf``, and
+      ``ess_min``/``ess_median`` with NaN ranked lowest (so ``ess_min`` is NaN as soon
+      as one weight is degenerate), and counts the ``degenerate`` weights.
 
     Attributes
     ----------
     rhat, ess : dict ``site -> ndarray (*site_shape)``
     layers : dict ``site -> layer name``
     num_chains, num_draws : int
+    degenerate : dict ``site -> bool ndarray (*site_shape)``, optional
+        Weights with zero within-run variance (default: where R-hat is not finite).
     """
 
     rhat: dict[str, np.ndarray]
@@ -48,6 +84,11 @@ class ConvergenceSummary:
     layers: dict[str, str]
     num_chains: int
     num_draws: int
+    degenerate: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.degenerate is None:
+            object.__setattr__(self, "degenerate", {s: ~np.isfinite(np.asarray(r)) for s, r in self.rhat.items()})
 
     def _values(self, which: dict[str, np.ndarray], layer: str | None) -> np.ndarray:
         sites = [s for s in which if layer is None or self.layers[s] == layer]
@@ -60,23 +101,29 @@ class ConvergenceSummary:
     def fraction_above(self, threshold: float, layer: str | None = None) -> float:
         """Fraction of the weights (of one layer, or all) with R-hat above ``threshold``.
 
-        Weights whose R-hat is undefined (constant draws) count as not above.
+        A weight whose R-hat is ``inf`` (constant runs that differ) or undefined (NaN:
+        every draw equal) counts as above every threshold: it is not shown converged.
         """
-        r = self._values(self.rhat, layer)
-        return float(np.mean(np.nan_to_num(r, nan=0.0) > threshold)) if r.size else float("nan")
+        r = self._values(self.rhat, layer).astype(float)
+        return float(np.mean(_as_inf(r) > threshold)) if r.size else float("nan")
+
+    def num_degenerate(self, layer: str | None = None) -> int:
+        """Number of weights (of one layer, or all) whose runs are all constant."""
+        return int(self._values(self.degenerate, layer).sum())
 
     def row(self, layer: str | None = None) -> dict[str, Any]:
-        """Aggregates of one layer (``None``: every weight)."""
-        r, e = self._values(self.rhat, layer), self._values(self.ess, layer)
-        finite = r[np.isfinite(r)]
+        """Aggregates of one layer (``None``: every weight); see the class notes on
+        degenerate draws."""
+        r, e = _as_inf(self._values(self.rhat, layer).astype(float)), self._values(self.ess, layer).astype(float)
         return {
             "layer": "all" if layer is None else layer,
             "num_weights": int(r.size),
-            "rhat_max": float(finite.max()) if finite.size else float("nan"),
-            "rhat_median": float(np.median(finite)) if finite.size else float("nan"),
+            "rhat_max": float(r.max()) if r.size else float("nan"),
+            "rhat_median": float(np.median(r)) if r.size else float("nan"),
             **{f"frac_rhat>{t}": self.fraction_above(t, layer) for t in THRESHOLDS},
-            "ess_min": float(np.nanmin(e)) if e.size else float("nan"),
-            "ess_median": float(np.nanmedian(e)) if e.size else float("nan"),
+            "ess_min": _low_order_stat(e, np.min),
+            "ess_median": _low_order_stat(e, np.median),
+            "degenerate": self.num_degenerate(layer),
         }
 
     def table(self) -> list[dict[str, Any]]:
@@ -84,12 +131,16 @@ class ConvergenceSummary:
         return [self.row(layer) for layer in self.layer_names] + [self.row(None)]
 
     def __str__(self) -> str:
-        head = f"{'layer':<12}{'weights':>9}{'Rhat max':>10}{'Rhat med':>10}{'>1.01':>8}{'>1.1':>8}{'ESS min':>9}"
+        head = (
+            f"{'layer':<12}{'weights':>9}{'Rhat max':>10}{'Rhat med':>10}{'>1.01':>8}{'>1.1':>8}{'ESS min':>9}"
+            f"{'degenerate':>12}"
+        )
         lines = [head]
         for row in self.table():
             lines.append(
-                f"{row['layer']:<12}{row['num_weights']:>9}{row['rhat_max']:>10.3f}{row['rhat_median']:>10.3f}"
-                f"{row['frac_rhat>1.01']:>8.1%}{row['frac_rhat>1.1']:>8.1%}{row['ess_min']:>9.1f}"
+                f"{row['layer']:<12}{row['num_weights']:>9}{_fmt(row['rhat_max'], '.3f'):>10}"
+                f"{_fmt(row['rhat_median'], '.3f'):>10}{row['frac_rhat>1.01']:>8.1%}{row['frac_rhat>1.1']:>8.1%}"
+                f"{_fmt(row['ess_min'], '.1f'):>9}{row['degenerate']:>12}"
             )
         return "\n".join(lines)
 
@@ -136,6 +187,14 @@ def rhat_ess(
     Returns
     -------
     ConvergenceSummary
+        Weights whose runs are all constant are flagged ``degenerate``: R-hat ``inf``
+        (runs differ) or NaN (undefined: all equal), ESS NaN; both count as not
+        converged (see :class:`ConvergenceSummary`).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 chains or 4 draws, unknown ``var_names``, or NaN/Inf draws.
     """
     if engine not in ("vectorized", "arviz"):
         raise ValueError(f"engine must be 'vectorized' or 'arviz', got {engine!r}")
@@ -151,21 +210,29 @@ def rhat_ess(
     num_chains, num_draws = int(ds.sizes.get("chain", 0)), int(ds.sizes.get("draw", 0))
     if num_chains < 2 or num_draws < 4:
         raise ValueError(f"R-hat needs >= 2 chains (runs) of >= 4 draws, got {num_chains} chains of {num_draws} draws")
+    from ._rank import degenerate, ess_bulk, rhat_rank  # scipy.stats: imported on first use, not with the package
+
+    rhat, ess, degen = {}, {}, {}
+    for v in names:  # one variable at a time: peak memory is one site's draws
+        da = ds[v].transpose("chain", "draw", ...)
+        x = np.asarray(da.values, dtype=float).reshape(num_chains, num_draws, -1)
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise ValueError(
+                f"the draws of {v!r} hold {bad} NaN or Inf values: R-hat/ESS of non-finite draws are meaningless "
+                "(a diverged run? drop it or fix it first)"
+            )
+        degen[v] = degenerate(x).reshape(da.shape[2:])
+        if engine == "vectorized":
+            rhat[v], ess[v] = rhat_rank(x).reshape(da.shape[2:]), ess_bulk(x).reshape(da.shape[2:])
     if engine == "arviz":
         import arviz_stats as azs
 
         r, e = azs.rhat(ds, method=method), azs.ess(ds, method="bulk")
         rhat = {v: np.asarray(r[v].values, dtype=float) for v in names}
         ess = {v: np.asarray(e[v].values, dtype=float) for v in names}
-    else:
-        from ._rank import ess_bulk, rhat_rank  # scipy.stats: imported on first use, not with the package
-
-        rhat, ess = {}, {}
-        for v in names:
-            da = ds[v].transpose("chain", "draw", ...)
-            x = np.asarray(da.values, dtype=float).reshape(num_chains, num_draws, -1)
-            shape = da.shape[2:]
-            rhat[v], ess[v] = rhat_rank(x).reshape(shape), ess_bulk(x).reshape(shape)
+    for v in names:  # ESS of constant runs is undefined, whatever the estimator returns there
+        ess[v] = np.where(degen[v], np.nan, ess[v])
     layers = dict(layers) if layers is not None else {}
     return ConvergenceSummary(
         rhat=rhat,
@@ -173,6 +240,7 @@ def rhat_ess(
         layers={v: layers.get(v, layer_of(v)) for v in names},
         num_chains=num_chains,
         num_draws=num_draws,
+        degenerate=degen,
     )
 
 
