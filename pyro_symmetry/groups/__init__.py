@@ -1,6 +1,7 @@
 """Weight-space symmetry groups of networks acting on Pyro sample sites."""
 
 from ._indexing import decode_signed, encode_signed
+from .action import SiteAction, Span
 from .builders import mlp_spec, model_site_shapes, spec_from_module
 from .flat import FlatLayout, apply_flat, flat_permutation
 from .spec import ACTIVATION_SYMMETRIES, Axis, GroupElement, NeuronGroup, PermutationSpec, SpecError
@@ -12,6 +13,8 @@ __all__ = [
     "GroupElement",
     "NeuronGroup",
     "PermutationSpec",
+    "SiteAction",
+    "Span",
     "SpecError",
     "apply_flat",
     "decode_signed",

@@ -11,11 +11,14 @@ see :mod:`pyro_symmetry.groups._indexing`) for groups whose activation is odd.
 Convention: ``apply(w, p)`` maps ``w[..., i, ...]`` to ``w[..., p[i], ...]`` along
 every axis the group touches, i.e. ``W_l -> P_l W_l P_{l-1}^T`` with
 ``P[i, p[i]] = 1``; ``apply(apply(w, b), a) == apply(w, compose(a, b))``.
+
+This module holds the data model (axes, groups, spec) and the group law; how an element
+acts on a site lives in :mod:`.action` (the one place that reads axes), the law of nested
+groups in :mod:`._elements`. ``docs/architecture.md`` shows where a new symmetry plugs in.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -24,7 +27,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .._validation import check_batch_shape, check_int, check_mapping
-from ._indexing import decode_signed, encode_signed, gather_axes
+from . import _elements, _layout
+from ._indexing import encode_signed
+from .action import SiteAction, Span
 
 __all__ = [
     "ACTIVATION_SYMMETRIES",
@@ -54,12 +59,16 @@ class Axis(NamedTuple):
     from the right when negative (Pyro's convention; works with any batch dims).
     ``inner`` > 1 means the axis holds ``size`` contiguous blocks of ``inner``
     entries, one block per neuron (a linear layer after flattening conv channels).
+    ``start`` makes the axis a *slice*: the group acts on entries
+    ``[start, start + size * inner)`` only (the q, k and v parts of a fused attention
+    projection); without it the group's blocks must cover the whole axis.
     """
 
     site: str
     axis: int
     inner: int = 1
     ndim: int | None = None  # the site's own number of dims, if known
+    start: int | None = None  # first entry of a slice; None: the whole axis
 
 
 def _is_int(v: Any) -> bool:
@@ -67,20 +76,20 @@ def _is_int(v: Any) -> bool:
 
 
 def _as_axis(entry: Any, where: str) -> Axis:
-    if isinstance(entry, (tuple, list)) and len(entry) in (2, 3, 4):
-        site, axis = entry[0], entry[1]
-        inner = entry[2] if len(entry) >= 3 else 1
-        ndim = entry[3] if len(entry) == 4 else None
+    if isinstance(entry, (tuple, list)) and 2 <= len(entry) <= 5:
+        site, axis, inner, ndim, start = (*entry, *(1, None, None)[len(entry) - 2 :])
         if (
             isinstance(site, str)
             and _is_int(axis)
             and _is_int(inner)
             and inner >= 1
             and (ndim is None or (_is_int(ndim) and ndim >= 0))
+            and (start is None or (_is_int(start) and start >= 0))
         ):
-            return Axis(site, axis, inner, ndim)
+            return Axis(site, axis, inner, ndim, start)
     raise SpecError(
-        f"{where}: entry {entry!r} is not a (site: str, axis: int[, inner: int >= 1[, ndim: int >= 0]]) tuple"
+        f"{where}: entry {entry!r} is not a (site: str, axis: int[, inner: int >= 1[, ndim: int >= 0"
+        "[, start: int >= 0]]]) tuple"
     )
 
 
@@ -107,7 +116,7 @@ def _check_shapes(shapes: Any) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class NeuronGroup:
-    """A set of interchangeable neurons (a hidden layer or a set of channels).
+    """A set of interchangeable neurons (a hidden layer, a set of channels, attention heads).
 
     Parameters
     ----------
@@ -115,7 +124,7 @@ class NeuronGroup:
         Number of neurons ``n``.
     incoming : sequence of ``(site, axis)``
         Axes that index the neurons' own parameters: rows of the layer's weight,
-        its bias, norm parameters and buffers. Scaled by ``lam`` under rescaling.
+        its bias, a norm layer's affine weight and bias. Scaled by ``lam`` under rescaling.
     outgoing : sequence of ``(site, axis)``
         Axes of the next layer's parameters that read these neurons (columns).
         Divided by ``lam`` under rescaling.
@@ -123,33 +132,64 @@ class NeuronGroup:
         Extra symmetry of the activation: ``"sign"`` for odd activations (tanh):
         the group is the signed permutations, ``|G_l| = n! 2^n``; ``"scale"`` for
         positively homogeneous ones (ReLU): a continuous rescaling symmetry on top
-        of the permutations (see :mod:`pyro_symmetry.scaling`).
+        of the permutations (see :mod:`pyro_symmetry.scaling`). Read it through
+        :attr:`signed` and :attr:`scalable`.
+    passive : sequence of ``(site, axis)``, keyword-only
+        Axes that are permuted with the neurons but neither rescaled nor sign-flipped:
+        the rows and bias of a layer whose output goes straight into a BatchNorm, and the
+        BatchNorm's running statistics (the scale before a normalization is normalized
+        away; the channel's scaling and sign symmetry act on the norm's affine weight).
+    parent : str, optional, keyword-only
+        Makes this a *nested* group: it permutes units within each block of the parent
+        group (attention dims within each head, channels within a GroupNorm group), one
+        permutation per parent slot: the wreath product ``S_n wr S_H``. Each of its axes
+        must be an axis of the parent whose ``inner`` is ``size * inner``. Parents of
+        nested groups have no sign or scale symmetry; nested groups have no scale symmetry.
     """
 
     size: int
     incoming: tuple[Axis, ...] = ()
     outgoing: tuple[Axis, ...] = ()
     activation_symmetry: str = "none"
+    passive: tuple[Axis, ...] = field(default=(), kw_only=True)
+    parent: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
             raise SpecError(f"NeuronGroup size must be a positive int, got {self.size!r}")
-        object.__setattr__(self, "incoming", _as_axes(self.incoming, "NeuronGroup incoming"))
-        object.__setattr__(self, "outgoing", _as_axes(self.outgoing, "NeuronGroup outgoing"))
+        for role in ("incoming", "outgoing", "passive"):
+            object.__setattr__(self, role, _as_axes(getattr(self, role), f"NeuronGroup {role}"))
         if self.activation_symmetry not in ACTIVATION_SYMMETRIES:
             raise SpecError(
                 f"activation_symmetry must be one of {ACTIVATION_SYMMETRIES}, got {self.activation_symmetry!r}"
             )
-        if not self.incoming and not self.outgoing:
+        if not self.axes:
             raise SpecError("a NeuronGroup must act on at least one (site, axis)")
+        if self.parent is not None:
+            if not isinstance(self.parent, str):
+                raise SpecError(f"NeuronGroup parent must be a group name (str), got {self.parent!r}")
+            if self.activation_symmetry == "scale":
+                raise SpecError("a nested NeuronGroup (parent=...) cannot have activation_symmetry='scale'")
 
     @property
     def axes(self) -> tuple[Axis, ...]:
-        return self.incoming + self.outgoing
+        return self.incoming + self.outgoing + self.passive
+
+    def roles(self) -> Iterable[tuple[str, Axis]]:
+        """``(role, axis)`` for every axis: role in ``incoming``/``outgoing``/``passive``."""
+        for role in ("incoming", "outgoing", "passive"):
+            for ax in getattr(self, role):
+                yield role, ax
 
     @property
     def signed(self) -> bool:
+        """Whether the group includes sign flips (signed permutations; odd activations)."""
         return self.activation_symmetry == "sign"
+
+    @property
+    def scalable(self) -> bool:
+        """Whether positive per-neuron rescaling is a symmetry (positively homogeneous activations)."""
+        return self.activation_symmetry == "scale"
 
 
 @dataclass(frozen=True)
@@ -197,78 +237,38 @@ class PermutationSpec:
 
     # ------------------------------------------------------------------ layout
     def _resolve(self) -> None:
-        """Normalize every axis to a negative one and check sizes against shapes."""
-        seen: dict[tuple[str, int], str] = {}
-        table: dict[str, list[tuple[int, int, str]]] = {}
-        event_ndim: dict[str, int] = {}
-        for name, g in self.groups.items():
-            for ax in g.axes:
-                shape = None if self.shapes is None else self.shapes.get(ax.site)
-                if self.shapes is not None and shape is None:
-                    raise SpecError(
-                        f"group {name!r} acts on site {ax.site!r}, which is not among the model's sites "
-                        f"{sorted(self.shapes)}"
-                    )
-                if shape is not None:
-                    nd = len(shape)
-                    if ax.ndim is not None and ax.ndim != nd:
-                        raise SpecError(f"group {name!r}: site {ax.site!r} has {nd} dims {shape}, not {ax.ndim}")
-                    if not -nd <= ax.axis < nd:
-                        raise SpecError(
-                            f"group {name!r}: axis {ax.axis} is out of range for site {ax.site!r} of shape {shape}"
-                        )
-                    neg = ax.axis - nd if ax.axis >= 0 else ax.axis
-                    if shape[neg] != g.size * ax.inner:
-                        raise SpecError(
-                            f"group {name!r} has size {g.size} (x inner {ax.inner}) but axis {ax.axis} of site "
-                            f"{ax.site!r} has length {shape[neg]} (site shape {shape})"
-                        )
-                    event_ndim[ax.site] = nd
-                elif ax.ndim is not None:
-                    if event_ndim.setdefault(ax.site, ax.ndim) != ax.ndim:
-                        raise SpecError(f"site {ax.site!r} is given ndim {ax.ndim} and {event_ndim[ax.site]}")
-                    neg = ax.axis - ax.ndim if ax.axis >= 0 else ax.axis
-                elif ax.axis >= 0:
-                    neg = None  # resolved lazily once shapes are known
-                else:
-                    neg = ax.axis
-                key = (ax.site, ax.axis if neg is None else neg)
-                if key in seen:
-                    raise SpecError(
-                        f"axis {ax.axis} of site {ax.site!r} is claimed by groups {seen[key]!r} and {name!r}"
-                    )
-                seen[key] = name
-                table.setdefault(ax.site, []).append((neg, ax.inner, name, ax.axis))
-        self._resolved.clear()
-        self._resolved.update(table=table, event_ndim=event_ndim)
+        _layout.resolve(self)
 
-    def _site_moves(self, site: str, batched: bool = False) -> tuple[int, list[tuple[int, int, str]]]:
-        """Return ``(event_ndim, [(event_axis >= 0, inner, group)])`` for ``site``.
+    def _units(self, name: str) -> int:
+        """Entries (in units of the axis' ``inner``) a group's span covers: ``n`` or ``H * n``."""
+        g = self.groups[name]
+        return g.size if g.parent is None else g.size * self.groups[g.parent].size
 
-        Without a known shape, a site given only by negative axes is read with the
-        fewest event dims those axes need: exact for unbatched group elements (the
-        gather then treats extra leading dims as batch), but batched elements must
-        know where the batch dims end, so they need the shape.
+    def _event_ndim(self, site: str, batched: bool) -> int:
+        return _layout.event_ndim(self, site, batched)
+
+    def action(self, site: str, batched: bool = True) -> SiteAction:
+        """How the spec's groups act on ``site`` (see :class:`~pyro_symmetry.groups.action.SiteAction`).
+
+        ``batched=False`` allows a site whose shape the spec does not know, given by
+        negative axes only, to be read with the fewest event dims (unbatched elements).
         """
-        if site not in self._resolved["table"]:
-            raise SpecError(f"no group acts on site {site!r}; the spec's sites are {list(self.sites)}")
-        entries = self._resolved["table"][site]
-        nd = self._resolved["event_ndim"].get(site)
-        if nd is None:
-            if any(neg is None for neg, *_ in entries) or batched:
-                why = "is given by a non-negative axis" if not batched else "is acted on by a batched group element"
-                raise SpecError(
-                    f"site {site!r} {why} but the spec does not know the site's shape; use "
-                    "spec.with_shapes({site: shape, ...}) or spec.check(model, *args)"
-                    + ("" if batched else ", or give the axis as a negative number counting from the right")
-                )
-            nd = max(-neg for neg, *_ in entries)
-        return nd, [(nd + neg if neg is not None else ax, inner, name) for neg, inner, name, ax in entries]
+        nd = self._event_ndim(site, batched)
+        cache = self._resolved["actions"]
+        if (site, nd) not in cache:
+            spans = []
+            for name, role, ax, neg in self._resolved["table"][site]:
+                g = self.groups[name]
+                shape = (g.size,) if g.parent is None else (self.groups[g.parent].size, g.size)
+                axis = nd + neg if neg is not None else ax.axis
+                spans.append(Span(name, site, axis, ax.start or 0, shape, ax.inner, role, ax.start is None))
+            cache[(site, nd)] = SiteAction(site, nd, spans, self.groups)
+        return cache[(site, nd)]
 
     # ------------------------------------------------------------------ basics
     @property
     def sizes(self) -> dict[str, int]:
-        """``group name -> number of neurons``."""
+        """``group name -> number of neurons`` (per parent slot for nested groups)."""
         return {k: g.size for k, g in self.groups.items()}
 
     @property
@@ -276,17 +276,37 @@ class PermutationSpec:
         """The sites any group acts on, in first-seen order."""
         return tuple(self._resolved["table"])
 
+    def children(self, name: str) -> list[str]:
+        """Names of the groups nested in group ``name``."""
+        return [k for k, g in self.groups.items() if g.parent == name]
+
+    @property
+    def top_level(self) -> tuple[str, ...]:
+        """Names of the groups that are not nested."""
+        return tuple(k for k, g in self.groups.items() if g.parent is None)
+
+    def unit_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of group ``name``'s entry in an element: ``(n,)``, or ``(H, n)`` when nested."""
+        return _elements.unit_shape(self, name)
+
+    def _group_log_order(self, g: NeuronGroup) -> float:
+        one = math.lgamma(g.size + 1) + (g.size * math.log(2.0) if g.signed else 0.0)
+        return one * (1 if g.parent is None else self.groups[g.parent].size)
+
     @property
     def log_order(self) -> float:
-        """``log |G| = sum_l lgamma(n_l + 1) (+ n_l log 2 for sign-flip groups)``."""
-        return float(
-            sum(math.lgamma(g.size + 1) + (g.size * math.log(2.0) if g.signed else 0.0) for g in self.groups.values())
-        )
+        """``log |G| = sum_l lgamma(n_l + 1) (+ n_l log 2 for sign-flip groups)``, nested
+        groups counted once per parent slot."""
+        return float(sum(self._group_log_order(g) for g in self.groups.values()))
 
     @property
     def order(self) -> int:
         """``|G|`` as an exact integer."""
-        return math.prod(math.factorial(g.size) * (2**g.size if g.signed else 1) for g in self.groups.values())
+        out = 1
+        for g in self.groups.values():
+            one = math.factorial(g.size) * (2**g.size if g.signed else 1)
+            out *= one ** (1 if g.parent is None else self.groups[g.parent].size)
+        return out
 
     def with_shapes(self, shapes: Mapping[str, Sequence[int]]) -> PermutationSpec:
         """The same spec, checked against and bound to the given site shapes."""
@@ -302,8 +322,7 @@ class PermutationSpec:
     def identity(self, batch_shape: Sequence[int] = (), device: Any = None) -> dict[str, torch.Tensor]:
         """The identity element, optionally expanded to ``batch_shape``."""
         batch_shape = check_batch_shape("batch_shape", batch_shape)
-        dev = self._device(device)
-        return {k: torch.arange(n, device=dev).expand(batch_shape + (n,)).clone() for k, n in self.sizes.items()}
+        return _elements.identity(self, batch_shape, self._device(device))
 
     def sample(
         self,
@@ -312,7 +331,7 @@ class PermutationSpec:
         device: Any = None,
         signed: bool = True,
     ) -> dict[str, torch.Tensor]:
-        """Draw uniform group elements, shape ``(*batch_shape, n)`` per group.
+        """Draw uniform group elements, shape ``(*batch_shape, *unit_shape)`` per group.
 
         For sign-flip groups (odd activations) the element is a uniform *signed*
         permutation unless ``signed=False``. ``generator`` makes draws reproducible.
@@ -321,63 +340,20 @@ class PermutationSpec:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         dev = generator.device if generator is not None else self._device(device)
-        out = {}
-        for k, g in self.groups.items():
-            shape = batch_shape + (g.size,)
-            p = torch.rand(shape, generator=generator, device=dev).argsort(-1)
-            if signed and g.signed:
-                neg = torch.rand(shape, generator=generator, device=dev) < 0.5
-                p = encode_signed(p, neg)
-            out[k] = p
-        return out
+        return _elements.sample(self, batch_shape, generator, dev, signed)
 
     def _check_element(self, perm: GroupElement, what: str = "perm") -> torch.Size:
-        """Check a (batched) group element; return its broadcast batch shape.
+        return _elements.check_element(self, perm, what)
 
-        Every entry must be a (signed, for sign-flip groups) permutation of ``0..n-1`` in
-        every batch entry: one sort per group, cheap next to moving the weights.
-        """
-        if not isinstance(perm, Mapping):
-            raise SpecError(f"{what} must be a mapping group name -> LongTensor, got {type(perm).__name__}")
-        missing = set(self.groups) - set(perm)
-        extra = set(perm) - set(self.groups)
-        if missing or extra:
-            raise SpecError(f"{what} has groups {sorted(perm, key=str)}, the spec has {sorted(self.groups)}")
-        for k, p in perm.items():
-            if not isinstance(p, torch.Tensor) or p.dtype not in (torch.int64, torch.int32):
-                raise SpecError(f"{what}[{k!r}] must be an integer LongTensor, got {getattr(p, 'dtype', type(p))}")
-            n = self.groups[k].size
-            if p.dim() == 0 or p.shape[-1] != n:
-                raise SpecError(f"{what}[{k!r}] has shape {tuple(p.shape)}, expected (*batch, {n})")
-            signed = self.groups[k].signed
-            src = decode_signed(p)[0] if signed else p
-            if not bool((src.sort(-1).values == torch.arange(n, device=p.device)).all()):
-                if not signed and bool((p < 0).any()):
-                    raise SpecError(
-                        f"{what}[{k!r}] flips signs (negative entries) but group {k!r} has no sign-flip symmetry"
-                    )
-                raise SpecError(f"{what}[{k!r}] is not a permutation of 0..{n - 1} in every batch entry")
-        try:
-            return torch.broadcast_shapes(*(p.shape[:-1] for p in perm.values()))
-        except RuntimeError:
-            shapes = {k: tuple(p.shape[:-1]) for k, p in perm.items()}
-            raise SpecError(f"{what} has batch shapes {shapes} that do not broadcast") from None
-
-    def validate(self, perm: GroupElement) -> None:
-        """Raise :class:`SpecError` unless ``perm`` is a valid (batched) group element."""
-        self._check_element(perm)
+    def validate(self, perm: GroupElement, what: str = "perm") -> torch.Size:
+        """Raise :class:`SpecError` unless ``perm`` is a valid (batched) group element;
+        return its batch shape."""
+        return _elements.check_element(self, perm, what)
 
     def inverse(self, perm: GroupElement) -> dict[str, torch.Tensor]:
         """``inverse(p)`` with ``apply(apply(w, p), inverse(p)) == w``."""
         self._check_element(perm)
-        out = {}
-        for k, p in perm.items():
-            src, neg = decode_signed(p.long())
-            ar = torch.arange(p.shape[-1], device=p.device).expand_as(src)
-            inv = torch.empty_like(src).scatter_(-1, src, ar)
-            inv_neg = torch.zeros_like(neg).scatter_(-1, src, neg)
-            out[k] = encode_signed(inv, inv_neg)
-        return out
+        return _elements.inverse(self, perm)
 
     def compose(self, a: GroupElement, b: GroupElement) -> dict[str, torch.Tensor]:
         """``compose(a, b)``, the element "first ``b``, then ``a``".
@@ -392,16 +368,7 @@ class PermutationSpec:
             raise SpecError(
                 f"a has batch shape {tuple(batch_a)} and b {tuple(batch_b)}: they do not broadcast"
             ) from None
-        out = {}
-        for k in self.groups:
-            sa, na = decode_signed(a[k].long())
-            sb, nb = decode_signed(b[k].long())
-            shape = torch.broadcast_shapes(sa.shape, sb.shape)
-            sa, na, sb, nb = (t.expand(shape) for t in (sa, na, sb, nb))
-            src = sb.gather(-1, sa)
-            neg = na ^ nb.gather(-1, sa)
-            out[k] = encode_signed(src, neg)
-        return out
+        return _elements.compose(self, a, b)
 
     def elements(self, device: Any = None, max_order: int = MAX_ENUMERATION) -> dict[str, torch.Tensor]:
         """All ``|G|`` elements, stacked along a leading dim (exact enumeration).
@@ -414,20 +381,30 @@ class PermutationSpec:
                 f"|G| = {self.order} (log|G| = {self.log_order:.1f}) exceeds the enumeration limit "
                 f"max_order={max_order}; use a stochastic estimator"
             )
-        dev = self._device(device)
-        per_group = []
-        for g in self.groups.values():
-            perms = torch.tensor(list(itertools.permutations(range(g.size))), dtype=torch.long, device=dev)
-            if g.signed:
-                flips = torch.tensor(list(itertools.product([False, True], repeat=g.size)), device=dev)
-                perms = encode_signed(
-                    perms[:, None, :].expand(-1, len(flips), -1), flips[None].expand(len(perms), -1, -1)
-                ).reshape(-1, g.size)
-            per_group.append(perms)
-        if not per_group:
-            return {}
-        grids = torch.meshgrid(*[torch.arange(len(p), device=dev) for p in per_group], indexing="ij")
-        return {k: p[i.reshape(-1)] for k, p, i in zip(self.groups, per_group, grids)}
+        return _elements.elements(self, self._device(device))
+
+    def moving_elements(self, device: Any = None, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+        """Elements that together move every neuron (a cyclic shift with every sign flipped,
+        and a seeded uniform element): what invariance checks act with."""
+        return _elements.moving_elements(self, self._device(device), seed)
+
+    def sign_element(self, flips: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The element that negates the neurons where ``flips[group]`` (bool ``(*batch, n)``)
+        is True and moves nothing; groups not in ``flips`` get the identity."""
+        out = {}
+        for k in self.groups:
+            shape = self.unit_shape(k)
+            ar = torch.arange(shape[-1])
+            if k in flips:
+                f = torch.as_tensor(flips[k]).bool()
+                if f.dim() < len(shape) or tuple(f.shape[f.dim() - len(shape) :]) != shape:
+                    raise SpecError(f"flips[{k!r}] has shape {tuple(f.shape)}, expected (*batch, {shape[-1]})")
+                if bool(f.any()) and not self.groups[k].signed:
+                    raise SpecError(f"flips[{k!r}] negates neurons of group {k!r}, which has no sign-flip symmetry")
+                out[k] = encode_signed(ar.to(f.device).expand(f.shape), f)
+            else:
+                out[k] = ar.expand(shape).clone()
+        return out
 
     # ------------------------------------------------------------------ action
     def apply(self, params: Mapping[str, torch.Tensor], perm: GroupElement) -> dict[str, torch.Tensor]:
@@ -438,7 +415,7 @@ class PermutationSpec:
         params : mapping ``site -> Tensor (*batch_w, *site_shape)``
             Sites the spec does not touch are passed through unchanged. Every site
             the spec touches must be present.
-        perm : mapping ``group -> LongTensor (*batch_g, n)``
+        perm : mapping ``group -> LongTensor (*batch_g, *unit_shape)``
 
         Returns
         -------
@@ -453,15 +430,31 @@ class PermutationSpec:
         """
         check_mapping("params", params, nonempty=bool(self.sites))
         batch_g = self._check_element(perm)
+        batched = any(p.dim() > len(self.unit_shape(k)) for k, p in perm.items())
+        return self._act(params, batched, batch_g, lambda action, x: action.apply(x, perm))
+
+    def rescale(self, params: Mapping[str, torch.Tensor], log_scales: Mapping[str, torch.Tensor]) -> dict:
+        """Incoming entries of each group in ``log_scales`` times ``exp(u)``, outgoing ones
+        times ``exp(-u)`` (``u = log_scales[group]``, ``(*batch, n)``); passive entries and
+        other groups unchanged. A symmetry only for groups with :attr:`NeuronGroup.scalable`
+        (the caller checks; see :func:`pyro_symmetry.rescale`)."""
+        check_mapping("params", params, nonempty=bool(self.sites))
+        batch = torch.broadcast_shapes(*(torch.as_tensor(u).shape[:-1] for u in log_scales.values()))
+        sites = [s for s in self.sites if any(g in log_scales for g in self._site_groups(s))]
+        return self._act(params, len(batch) > 0, batch, lambda action, x: action.scale(x, log_scales), sites)
+
+    def _site_groups(self, site: str) -> set[str]:
+        return {name for name, *_ in self._resolved["table"][site]}
+
+    def _act(self, params: Mapping, batched: bool, batch_g: torch.Size, fn: Callable, sites=None) -> dict:
         out = dict(params)
-        batched = any(p.dim() > 1 for p in perm.values())
-        for site in self.sites:
+        for site in self.sites if sites is None else sites:
             if site not in params:
                 raise SpecError(f"site {site!r} of the spec is missing from params (have {sorted(params)})")
             x = params[site]
-            nd, moves = self._site_moves(site, batched)
-            self._check_site(site, x, nd, moves)
-            batch_x = x.shape[: x.dim() - nd]
+            action = self.action(site, batched)
+            self._check_site(site, x, action.event_ndim)
+            batch_x = x.shape[: x.dim() - action.event_ndim]
             try:
                 torch.broadcast_shapes(batch_x, batch_g)
             except RuntimeError:
@@ -469,10 +462,10 @@ class PermutationSpec:
                     f"params[{site!r}] has batch shape {tuple(batch_x)}, which does not broadcast with the "
                     f"group element's batch shape {tuple(batch_g)}"
                 ) from None
-            out[site] = gather_axes(x, nd, [(ax, inner, perm[g], self.groups[g].signed) for ax, inner, g in moves])
+            out[site] = fn(action, x)
         return out
 
-    def _check_site(self, site: str, x: torch.Tensor, nd: int, moves: list[tuple[int, int, str]]) -> None:
+    def _check_site(self, site: str, x: Any, nd: int) -> None:
         if not isinstance(x, torch.Tensor):
             raise SpecError(f"params[{site!r}] must be a tensor, got {type(x).__name__}")
         if x.dim() < nd:
@@ -480,19 +473,19 @@ class PermutationSpec:
         event = x.shape[x.dim() - nd :]
         if self.shapes is not None and site in self.shapes and tuple(event) != self.shapes[site]:
             raise SpecError(f"params[{site!r}] has event shape {tuple(event)}, the spec expects {self.shapes[site]}")
-        for ax, inner, g in moves:
-            if event[ax] != self.groups[g].size * inner:
-                raise SpecError(
-                    f"params[{site!r}] has length {event[ax]} on axis {ax - nd} but group {g!r} has size "
-                    f"{self.groups[g].size}" + (f" x inner {inner}" if inner > 1 else "")
-                )
 
     def site_moves(self, site: str) -> tuple[int, list[tuple[int, int, str]]]:
-        """``(event_ndim, [(event_axis >= 0, inner, group name)])`` for one site.
+        """Deprecated layout tuples ``(event_ndim, [(event_axis >= 0, inner, group)])``.
 
-        Needs the site's number of dims (from ``shapes`` or the axes' ``ndim``).
+        Only for specs without slices or nested groups; use :meth:`action`.
         """
-        return self._site_moves(site, batched=True)
+        action = self.action(site)
+        out = []
+        for s in action.spans:
+            if not s.whole or len(s.shape) > 1:
+                raise SpecError(f"site {site!r} has sliced or nested groups: use spec.action({site!r})")
+            out.append((s.axis, s.inner, s.group))
+        return action.event_ndim, out
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -526,11 +519,14 @@ class PermutationSpec:
         if len(sizes) != 1:
             raise SpecError(f"cannot tie groups {names} of different sizes {[self.groups[k].size for k in names]}")
         syms = {self.groups[k].activation_symmetry for k in names}
+        if any(self.groups[k].parent is not None or self.children(k) for k in names):
+            raise SpecError(f"cannot tie groups {names}: nested groups and their parents are tied by their parent")
         merged = NeuronGroup(
             sizes.pop(),
             incoming=sum((self.groups[k].incoming for k in names), ()),
             outgoing=sum((self.groups[k].outgoing for k in names), ()),
             activation_symmetry=syms.pop() if len(syms) == 1 else "none",
+            passive=sum((self.groups[k].passive for k in names), ()),
         )
         new_name = name or names[0]
         groups = {}
@@ -578,7 +574,10 @@ class PermutationSpec:
 
     def __repr__(self) -> str:
         parts = ", ".join(
-            f"{k}: {g.size}" + ("±" if g.signed else "") + ("~" if g.activation_symmetry == "scale" else "")
+            f"{k}: {g.size}"
+            + ("±" if g.signed else "")
+            + ("~" if g.scalable else "")
+            + (f" in {g.parent}" if g.parent else "")
             for k, g in self.groups.items()
         )
         return f"PermutationSpec({{{parts}}}, log|G|={self.log_order:.2f})"
