@@ -204,13 +204,57 @@ def _is_model_site(msg: dict, sites: Sequence[str]) -> bool:
     return msg["type"] == "sample" and msg["name"] in sites and not msg["infer"].get("is_auxiliary", False)
 
 
+class _Drawn(TorchDistribution):
+    """A distribution whose draw is already made: ``value``, a draw of ``fn`` (moved by a
+    group element after sampling). ``log_prob`` and the KL divergence are ``fn``'s."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, fn: td.Distribution, value: torch.Tensor) -> None:
+        self.fn, self.value = fn, value
+        super().__init__(fn.batch_shape, fn.event_shape, validate_args=False)
+
+    @property
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        return self.fn.support
+
+    @property
+    def has_rsample(self) -> bool:  # type: ignore[override]
+        return self.fn.has_rsample
+
+    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> _Drawn:
+        batch_shape = torch.Size(batch_shape)
+        return _Drawn(self.fn.expand(batch_shape), self.value.expand(batch_shape + self.event_shape))
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        if torch.Size(sample_shape):
+            raise ValueError("a drawn site has one value: it cannot be sampled with a sample_shape")
+        return self.value
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        return self.rsample(sample_shape).detach()
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self.fn.log_prob(value)
+
+
+@td.kl.register_kl(_Drawn, td.Distribution)
+def _kl_drawn(p: _Drawn, q: td.Distribution) -> torch.Tensor:
+    return td.kl_divergence(p.fn, q)
+
+
 class PushforwardGuide:
     """A fitted guide ``q`` pushed forward by a group element: the guide of ``g#q``.
 
-    Calling it runs ``q`` (its auxiliary sites, and so its log-density, are
-    unchanged: permutations preserve volume) and re-emits the sites the spec acts
-    on permuted. It shares the parameters of ``q`` (nothing is copied), so it can
-    be used with ``Predictive`` right away and reflects later training of ``q``.
+    Calling it runs ``q`` and re-emits the sites the spec acts on moved by ``g``, with
+    the log-density they had in ``q``: ``(g#q)(g.w) = q(w)`` since the action preserves
+    volume. Auxiliary sites (AutoNormal, the AutoContinuous family) and the symmetry
+    factor of a symmetrized guide are unchanged; a Normal placed at the model's site
+    (:class:`~pyro_symmetry.AutoSymmetrizedMeanField`) stays a Normal, with permuted
+    (and sign-flipped) parameters, so ``TraceMeanField_ELBO`` keeps its analytic KL. With
+    a G-invariant model, ``ELBO(g#q) = ELBO(q)`` draw by draw on the same noise. It
+    shares the parameters of ``q`` (nothing is copied), so it can be used with
+    ``Predictive`` right away and reflects later training of ``q``.
 
     Parameters
     ----------
@@ -250,12 +294,25 @@ class PushforwardGuide:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         sites = self.spec.sites
-        with poutine.block(hide_fn=lambda msg: _is_model_site(msg, sites)):
+        # The inner trace sees the sites the block hides from everyone else: their
+        # distributions carry (part of) the guide's density, which the moved sites keep.
+        with poutine.block(hide_fn=lambda msg: _is_model_site(msg, sites)), poutine.trace() as inner:
             values = self.guide(*args, **kwargs)
+        nodes = inner.trace.nodes
         moved = self.spec.apply({s: values[s] for s in sites}, self.perm)
+        closed = Pushforward({s: nodes[s]["fn"] for s in sites}, self.spec, self.perm).simplify()
         out = dict(values)
-        for s in sites:
-            out[s] = pyro.sample(s, dist.Delta(moved[s], event_dim=self._event_dims[s]))
+        for s in [name for name in nodes if name in moved]:  # the guide's own site order
+            if isinstance(closed, dict):
+                # A Normal at the model's site (AutoSymmetrizedMeanField): keep the family,
+                # so that TraceMeanField_ELBO still finds its analytic KL.
+                fn: td.Distribution = _Drawn(closed[s], moved[s])
+            else:
+                # (g#q)(g.w) = q(w): the site's log-density at the draw moves with it (zero for
+                # AutoNormal's and AutoContinuous' Delta sites of real support).
+                log_density = nodes[s]["fn"].log_prob(nodes[s]["value"])
+                fn = dist.Delta(moved[s], log_density=log_density, event_dim=self._event_dims[s])
+            out[s] = pyro.sample(s, fn)
         return out
 
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
