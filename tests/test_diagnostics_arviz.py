@@ -129,9 +129,126 @@ def test_errors_and_the_global_rng_is_left_alone():
 
 
 def test_site_dims_fall_back_when_a_name_would_get_two_lengths():
-    dims = D.site_dims({"fc1.weight": (4, 3), "fc1.bias": (5,)})
-    assert dims["fc1.weight"] == ["fc1_neuron", "fc1_input"]
-    assert dims["fc1.bias"] == ["fc1_bias_dim0"]
+    shapes = {"fc1.weight": (4, 3), "fc1.gate": (4, 5), "fc1.bias": (4,)}
+    group = ps.NeuronGroup(4, incoming=[("fc1.weight", 0), ("fc1.gate", 0), ("fc1.bias", 0)])
+    dims = D.site_dims(shapes, ps.PermutationSpec({"h": group}, shapes))
+    assert dims["fc1.weight"] == ["h_neuron", "fc1_input"]
+    assert dims["fc1.gate"] == ["h_neuron", "fc1_gate_dim1"]  # fc1_input already has length 3
+    assert dims["fc1.bias"] == ["h_neuron"]
+
+
+def test_site_dims_without_a_spec_name_no_axis_a_neuron_or_an_input():
+    dims = D.site_dims({"fc1.weight": (4, 3), "fc1.bias": (4,)})
+    assert dims == {"fc1.weight": ["fc1_weight_dim0", "fc1_weight_dim1"], "fc1.bias": ["fc1_bias_dim0"]}
+
+
+# ---------------------------------------------------------------------- shapes are read, not guessed
+@pytest.mark.parametrize("parallel", [False, True])
+def test_predictive_output_with_a_plate_dim_gets_the_right_dims(parallel):
+    """``Predictive`` returns weights as ``(S, 1, *site)`` (the data plate): the singleton is
+    dropped, not read as the neuron axis."""
+    x, y = _data()
+    model = _make_model()
+    guide = AutoNormal(model)
+    guide(x, y)
+    sites = list(model.spec.shapes)
+    runs = []
+    for seed in range(2):
+        pyro.set_rng_seed(seed)
+        runs.append(pyro.infer.Predictive(model, guide=guide, num_samples=5, return_sites=sites, parallel=parallel)(x))
+    assert runs[0]["fc1.weight"].shape == (5, 1, 4, 3)
+    for spec in (model.spec, None):  # the spec's shapes, or the model's
+        tree = D.to_inference_data(runs, spec=spec, model=model)
+        post = tree["posterior"].to_dataset()
+        assert post["fc1.weight"].dims == ("chain", "draw", "fc1_neuron", "fc1_input")
+        assert post["fc2.weight"].dims == ("chain", "draw", "fc2_neuron", "fc1_neuron")
+        assert post["fc2.bias"].dims == ("chain", "draw", "fc2_neuron")
+        assert post["fc3.weight"].dims == ("chain", "draw", "fc3_neuron", "fc2_neuron")
+        np.testing.assert_array_equal(post["fc1.weight"].values[1], runs[1]["fc1.weight"][:, 0].numpy())
+    draws = D.collect_draws(runs, spec=model.spec)
+    assert {k: tuple(v.shape) for k, v in draws.samples.items()} == {
+        k: (2, 5, *s) for k, s in model.spec.shapes.items()
+    }
+
+
+def test_draws_that_do_not_end_with_the_site_shape_are_refused():
+    model = _make_model()
+    spec = model.spec
+    g = torch.Generator().manual_seed(0)
+    good = {k: torch.randn(4, *s, generator=g) for k, s in spec.shapes.items()}
+    transposed = dict(good, **{"fc1.weight": good["fc1.weight"].transpose(-1, -2)})
+    with pytest.raises(ps.SpecError, match=r"runs\[1\], site 'fc1.weight': draws of shape \(4, 3, 4\).*\(4, 3\)"):
+        D.to_inference_data([good, transposed], spec=spec)
+    point = {k: v[0] for k, v in good.items()}  # a point estimate without a draw dim
+    with pytest.raises(ps.SpecError, match=r"site 'fc1.weight'.*value\[None\]"):
+        D.collect_draws([point, point], spec=spec)
+    plated = dict(good, **{"fc1.weight": good["fc1.weight"][:, None].expand(4, 3, 4, 3)})  # a non-singleton extra dim
+    with pytest.raises(ps.SpecError, match=r"site 'fc1.weight': draws of shape \(4, 3, 4, 3\)"):
+        D.collect_draws([good, plated], spec=spec)
+    with pytest.raises(ps.SpecError, match="fc1.weight"):  # the model's shapes when there is no spec
+        D.collect_draws([good, transposed], model=model)
+
+
+def _functional_model(x, y=None):
+    """A NumPyro-style network: weights laid out ``(in, out)``."""
+    w1 = pyro.sample("w1", dist.Normal(0.0, 1.0).expand([3, 4]).to_event(2))
+    b1 = pyro.sample("b1", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+    w2 = pyro.sample("w2", dist.Normal(0.0, 1.0).expand([4, 2]).to_event(2))
+    b2 = pyro.sample("b2", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    out = torch.tanh(x @ w1 + b1) @ w2 + b2
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(out, 1.0).to_event(1), obs=y)
+
+
+FUNCTIONAL_SHAPES = {"w1": (3, 4), "b1": (4,), "w2": (4, 2), "b2": (2,)}
+
+
+def _functional_spec():
+    group = ps.NeuronGroup(4, incoming=[("w1", 1), ("b1", 0)], outgoing=[("w2", 0)], activation_symmetry="sign")
+    return ps.PermutationSpec({"h": group}, FUNCTIONAL_SHAPES)
+
+
+def test_in_out_layout_dims_come_from_the_spec():
+    spec = _functional_spec()
+    g = torch.Generator().manual_seed(0)
+    runs = [{k: torch.randn(6, 1, *s, generator=g) for k, s in FUNCTIONAL_SHAPES.items()} for _ in range(2)]
+    post = D.to_inference_data(runs, spec=spec)["posterior"].to_dataset()
+    assert post["w1"].dims == ("chain", "draw", "w1_input", "h_neuron")
+    assert post["b1"].dims == ("chain", "draw", "h_neuron")
+    assert post["w2"].dims == ("chain", "draw", "h_neuron", "w2_neuron")
+    assert post["b2"].dims == ("chain", "draw", "b2_dim0")
+    # No spec: the model's own trace gives the shapes (the plate dim goes), no dim is guessed.
+    x, y = torch.randn(5, 3, generator=g), torch.randn(5, 2, generator=g)
+    post = D.to_inference_data(runs, model=_functional_model, data=(x, y))["posterior"].to_dataset()
+    assert post["w1"].dims == ("chain", "draw", "w1_dim0", "w1_dim1") and post["w1"].shape == (2, 6, 3, 4)
+
+
+# ---------------------------------------------------------------------- failed runs
+class _Run:
+    """A TrainedRun-like record, as ``train_runs(on_error="keep")`` returns them."""
+
+    def __init__(self, posterior=None, error=None):
+        self.guide, self.state, self.model, self.error = posterior, {}, None, error
+
+
+def test_failed_runs_are_skipped_with_a_warning_naming_them():
+    model = _make_model()
+    ok = [_Run(_gaussian_posterior(model, s)) for s in range(3)]
+    failed = _Run(None, RuntimeError("loss is NaN at step 7"))
+    runs = [ok[0], failed, ok[1], ok[2]]
+    with pytest.warns(UserWarning, match=r"run 1 skipped: RuntimeError: loss is NaN at step 7"):
+        draws = D.collect_draws(runs, num_samples=5, spec=model.spec)
+    assert draws.num_chains == 3 and draws.run_index == (0, 2, 3) and draws.skipped[0][0] == 1
+    reference = D.collect_draws([r.guide for r in ok], num_samples=5, spec=model.spec)
+    for k in reference.samples:
+        assert torch.equal(draws.samples[k], reference.samples[k])
+    with pytest.warns(UserWarning, match="run 1 skipped"):
+        tree = D.to_inference_data(runs, num_samples=5, spec=model.spec)
+    assert tree["posterior"].to_dataset().sizes["chain"] == 3
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="all 2 runs failed"):
+        D.collect_draws([failed, failed])
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"at least 2 runs, got 1 after skipping 1 failed"):
+        D.rhat_ess_before_after([ok[0], failed], model.spec, num_samples=5)
 
 
 def test_log_q_of_a_symmetrized_guide_is_log_q_sym_by_enumeration():

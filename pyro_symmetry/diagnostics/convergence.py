@@ -21,16 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree
+from ._layout import layer_of
+from .inference_data import RunDraws, align_draws, check_enough_chains, collect_draws, draws_to_datatree
 
 __all__ = ["ConvergenceComparison", "ConvergenceSummary", "layer_of", "rhat_ess", "rhat_ess_before_after"]
 
 THRESHOLDS = (1.01, 1.1)
-
-
-def layer_of(site: str) -> str:
-    """The layer a site belongs to: its name without the last part (``fc1.weight -> fc1``)."""
-    return site.rsplit(".", 1)[0] if "." in site else site
 
 
 def _as_inf(x: np.ndarray) -> np.ndarray:
@@ -280,6 +276,8 @@ def rhat_ess_before_after(
     Parameters
     ----------
     runs : as :func:`to_inference_data` (ignored when ``draws`` is given)
+        Failed runs (``run.error`` set) are skipped with a warning; ``ValueError`` if
+        fewer than 2 remain.
     spec : PermutationSpec, optional (default: the model's ``.spec``)
     align : {"barycenter", "reference"}
     num_samples : int
@@ -297,5 +295,6 @@ def rhat_ess_before_after(
     """
     if draws is None:
         draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
+    check_enough_chains(draws, 2, "R-hat across runs")
     aligned = align_draws(draws, spec, align, **align_kwargs)
     return ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)

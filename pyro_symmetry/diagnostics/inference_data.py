@@ -14,6 +14,7 @@ The tree is built with the refactored ArviZ packages (``arviz-base``), which
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,8 +29,19 @@ from .._validation import check_finite, check_int, check_spec
 from ..alignment import align_many, align_samples
 from ..groups import PermutationSpec, SpecError
 from ..posterior import gaussian_params, is_gaussian_mapping
+from . import _layout
 
-__all__ = ["RunDraws", "align_draws", "collect_draws", "draws_to_datatree", "site_dims", "to_inference_data"]
+__all__ = [
+    "RunDraws",
+    "align_draws",
+    "check_enough_chains",
+    "collect_draws",
+    "describe_skipped",
+    "draws_to_datatree",
+    "site_dims",
+    "split_failed",
+    "to_inference_data",
+]
 
 ALIGN_METHODS = (None, "reference", "barycenter")
 
@@ -56,6 +68,11 @@ class RunDraws:
         How the draws were aligned (``None``, ``"reference"``, ``"barycenter"``).
     symmetric : bool
         Whether every draw was moved by an independent uniform group element.
+    run_index : tuple of int
+        The index in ``runs`` of the run each chain comes from (an MCMC run gives
+        several chains; failed runs are skipped, so chain ``c`` need not be run ``c``).
+    skipped : tuple of ``(index, exception)``
+        Runs left out because they failed (``run.error`` is not None).
     """
 
     samples: dict[str, torch.Tensor]
@@ -66,6 +83,8 @@ class RunDraws:
     spec: PermutationSpec | None = None
     aligned: str | None = None
     symmetric: bool = False
+    run_index: tuple[int, ...] = ()
+    skipped: tuple[tuple[int, BaseException], ...] = ()
 
     @property
     def num_chains(self) -> int:
@@ -196,7 +215,107 @@ def _split_data(data: Any) -> tuple[tuple, dict]:
     return (data,), {}
 
 
+# ---------------------------------------------------------------------- failed runs
+def split_failed(runs: Sequence[Any]) -> tuple[list[tuple[int, Any]], list[tuple[int, BaseException]]]:
+    """``(kept, skipped)``: ``(index, run)`` of the runs to use, ``(index, error)`` of the
+    runs that failed (``run.error`` is not None, as ``train_runs(on_error="keep")`` marks them)."""
+    kept, skipped = [], []
+    for i, run in enumerate(runs):
+        error = None if isinstance(run, Mapping) else getattr(run, "error", None)
+        (kept if error is None else skipped).append((i, run if error is None else error))
+    return kept, skipped
+
+
+def describe_skipped(skipped: Sequence[tuple[int, BaseException]]) -> list[str]:
+    """One line per failed run: ``"run 3 skipped: RuntimeError: loss is NaN"``."""
+    return [f"run {i} skipped: {type(e).__name__}: {e}" for i, e in skipped]
+
+
+def check_enough_chains(draws: RunDraws, needed: int, what: str) -> None:
+    """Raise ``ValueError`` if fewer than ``needed`` chains remain, naming the failed runs."""
+    if draws.num_chains < needed:
+        why = "; ".join(describe_skipped(draws.skipped))
+        raise ValueError(
+            f"{what} needs at least {needed} runs, got {draws.num_chains}"
+            + (f" after skipping {len(draws.skipped)} failed run(s) ({why})" if draws.skipped else "")
+        )
+
+
+# ---------------------------------------------------------------------- site shapes
+def _expected_shapes(spec: PermutationSpec | None, model: Any, args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """Own shapes of the sites, from the spec (bound to shapes) and, for the rest, the model
+    (an ``nn.Module``'s priors, or a trace of a callable model with the given data)."""
+    shapes: dict[str, tuple] = {}
+    if isinstance(model, torch.nn.Module) or (model is not None and (args or kwargs)):
+        from ..groups.builders import model_site_shapes
+
+        shapes.update(model_site_shapes(model, *args, **kwargs))
+    if spec is not None and spec.shapes is not None:
+        shapes.update(spec.shapes)
+    return shapes
+
+
+def _fit_site_shapes(
+    chain: dict[str, torch.Tensor], expected: Mapping[str, tuple], acted: set[str], where: str
+) -> dict[str, torch.Tensor]:
+    """Check draws ``site -> (num_draws, *shape)`` against the sites' own shapes.
+
+    Singleton dims between the draw dim and a site's own dims (``Predictive`` output
+    ``(S, 1, *site)`` for a model with a data plate) are removed. Other dims there are
+    kept for a site no group acts on (a local latent batched by its plate) and refused
+    for a site a group acts on; so is a site whose trailing dims are not its own shape:
+    reading its axes would be a guess.
+    """
+    out = {}
+    for k, v in chain.items():
+        want = expected.get(k)
+        got = tuple(v.shape[1:]) if v.dim() else None
+        if want is None or got == want:
+            out[k] = v
+            continue
+        extra = -1 if got is None else len(got) - len(want)
+        if extra > 0 and got[extra:] == want:
+            if all(d == 1 for d in got[:extra]):
+                out[k] = v.reshape((v.shape[0], *want))
+                continue
+            if k not in acted:
+                out[k] = v
+                continue
+        raise SpecError(
+            f"{where}, site {k!r}: draws of shape {tuple(v.shape)} do not match the site's shape {want}; "
+            f"expected (num_draws, *{want}), optionally with singleton plate dims after num_draws "
+            "(a single point estimate needs a leading draw dim: value[None])"
+        )
+    return out
+
+
 # ---------------------------------------------------------------------- collect
+def _chains_of(run: Any, i: int, num_samples: int, args: tuple, kwargs: dict, generator: torch.Generator):
+    """``[(label, draws, log_q or None)], posterior or None, model or None`` of one run."""
+    guide = _as_guide(run)
+    if _is_mcmc(guide):
+        by_chain = guide.get_samples(group_by_chain=True)
+        num = next(iter(by_chain.values())).shape[0]
+        chains = [(f"runs[{i}] (MCMC chain {c})", {k: v[c] for k, v in by_chain.items()}, None) for c in range(num)]
+        return chains, None, guide.kernel.model
+    if _is_guide(guide):
+        if getattr(guide, "prototype_trace", 1) is None:
+            raise SpecError(f"runs[{i}] ({type(guide).__name__}) is not fitted: run at least one SVI step")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+            values, log_q = _guide_draws(guide, num_samples, args, kwargs)
+        return [(f"runs[{i}]", values, log_q)], guide, None
+    if isinstance(guide, Mapping) and is_gaussian_mapping(guide):
+        values, log_q = _gaussian_draws(guide, num_samples, generator)
+        return [(f"runs[{i}]", values, log_q)], guide, None
+    if isinstance(guide, Mapping) and guide and all(torch.is_tensor(v) for v in guide.values()):
+        return [(f"runs[{i}]", dict(guide), None)], None, None
+    raise TypeError(
+        f"runs[{i}] is a {type(guide).__name__}: expected a fitted guide, a TrainedRun, a mapping "
+        "site -> (loc, scale), a sample dict site -> (num_draws, *shape) or a Pyro MCMC"
+    )
+
+
 def collect_draws(
     runs: Any,
     *,
@@ -207,7 +326,13 @@ def collect_draws(
     model: Any = None,
     seed: int = 0,
 ) -> RunDraws:
-    """Draw ``num_samples`` weights from every run; see :func:`to_inference_data`."""
+    """Draw ``num_samples`` weights from every run; see :func:`to_inference_data`.
+
+    Runs marked as failed (``run.error`` is not None) are skipped with a warning
+    naming them (``RunDraws.skipped``); ``ValueError`` if none remains. Sample dicts and
+    MCMC draws are checked against the sites' shapes (the spec's, else the model's):
+    singleton plate dims are removed, other mismatches raise :class:`SpecError`.
+    """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     check_int("seed", seed)
@@ -220,49 +345,33 @@ def collect_draws(
             "runs must be a non-empty list of fitted guides, TrainedRuns, (loc, scale) mappings or sample dicts "
             f"(site -> (num_draws, *shape)), or a Pyro MCMC; got {type(runs).__name__}"
         )
+    kept, skipped = split_failed(runs)
+    if skipped:
+        warnings.warn("; ".join(describe_skipped(skipped)), stacklevel=2)
+    if not kept:
+        raise ValueError(f"all {len(runs)} runs failed, no draws to collect: " + "; ".join(describe_skipped(skipped)))
     args, kwargs = _split_data(data)
     generator = torch.Generator().manual_seed(seed)
-    chains: list[dict[str, torch.Tensor]] = []
-    log_qs: list[torch.Tensor | None] = []
+    labelled: list[tuple[str, dict[str, torch.Tensor], torch.Tensor | None]] = []
+    run_index: list[int] = []
     posteriors: list | None = []
-    for i, run in enumerate(runs):
+    for i, run in kept:
         model = getattr(run, "model", None) if model is None and not isinstance(run, Mapping) else model
-        guide = _as_guide(run)
-        if _is_mcmc(guide):
-            by_chain = guide.get_samples(group_by_chain=True)
-            model = model if model is not None else guide.kernel.model
-            for c in range(next(iter(by_chain.values())).shape[0]):
-                chains.append({k: v[c] for k, v in by_chain.items()})
-                log_qs.append(None)
+        chains, posterior, own_model = _chains_of(run, i, num_samples, args, kwargs, generator)
+        model = model if model is not None else own_model
+        labelled += chains
+        run_index += [i] * len(chains)
+        if posterior is None:
             posteriors = None
-        elif _is_guide(guide):
-            if getattr(guide, "prototype_trace", 1) is None:
-                raise SpecError(f"runs[{i}] ({type(guide).__name__}) is not fitted: run at least one SVI step")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-                values, log_q = _guide_draws(guide, num_samples, args, kwargs)
-            chains.append(values)
-            log_qs.append(log_q)
-            if posteriors is not None:
-                posteriors.append(guide)
-        elif isinstance(guide, Mapping) and is_gaussian_mapping(guide):
-            values, log_q = _gaussian_draws(guide, num_samples, generator)
-            chains.append(values)
-            log_qs.append(log_q)
-            if posteriors is not None:
-                posteriors.append(guide)
-        elif isinstance(guide, Mapping) and guide and all(torch.is_tensor(v) for v in guide.values()):
-            chains.append(dict(guide))
-            log_qs.append(None)
-            posteriors = None
-        else:
-            raise TypeError(
-                f"runs[{i}] is a {type(guide).__name__}: expected a fitted guide, a TrainedRun, a mapping "
-                "site -> (loc, scale), a sample dict site -> (num_draws, *shape) or a Pyro MCMC"
-            )
-    samples = _stack_chains(chains)
-    log_q = None if any(q is None for q in log_qs) else torch.stack([q.detach() for q in log_qs])
+        elif posteriors is not None:
+            posteriors.append(posterior)
     spec = spec if spec is not None else getattr(model, "spec", None)
+    raw = any(lq is None for _, _, lq in labelled)  # sample dicts / MCMC: shapes not read from a trace
+    expected = _expected_shapes(spec, model if raw else None, args, kwargs)
+    acted = set(spec.sites) if spec is not None else set()
+    samples = _stack_chains([_fit_site_shapes(c, expected, acted, where) for where, c, _ in labelled])
+    log_qs = [lq for _, _, lq in labelled]
+    log_q = None if any(q is None for q in log_qs) else torch.stack([q.detach() for q in log_qs])
     if symmetric:
         if spec is None:
             raise SpecError("symmetric=True moves draws by random group elements and needs a spec")
@@ -275,7 +384,9 @@ def collect_draws(
         flat = {k: v.reshape((-1, *v.shape[2:])) for k, v in samples.items()}
         num_chains, num_draws = next(iter(samples.values())).shape[:2]
         log_p = _model_log_p(model, flat, args, kwargs).reshape(num_chains, num_draws)
-    return RunDraws(samples, log_q, log_p, posteriors or None, model, spec, None, symmetric)
+    return RunDraws(
+        samples, log_q, log_p, posteriors or None, model, spec, None, symmetric, tuple(run_index), tuple(skipped)
+    )
 
 
 def _stack_chains(chains: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -352,41 +463,24 @@ def align_draws(
 
 
 # ---------------------------------------------------------------------- ArviZ
-def _layer(site: str) -> str:
-    return (site.rsplit(".", 1)[0] if "." in site else site).replace(".", "_")
-
-
 def site_dims(shapes: Mapping[str, Sequence[int]], spec: PermutationSpec | None = None) -> dict[str, list[str]]:
-    """ArviZ dim names for every site's own axes.
+    """ArviZ dim names for every site's own axes, read from the spec's groups.
 
     An axis a neuron group ``g`` permutes is named ``"{g}_neuron"`` (so the rows of
-    ``fc1.weight`` and the columns of ``fc2.weight`` share one dim); other axes are
-    ``"{layer}_neuron"`` (axis 0: output neurons), ``"{layer}_input"`` (axis 1) and
-    ``"{layer}_dim{k}"``, with ``layer`` the site name without its last part. A name
-    that would get two lengths falls back to ``"{site}_dim{k}"``.
+    ``fc1.weight`` and the columns of ``fc2.weight`` share one dim). The other axis of a
+    two-dimensional weight with one such axis is ``"{layer}_input"`` if the group's axis
+    is incoming (``fc1.weight``; a NumPyro-style ``w1`` of shape ``(in, hidden)``) and
+    ``"{layer}_neuron"`` if it is outgoing (the output layer's ``fc3.weight`` or ``w2``
+    of shape ``(hidden, out)``), whatever the layout. Every other axis is
+    ``"{site}_dim{k}"``: nothing is called a neuron or an input axis from its position.
+    ``layer`` is the site name without its last part.
+
+    Parameters
+    ----------
+    shapes : mapping ``site -> own shape`` (no draw/chain dims)
+    spec : PermutationSpec, optional
     """
-    named: dict[tuple[str, int], str] = {}
-    if spec is not None:
-        bound = spec if spec.shapes is not None else spec.with_shapes({s: shapes[s] for s in spec.sites if s in shapes})
-        for site in bound.sites:
-            if site in shapes:
-                _, moves = bound.site_moves(site)
-                for axis, inner, group in moves:
-                    if inner == 1:
-                        named[(site, axis)] = f"{group}_neuron"
-    lengths: dict[str, int] = {}
-    out: dict[str, list[str]] = {}
-    for site, shape in shapes.items():
-        layer, dims = _layer(site), []
-        for k, n in enumerate(shape):
-            default = {0: f"{layer}_neuron", 1: f"{layer}_input"}.get(k, f"{layer}_dim{k}")
-            name = named.get((site, k), default)
-            if lengths.setdefault(name, n) != n:
-                name = f"{site.replace('.', '_')}_dim{k}"
-                lengths[name] = n
-            dims.append(name)
-        out[site] = dims
-    return out
+    return _layout.site_dims(shapes, spec)
 
 
 def draws_to_datatree(draws: RunDraws, spec: PermutationSpec | None = None) -> Any:
@@ -432,7 +526,9 @@ def to_inference_data(
         :class:`~pyro_symmetry.training.TrainedRun`, a mapping
         ``site -> (loc, scale)``, a sample dict ``site -> Tensor (num_draws, *shape)``
         (an HMC chain, a deep-ensemble member's checkpoints), or an ``MCMC``
-        (contributing one chain per MCMC chain).
+        (contributing one chain per MCMC chain). A run marked as failed
+        (``run.error`` is not None, see ``train_runs(on_error="keep")``) is skipped
+        with a warning naming it; ``ValueError`` if every run failed.
     num_samples : int
         Draws per variational run (sample dicts keep their own draws).
     symmetric : bool
@@ -449,6 +545,13 @@ def to_inference_data(
         Model for ``log_p``; defaults to the guide's or MCMC kernel's model.
     seed : int
         Seed of the draws (the global RNG is left untouched).
+
+    Raises
+    ------
+    SpecError
+        A sample dict's (or MCMC's) draws do not end with a site's own shape (the
+        spec's ``shapes``, else the model's). Singleton plate dims after the draw dim,
+        as in ``Predictive`` output ``(S, 1, *site)``, are removed instead.
 
     Returns
     -------
