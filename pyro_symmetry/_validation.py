@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "check_batch_shape",
     "check_callable",
+    "check_devices",
     "check_finite",
     "check_floating",
     "check_int",
@@ -120,9 +121,11 @@ def check_floating(name: str, value: torch.Tensor) -> torch.Tensor:
 
 
 def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Raise ``ValueError`` (a :class:`SpecError`) if ``value`` holds NaN or Inf entries."""
+    """Raise ``ValueError`` (a :class:`SpecError`) if ``value`` holds NaN or Inf entries
+    (``ValueError`` if it is on the meta device: it has no values to check)."""
     if not torch.is_tensor(value):
         raise _spec_error()(f"{name} must be a tensor, got {type(value).__name__}")
+    check_devices({name: value})
     if value.numel() and (value.is_floating_point() or value.is_complex()):
         # aminmax propagates NaN and is far cheaper than isfinite(t).all() on large tensors.
         lo, hi = torch.aminmax(value.detach().reshape(-1))
@@ -148,21 +151,45 @@ def check_spec(value: Any, name: str = "spec") -> Any:
     return value
 
 
+def check_devices(tensors: Mapping[str, Any], hint: str = "") -> torch.device | None:
+    """All tensors hold values (none on the meta device) and share one device.
+
+    ``tensors`` maps a label that names the argument and site (``"q1['fc1.weight']"``,
+    ``"params['fc1.weight']"``) to a tensor; non-tensor values are skipped. Raises
+    ``ValueError`` naming the first meta tensor, or the first two tensors on different
+    devices with their devices, so that callers fail before any computation (a meta
+    tensor otherwise fails deep inside torch with "cannot be called on meta tensors").
+    ``hint`` is appended to the mixed-device message. Returns the common device (``None``
+    if there is no tensor).
+    """
+    first = None
+    for label, t in tensors.items():
+        if not torch.is_tensor(t):
+            continue
+        if t.device.type == "meta":
+            raise ValueError(
+                f"{label} is on the meta device: it holds no values; load or materialize the weights first "
+                "(e.g. module.to_empty(device='cpu') then load_state_dict)"
+            )
+        if first is None:
+            first = (label, t.device)
+        elif t.device != first[1]:
+            raise ValueError(
+                f"{label} is on device {t.device} but {first[0]} is on {first[1]}; move them to one device{hint}"
+            )
+    return None if first is None else first[1]
+
+
 def check_same_device_dtype(tensors: Mapping[str, torch.Tensor], hint: str = "") -> None:
-    """All floating-point tensors share one dtype and all tensors one device.
+    """All floating-point tensors share one dtype and all tensors one device (none on meta).
 
     ``tensors`` maps a label (``"x"``, ``"params['fc1.weight']"``) to a tensor; the error
-    names the first two that disagree.
+    names the first two that disagree (``ValueError`` for devices, see
+    :func:`check_devices`; ``TypeError`` for dtypes).
     """
-    first_f = first_d = None
+    check_devices(tensors, hint)
+    first_f = None
     for label, t in tensors.items():
-        if first_d is None:
-            first_d = (label, t)
-        elif t.device != first_d[1].device:
-            raise ValueError(
-                f"{label} is on device {t.device} but {first_d[0]} is on {first_d[1].device}; "
-                f"move them to one device{hint}"
-            )
         if t.is_floating_point():
             if first_f is None:
                 first_f = (label, t)
@@ -186,14 +213,18 @@ def check_params(
 
     Every site in ``sites`` (default: the spec's) must be present, a tensor (floating point
     and finite if asked) whose trailing dims are the site's shape (from ``spec.shapes`` or
-    the spec's axes), and the leading (batch) dims of all sites must broadcast.
+    the spec's axes), and the leading (batch) dims of all sites must broadcast. All
+    sites lie on one device, none on the meta device (:func:`check_devices`).
     """
     check_mapping(name, params)
     SpecError = _spec_error()
-    batches = {}
-    for site in spec.sites if sites is None else sites:
+    sites = spec.sites if sites is None else sites
+    for site in sites:
         if site not in params:
             raise SpecError(f"site {site!r} of the spec is missing from {name} (have {sorted(params)})")
+    check_devices({f"{name}[{site!r}]": params[site] for site in sites})
+    batches = {}
+    for site in sites:
         x = params[site]
         label = f"{name}[{site!r}]"
         check_tensor(label, x, floating=floating)

@@ -27,8 +27,7 @@ from typing import Any
 import torch
 
 from .._validation import check_callable, check_finite, check_int, check_real, check_tensor
-from ..groups import SpecError
-from .inputs import check_dtypes, read_posterior
+from .inputs import check_dtypes, check_sites, read_posterior
 
 __all__ = [
     "BarrierResult",
@@ -66,20 +65,28 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
         ``site -> (loc_t, scale_t)`` with ``loc_t = (1 - t) loc0 + t loc1`` and
         ``scale_t = (1 - t) scale0 + t scale1``, or ``site -> (1 - t) w0 + t w1``.
         ``t = 0`` and ``t = 1`` give the inputs exactly.
+
+    Notes
+    -----
+    Differentiable: the result carries the autograd graph of the inputs' tensors (e.g.
+    ``dict(net.named_parameters())`` or a guide's live parameters), so a loss at ``q_t``
+    can be differentiated with respect to ``q0`` and ``q1``; pass detached tensors when
+    no gradient is wanted. Meta-device or mixed-device inputs raise a ``ValueError``.
     """
     t = check_real("t", t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t}")
-    f0, mu0, sd0 = read_posterior(q0, "q0")
-    f1, mu1, sd1 = read_posterior(q1, "q1")
+    return _interpolate(read_posterior(q0, "q0", detach=False), read_posterior(q1, "q1", detach=False), t)
+
+
+def _interpolate(r0: tuple, r1: tuple, t: float) -> dict[str, Any]:
+    """:func:`interpolate` between two posteriors read by ``read_posterior``."""
+    (f0, mu0, sd0), (f1, mu1, sd1) = r0, r1
     if f0 != f1:
         raise ValueError(f"q0 is {f0} but q1 is {f1}: both must be Gaussian or both points")
-    if set(mu0) != set(mu1):
-        raise SpecError(f"q0 and q1 have different sites: {sorted(set(mu0) ^ set(mu1))}")
-    for k in mu0:
-        if mu0[k].shape != mu1[k].shape:
-            raise SpecError(f"site {k!r}: q0 has shape {tuple(mu0[k].shape)}, q1 has {tuple(mu1[k].shape)}")
-    check_dtypes([k for k in mu0 if mu0[k].is_floating_point() or mu1[k].is_floating_point()], {"q0": mu0, "q1": mu1})
+    check_sites({"q0": mu0, "q1": mu1})
+    floating = [k for k in mu0 if mu0[k].is_floating_point() or mu1[k].is_floating_point()]
+    check_dtypes(floating, {"q0": mu0, "q1": mu1}, {"q0": sd0, "q1": sd1})
     if f0 == "point":
         return {k: _lerp(mu0[k], mu1[k], t) for k in mu0}
     return {k: (_lerp(mu0[k], mu1[k], t), _lerp(sd0[k], sd1[k], t)) for k in mu0}
@@ -125,6 +132,12 @@ def loss_barrier(
     BarrierResult
         ``t``, ``losses`` and ``barrier = max_t [L(q_t) - ((1 - t) L(q0) + t L(q1))]``.
 
+    Notes
+    -----
+    Not differentiable: ``q0`` and ``q1`` are read once, detached (so ``loss_fn``
+    receives tensors that do not require grad and builds no autograd graph), and the
+    losses are floats.
+
     Examples
     --------
     >>> loss = ps.gaussian_nll_loss(model, x_test, y_test)
@@ -140,7 +153,8 @@ def loss_barrier(
         from tqdm.auto import tqdm
 
         grid = tqdm(grid, desc="loss barrier", leave=False)
-    losses = torch.tensor([_loss_value(loss_fn, interpolate(q0, q1, t), t) for t in grid], dtype=torch.float64)
+    r0, r1 = read_posterior(q0, "q0"), read_posterior(q1, "q1")
+    losses = torch.tensor([_loss_value(loss_fn, _interpolate(r0, r1, t), t) for t in grid], dtype=torch.float64)
     chord = torch.lerp(losses[0].expand_as(ts), losses[-1].expand_as(ts), ts)
     return BarrierResult(ts, losses, float((losses - chord).max()))
 

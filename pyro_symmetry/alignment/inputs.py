@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .._validation import check_int, check_seed, check_spec
+from .._validation import check_devices, check_int, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError, decode_signed
-from ..posterior import gaussian_params, point_params, posterior_kind
+from ..posterior import read
 
 __all__ = [
     "METHODS",
@@ -18,6 +18,7 @@ __all__ = [
     "check_dtypes",
     "check_method",
     "check_options",
+    "check_sites",
     "read_posterior",
     "rest_distance",
     "unsigned",
@@ -31,16 +32,49 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=-1, dtype=torch.float64).pow(2)
 
 
-def read_posterior(q: Any, name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """``(form, means or points, standard deviations or None)`` of any posterior form."""
-    try:
-        kind = posterior_kind(q)
-        if kind == "point":
-            return "point", point_params(q), None
-        gp = gaussian_params(q)
-    except SpecError as e:
-        raise SpecError(f"{name}: {e}") from None
-    return "gaussian", {k: v[0] for k, v in gp.items()}, {k: v[1] for k, v in gp.items()}
+def read_posterior(
+    q: Any, name: str, *, detach: bool = True
+) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(form, means or points, standard deviations or None)`` of any posterior form.
+
+    Values are detached unless ``detach=False`` (alignment is a discrete search with no
+    gradient); every tensor must hold values (not on the meta device) on one device.
+    Errors name the posterior as ``name`` (``"q1"``, ``"posteriors[2]"``).
+    """
+    return read(q, name, detach=detach)
+
+
+def check_sites(
+    posteriors: Mapping[str, Mapping[str, torch.Tensor]], spec_sites: Sequence[str] = (), *, exact: bool = True
+) -> None:
+    """The posteriors have the spec's sites, and (``exact``) the same sites as each other,
+    each of one shape; ``posteriors`` maps a name (``"q0"``) to its means or points.
+
+    Errors name the site, the posterior and the sites it has: ``site 'x' is missing from
+    q1 (q1 has ['a', 'b'])``. Without ``exact``, sites only one of them has are allowed.
+    """
+    items = list(posteriors.items())
+    for name, mu in items:
+        for site in spec_sites:
+            if site not in mu:
+                raise SpecError(
+                    f"site {site!r} is missing from {name} ({name} has sites {sorted(mu)}); the spec acts on it"
+                )
+    first, mu0 = items[0]
+    for name, mu in items[1:]:
+        for site in [*mu0, *(k for k in mu if k not in mu0)]:
+            if site not in mu or site not in mu0:
+                lack, has = (name, first) if site not in mu else (first, name)
+                if exact:
+                    raise SpecError(
+                        f"site {site!r} is missing from {lack} ({lack} has sites {sorted(posteriors[lack])}) "
+                        f"but {has} has it; the posteriors must have the same sites"
+                    )
+                continue
+            if tuple(mu[site].shape) != tuple(mu0[site].shape):
+                raise SpecError(
+                    f"site {site!r} has shape {tuple(mu[site].shape)} in {name} but {tuple(mu0[site].shape)} in {first}"
+                )
 
 
 def check_method(method: str, forms: Mapping[str, str]) -> None:
@@ -65,12 +99,18 @@ def check_options(max_sweeps: Any, seed: Any, compute_dtype: Any, signs: Any) ->
         raise TypeError(f"signs must be a bool, got {signs!r}")
 
 
-def check_dtypes(sites: Any, means: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """The moved sites are floating point, with one dtype and device across posteriors.
+def check_dtypes(sites: Any, means: Mapping[str, Mapping[str, torch.Tensor]], sds: Mapping | None = None) -> None:
+    """All tensors on one device (none on meta); the moved sites floating point, with one
+    dtype across posteriors.
 
-    ``means`` maps a posterior's name (``"q0"``) to its means or points; mixing float32
-    and float64 posteriors would silently up- or down-cast one of them.
+    ``means`` maps a posterior's name (``"q0"``) to its means or points, ``sds`` to its
+    standard deviations (if any); mixing float32 and float64 posteriors would silently
+    up- or down-cast one of them, and mixing devices fails inside torch.
     """
+    tensors = {f"{name}[{s!r}]": t for name, mu in means.items() for s, t in mu.items()}
+    for name, sd in (sds or {}).items():
+        tensors.update({f"{name}[{s!r}] scale": t for s, t in (sd or {}).items()})
+    check_devices(tensors)
     for s in sites:
         first = None
         for name, mu in means.items():
@@ -81,25 +121,30 @@ def check_dtypes(sites: Any, means: Mapping[str, Mapping[str, torch.Tensor]]) ->
                 raise TypeError(f"{name}[{s!r}] must be a floating-point tensor, got dtype {t.dtype}")
             if first is None:
                 first = (name, t)
-            elif t.dtype != first[1].dtype or t.device != first[1].device:
+            elif t.dtype != first[1].dtype:
                 raise TypeError(
-                    f"{name}[{s!r}] is {t.dtype} on {t.device} but {first[0]}[{s!r}] is {first[1].dtype} on "
-                    f"{first[1].device}; convert the posteriors to one dtype and device"
+                    f"{name}[{s!r}] is {t.dtype} but {first[0]}[{s!r}] is {first[1].dtype}; "
+                    "convert the posteriors to one dtype"
                 )
 
 
-def bind_spec(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], signs: bool) -> PermutationSpec:
-    """Check that every site of ``spec`` is present with a consistent shape; bind shapes."""
+def bind_spec(
+    spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], signs: bool, name: str = "the posterior"
+) -> PermutationSpec:
+    """Check that every site of ``spec`` is present in ``name`` (with ``shapes``) with the
+    spec's shape; bind shapes."""
     check_spec(spec)
     missing = [s for s in spec.sites if s not in shapes]
     if missing:
-        raise SpecError(f"sites {missing} of the spec are missing from the posterior (it has {sorted(shapes)})")
+        raise SpecError(
+            f"site {missing[0]!r} is missing from {name} ({name} has sites {sorted(shapes)}); the spec acts on it"
+        )
     if spec.shapes is None:
         spec = spec.with_shapes({s: tuple(shapes[s]) for s in spec.sites})
     else:
         for s in spec.sites:
             if tuple(shapes[s]) != spec.shapes[s]:
-                raise SpecError(f"site {s!r} has shape {tuple(shapes[s])}, the spec expects {spec.shapes[s]}")
+                raise SpecError(f"site {s!r} has shape {tuple(shapes[s])} in {name}, the spec expects {spec.shapes[s]}")
     return spec if signs else spec.without_signs()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._validation import check_finite, check_int, check_spec
+from .._validation import check_devices, check_finite, check_int, check_spec
 from ..groups import PermutationSpec, SpecError
 from .core import Channels, Solution, coordinate_descent
 from .inputs import (
@@ -31,6 +31,7 @@ from .inputs import (
     check_dtypes,
     check_method,
     check_options,
+    check_sites,
     read_posterior,
     rest_distance,
     unsigned,
@@ -173,6 +174,12 @@ def align_many(
     -------
     ManyAlignment
 
+    Notes
+    -----
+    Not differentiable: tensors that require grad are read as values, and every
+    result (permutations, aligned runs, barycenter, objective) is detached. To carry a
+    gradient, apply ``permutations[r]`` with ``spec.apply`` to run ``r``'s own tensors.
+
     Examples
     --------
     >>> res = ps.align_many([guide0, guide1, guide2], model.spec, reference="barycenter")
@@ -186,17 +193,15 @@ def align_many(
     if not posteriors:
         raise ValueError("posteriors is empty")
     check_spec(spec)
-    read = [read_posterior(q, f"posteriors[{r}]") for r, q in enumerate(posteriors)]
-    check_method(method, {f"posteriors[{r}]": f for r, (f, _, _) in enumerate(read)})
-    spec = bind_spec(spec, {k: tuple(v.shape) for k, v in read[0][1].items()}, signs)
-    check_dtypes(spec.sites, {f"posteriors[{r}]": mu for r, (_, mu, _) in enumerate(read)})
+    names = [f"posteriors[{r}]" for r in range(len(posteriors))]
+    read = [read_posterior(q, name) for q, name in zip(posteriors, names)]
+    check_method(method, {name: f for name, (f, _, _) in zip(names, read)})
+    means = {name: mu for name, (_, mu, _) in zip(names, read)}
+    check_sites(means, spec.sites)
+    floating = [*spec.sites, *(k for k, v in read[0][1].items() if k not in spec.sites and v.is_floating_point())]
+    check_dtypes(floating, means, {name: sd for name, (_, _, sd) in zip(names, read)})
+    spec = bind_spec(spec, {k: tuple(v.shape) for k, v in read[0][1].items()}, signs, names[0])
     sites = list(read[0][1])
-    for r, (_, mu, _) in enumerate(read[1:], 1):
-        for s in set(sites) | set(mu):
-            if s not in mu or s not in read[0][1] or mu[s].shape != read[0][1][s].shape:
-                got = tuple(mu[s].shape) if s in mu else "missing"
-                want = tuple(read[0][1][s].shape) if s in read[0][1] else "missing"
-                raise SpecError(f"site {s!r}: posteriors[{r}] has shape {got}, posteriors[0] has {want}")
     wass = method == "wasserstein"
     gaussian = all(f == "gaussian" for f, _, _ in read)
     stack_mu = {s: torch.stack([m[s] for _, m, _ in read]) for s in sites}
@@ -284,6 +289,12 @@ def align_samples(
         ``permutation`` (``group -> (*batch, n)``), ``aligned`` (``site -> (*batch, *shape)``),
         ``reference`` (``site -> shape``), ``objective``, ``converged``, ``iterations``.
 
+    Notes
+    -----
+    Not differentiable: samples (and a reference) that require grad are read as
+    values, and ``aligned``, ``reference`` and ``objective`` are detached; apply
+    ``permutation`` with ``spec.apply`` to carry a gradient.
+
     Examples
     --------
     >>> draws = mcmc.get_samples(group_by_chain=True)      # (4, 500, *shape)
@@ -303,8 +314,17 @@ def align_samples(
         _, ref_points, _ = read_posterior(reference, "reference")
     elif not (reference is None or reference == "barycenter"):
         raise ValueError(f"reference must be None, 'barycenter' or a mapping site -> tensor, got {reference!r}")
+    # Meta or mixed devices fail here with the site named, not inside torch; tensors that
+    # require grad are read as values (the alignment is not differentiable).
+    check_devices(
+        {
+            **{f"samples[{k!r}]": v for k, v in samples.items()},
+            **{f"reference[{k!r}]": v for k, v in (ref_points or {}).items()},
+        }
+    )
+    samples = {k: v.detach() if torch.is_tensor(v) else v for k, v in samples.items()}
     batch, event = _batch_shape(samples, spec)
-    spec = bind_spec(spec, event, signs)
+    spec = bind_spec(spec, event, signs, "samples")
     B = math.prod(batch)
     if B == 0:
         raise ValueError("samples has an empty batch")
@@ -320,11 +340,9 @@ def align_samples(
     flat = {s: samples[s].reshape((B,) + tuple(samples[s].shape[len(batch) :])) for s in (*spec.sites, *rest)}
     tgt = {s: (flat[s], None) for s in spec.sites}
     if ref_points is not None:
-        for s in spec.sites:
-            got = tuple(ref_points[s].shape) if s in ref_points else "missing"
-            if got != event[s]:
-                raise SpecError(f"reference[{s!r}] has shape {got}, the samples have event shape {event[s]}")
+        _check_reference(ref_points, event, spec.sites)
         ref = {s: (ref_points[s].to(flat[s].dtype), None) for s in spec.sites}
+        # Other sites count only where the reference has them with the samples' event shape.
         rest = [s for s in rest if s in ref_points and ref_points[s].shape == flat[s].shape[1:]]
         rest_ref = {s: ref_points[s].to(flat[s].dtype) for s in rest}
     else:
@@ -354,6 +372,21 @@ def align_samples(
     )
 
 
+def _check_reference(
+    ref: Mapping[str, torch.Tensor], event: Mapping[str, tuple[int, ...]], spec_sites: Sequence[str]
+) -> None:
+    """A reference has every moved site, each with the samples' event shape."""
+    for s in spec_sites:
+        if s not in ref:
+            raise SpecError(
+                f"site {s!r} is missing from reference (reference has sites {sorted(ref)}); the spec acts on it"
+            )
+        if tuple(ref[s].shape) != event[s]:
+            raise SpecError(
+                f"site {s!r} has shape {tuple(ref[s].shape)} in reference but the samples have event shape {event[s]}"
+            )
+
+
 def _batch_shape(
     samples: Mapping[str, torch.Tensor], spec: PermutationSpec
 ) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
@@ -363,7 +396,7 @@ def _batch_shape(
     batch, event = None, {}
     for s in spec.sites:
         if s not in samples:
-            raise SpecError(f"site {s!r} of the spec is missing from samples (have {sorted(samples)})")
+            raise SpecError(f"site {s!r} is missing from samples (samples has sites {sorted(samples)})")
         x = samples[s]
         if not torch.is_tensor(x):
             raise TypeError(f"samples[{s!r}] must be a tensor, got {type(x).__name__}")

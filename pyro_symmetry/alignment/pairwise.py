@@ -8,9 +8,19 @@ from typing import Any
 
 import torch
 
-from ..groups import PermutationSpec, SpecError
+from .._validation import check_spec
+from ..groups import PermutationSpec
 from .core import coordinate_descent
-from .inputs import apply_gaussian, bind_spec, check_dtypes, check_method, check_options, read_posterior, rest_distance
+from .inputs import (
+    apply_gaussian,
+    bind_spec,
+    check_dtypes,
+    check_method,
+    check_options,
+    check_sites,
+    read_posterior,
+    rest_distance,
+)
 
 __all__ = ["AlignmentResult", "align"]
 
@@ -81,8 +91,10 @@ def align(
     ----------
     q0, q1 : posterior
         Fitted ``AutoNormal``/``AutoDiagonalNormal`` guides, mappings
-        ``site -> (loc, scale)``, or mappings ``site -> tensor`` (points), each site
-        of its unbatched shape.
+        ``site -> (loc, scale)``, or mappings ``site -> tensor`` (points, e.g.
+        ``dict(net.named_parameters())``), each site of its unbatched shape. Both have
+        the same sites, with the same shapes, on one device; tensors that require grad
+        are read as values (detached).
     spec : PermutationSpec
     method : {"wasserstein", "weights"}
         ``"wasserstein"`` uses means and standard deviations (both posteriors
@@ -108,6 +120,13 @@ def align(
         ``permutation`` (``group -> (n,)``), ``aligned`` (``g.q1`` in ``q1``'s form),
         ``objective``, ``converged``, ``sweeps``.
 
+    Notes
+    -----
+    Not differentiable: the search over a discrete group has no gradient, and
+    ``aligned`` is detached even when ``q1``'s tensors require grad. To carry a
+    gradient through the aligned weights, apply the result yourself:
+    ``spec.apply(params1, res.permutation)`` is differentiable in ``params1``.
+
     Examples
     --------
     >>> res = ps.align(guide0, guide1, model.spec)
@@ -119,12 +138,11 @@ def align(
     f0, mu0, sd0 = read_posterior(q0, "q0")
     f1, mu1, sd1 = read_posterior(q1, "q1")
     check_method(method, {"q0": f0, "q1": f1})
-    spec = bind_spec(spec, {k: tuple(v.shape) for k, v in mu0.items()}, signs)
-    check_dtypes(spec.sites, {"q0": mu0, "q1": mu1})
-    for s in spec.sites:
-        if s not in mu1 or mu1[s].shape != mu0[s].shape:
-            got = tuple(mu1[s].shape) if s in mu1 else "missing"
-            raise SpecError(f"site {s!r}: q1 has shape {got}, q0 has {tuple(mu0[s].shape)}")
+    check_spec(spec)
+    check_sites({"q0": mu0, "q1": mu1}, spec.sites)
+    floating = [*spec.sites, *(k for k in mu0 if k not in spec.sites and mu0[k].is_floating_point())]
+    check_dtypes(floating, {"q0": mu0, "q1": mu1}, {"q0": sd0, "q1": sd1})
+    spec = bind_spec(spec, {k: tuple(v.shape) for k, v in mu0.items()}, signs, "q0")
     wass = method == "wasserstein"
     ref = {s: (mu0[s], sd0[s] if wass else None) for s in spec.sites}
     tgt = {s: (mu1[s].unsqueeze(0), sd1[s].unsqueeze(0) if wass else None) for s in spec.sites}
@@ -134,7 +152,7 @@ def align(
         spec, ref, tgt, max_sweeps=max_sweeps, seed=seed, init=init, compute_dtype=compute_dtype, progress=progress
     )
     # Sites no group touches add a constant, so that the objective is the whole distance.
-    rest = [s for s in mu0 if s not in spec.sites and s in mu1 and mu1[s].shape == mu0[s].shape]
+    rest = [s for s in mu0 if s not in spec.sites]
     tail1 = {s: mu1[s].unsqueeze(0) for s in rest}
     tail_sd1 = {s: sd1[s].unsqueeze(0) for s in rest} if wass else None
     offset = float(rest_distance(rest, mu0, sd0 if wass else None, tail1, tail_sd1)[0])
