@@ -449,3 +449,54 @@ def test_flat_value_dtype_and_guide_data_dtype():
         q_sym.log_prob(torch.zeros(layout.dim, dtype=torch.float64))
     with pytest.raises(TypeError, match="dtype"):  # float64 data for a float32 model
         ps.AutoSymmetrizedNormal(MODEL)(X.double(), Y.double())
+
+
+# ---------------------------------------------------------------- priors without .to_event, failed set-up
+def _model_without_to_event(n_event):
+    """MODEL's architecture with fc1.weight's prior declared over ``n_event`` of its 2 dims."""
+
+    def model(x, y=None):
+        prior = dist.Normal(0.0, 1.0).expand([3, 2])
+        w1 = pyro.sample("fc1.weight", prior.to_event(n_event) if n_event else prior)
+        b1 = pyro.sample("fc1.bias", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        w2 = pyro.sample("fc2.weight", dist.Normal(0.0, 1.0).expand([1, 3]).to_event(2))
+        b2 = pyro.sample("fc2.bias", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        out = torch.tanh(x @ w1.transpose(-1, -2) + b1) @ w2.transpose(-1, -2) + b2
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(out.squeeze(-1), 1.0), obs=y)
+
+    return model
+
+
+GUIDE_MAKERS = {
+    "AutoSymmetrizedNormal": lambda m, spec: ps.AutoSymmetrizedNormal(m, spec),
+    "AutoSymmetrizedMeanField": lambda m, spec: ps.AutoSymmetrizedMeanField(m, spec),
+    "Symmetrize": lambda m, spec: ps.Symmetrize(AutoDiagonalNormal(m), spec),
+    "Symmetrize(mixture)": lambda m, spec: ps.Symmetrize(ps.AutoMixtureOfDiagNormals(m), spec),
+}
+
+
+@pytest.mark.parametrize("n_event", [0, 1])
+@pytest.mark.parametrize("make", sorted(GUIDE_MAKERS))
+def test_prior_without_to_event_names_the_site(make, n_event):
+    spec = ps.mlp_spec(["fc1", "fc2"], [3], activation_symmetry="sign")
+    model = _model_without_to_event(n_event)
+    guide = GUIDE_MAKERS[make](model, spec)
+    msg = rf"prior of site 'fc1\.weight'.*add \.to_event\({2 - n_event}\)"
+    with pytest.raises(ps.SpecError, match=msg):
+        guide(X, Y)
+    ps.AutoSymmetrizedNormal(_model_without_to_event(2), spec)(X, Y)  # with .to_event(2): fine
+
+
+@pytest.mark.parametrize("make", sorted(GUIDE_MAKERS))
+def test_a_failed_set_up_is_undone_and_checked_again(make):
+    """A guide whose set-up failed (here: a non-invariant model) must not train on its
+    next call as if set up: it raises again, and leaves no parameters behind."""
+    model = _NonInvariant("prior", 0, 3.0)
+    guide = GUIDE_MAKERS[make](model, model.spec)
+    for _ in range(2):
+        with pytest.raises(ps.SpecError, match="not invariant"):
+            guide(X, Y)
+        assert list(pyro.get_param_store().keys()) == []
+    with pytest.raises(ps.SpecError, match="not fitted"):
+        guide.sample_posterior(2)

@@ -3,8 +3,9 @@ the correction factor ``log q_sym(w) - log q(w)``, and draws from ``q_sym``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro
@@ -14,11 +15,12 @@ import torch
 from pyro.poutine.runtime import am_i_wrapped
 from torch.distributions import constraints
 
+from .._state import fork_rng
 from .._validation import check_int, check_real
 from ..estimators import BaseDensity
 from ..estimators.information import METHODS, estimate_log_ratio, resolve_method
 from ..groups import PermutationSpec, SpecError
-from .invariance import check_invariance, fork_rng
+from .invariance import check_invariance
 
 __all__ = ["GRADIENTS", "SymmetrizedSampler", "find_spec"]
 
@@ -54,6 +56,19 @@ def site_shapes(trace: Any) -> dict[str, tuple[int, ...]]:
         shape = [s for d, s in enumerate(value.shape, start=-value.dim()) if d not in plate_dims]
         out[name] = tuple(shape)
     return out
+
+
+def _check_event_shape(name: str, fn: Any, shape: tuple[int, ...]) -> None:
+    """A prior whose weight dims are batch dims (no ``.to_event``) describes independent
+    scalars, not one weight tensor: say so before a guide builds a ``q`` of the wrong shape."""
+    missing = len(shape) - len(fn.event_shape)
+    if missing > 0:
+        raise SpecError(
+            f"the prior of site {name!r} has event shape {tuple(fn.event_shape)} but the site has shape "
+            f"{shape} outside any plate: add .to_event({missing}) to its distribution (e.g. "
+            f"dist.Normal(0., 1.).expand({list(shape)}).to_event({len(shape)})) so that the weight tensor "
+            "is one event"
+        )
 
 
 class SymmetryTerm:
@@ -126,6 +141,7 @@ class SymmetryTerm:
                 raise SpecError(f"site {s!r} has support {site['fn'].support}; only real-valued sites can be permuted")
             if any(f.vectorized for f in site["cond_indep_stack"]):
                 raise SpecError(f"site {s!r} is inside a plate; the group must act on global weights")
+            _check_event_shape(s, site["fn"], shapes[s])
         self.spec = self.spec.with_shapes(shapes)
         with fork_rng():
             # A fresh seed that depends on torch's RNG state without advancing it.
@@ -135,6 +151,27 @@ class SymmetryTerm:
         self.estimator = resolve_method(self.symmetry_base(), self.estimator)
         if self.check_invariance:
             check_invariance(model, self.spec, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _set_up_or_undo(self, guide: Any) -> Iterator[None]:
+        """Set-up is all or nothing. If it fails (a spec that does not match the model, a
+        model that is not invariant, ...), forget ``guide``'s prototype trace, the
+        parameters the set-up put in Pyro's param store and the binding of the spec, so
+        that the next call sets up and checks again instead of training unchecked."""
+        store = pyro.get_param_store()
+        before = set(store.keys())
+        saved = {k: self.__dict__.get(k) for k in ("spec", "estimator", "_generator", "layout")}
+        try:
+            yield
+        except BaseException:
+            guide.prototype_trace = None
+            for k in list(store.keys()):
+                if k not in before:
+                    del store[k]
+            for k, v in saved.items():
+                if k in self.__dict__:
+                    self.__dict__[k] = v
+            raise
 
     def _check_fitted(self) -> None:
         if self.prototype_trace is None:

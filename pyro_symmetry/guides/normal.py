@@ -126,8 +126,9 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
         self._init_symmetry(spec, num_permutations, estimator, beta, check_invariance, gradient)
 
     def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
-        super()._setup_prototype(*args, **kwargs)
-        self._bind_symmetry(self.prototype_trace, self.model, args, kwargs)
+        with self._set_up_or_undo(self):
+            super()._setup_prototype(*args, **kwargs)
+            self._bind_symmetry(self.prototype_trace, self.model, args, kwargs)
 
     def symmetry_base(self, *args: Any, **kwargs: Any) -> BaseDensity:
         """``q`` on the spec's sites: ``site -> Normal(loc, scale).to_event(...)``."""

@@ -123,11 +123,15 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         recorder = _LatentRecorder(f"_{self.guide._pyro_name}_latent")
-        with recorder:
-            result = self.guide(*args, **kwargs)
         if self.layout is None:
-            self.layout = FlatLayout.from_guide(self.guide)
-            self._bind_symmetry(self.guide.prototype_trace, self.guide.model, args, kwargs)
+            with self._set_up_or_undo(self.guide):
+                with recorder:
+                    result = self.guide(*args, **kwargs)
+                self.layout = FlatLayout.from_guide(self.guide)
+                self._bind_symmetry(self.guide.prototype_trace, self.guide.model, args, kwargs)
+        else:
+            with recorder:
+                result = self.guide(*args, **kwargs)
         if recorder.value is None:
             raise SpecError(f"{type(self.guide).__name__} did not sample its flat latent site")
         self._add_symmetry_factor(self.symmetry_base(*args, **kwargs), recorder.value)
