@@ -1,7 +1,9 @@
 """Symmetrized autoguides: Pyro integration, the ELBO identity, invariance checks, training."""
 
 import math
+import random
 
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -17,6 +19,7 @@ from pyro.infer.autoguide import (
 from pyro.nn import PyroModule, PyroSample
 
 import pyro_symmetry as ps
+from pyro_symmetry._state import snapshot
 from pyro_symmetry.estimators import symmetry_log_ratio
 from pyro_symmetry.models import BayesianMLP
 
@@ -423,6 +426,32 @@ def test_set_up_and_group_draws_leave_torch_rng_alone():
         assert guide_factor_present(tr)
         assert torch.equal(after, after_mf), estimator
         assert torch.equal(tr.nodes["fc1.weight"]["value"], tr_mf.nodes["fc1.weight"]["value"])
+
+
+class _ModelWithSideEffects(BayesianMLP):
+    """A model that creates a param and draws from numpy's and Python's global RNGs."""
+
+    def forward(self, x, y=None):
+        # (a 1-element param: _state.snapshot cannot digest 0-d tensors yet)
+        noise = pyro.param("obs_noise", torch.ones(1), constraint=dist.constraints.positive)
+        jitter = random.random() + float(np.random.rand())  # noqa: NPY002 - the global state on purpose
+        pyro.sample("extra", dist.Normal(jitter * 0.0, noise).to_event(1), obs=torch.zeros(1))
+        return super().forward(x, y)
+
+
+def test_invariance_check_leaves_every_global_state_alone():
+    """The check runs the user's model: its params and its draws from any RNG stay inside."""
+    model = _ModelWithSideEffects(3, [4], 2, activation="tanh")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
+    before = snapshot()
+    ps.check_invariance(model, model.spec, x, y)
+    assert snapshot().diff(before) == []
+    # a param the user already has keeps its value
+    pyro.param("obs_noise", torch.tensor([2.5]))
+    before = snapshot()
+    ps.check_invariance(model, model.spec, x, y)
+    assert snapshot().diff(before) == []
 
 
 def guide_factor_present(tr):

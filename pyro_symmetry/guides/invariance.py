@@ -16,17 +16,12 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
+from .._state import fork_rng, isolated
 from .._validation import check_int, check_real
 from ..groups import PermutationSpec, SpecError
 
+# ``fork_rng`` lives in ``pyro_symmetry._state``; importable from here as before.
 __all__ = ["check_invariance", "fork_rng"]
-
-
-def fork_rng() -> Any:
-    """Fork torch's CPU RNG (and CUDA's when initialized): code inside draws from the
-    current state and leaves it as it was."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def _site_log_probs(
@@ -60,9 +55,11 @@ def check_invariance(
     values, and ``log p`` of every sample site (priors and likelihood) is compared
     at ``w`` and at ``g . w`` for two (signed) elements ``g``: a cyclic shift of
     every group with all signs flipped, which moves every neuron, and a random one.
-    Random subsample indices of the model's plates are held fixed. The draws come from a
-    fork of torch's RNG: the check leaves the random stream as it found it, so a
-    guide that runs it at set-up trains exactly as one that does not.
+    Random subsample indices of the model's plates are held fixed. The model runs in
+    :func:`pyro_symmetry._state.isolated`: the check leaves torch's, numpy's and Python's
+    random streams, the thread count, the default dtype and Pyro's param store (a model's
+    ``pyro.param``) as it found them, so a guide that runs it at set-up trains exactly as
+    one that does not.
 
     Parameters
     ----------
@@ -91,7 +88,8 @@ def check_invariance(
     seed = check_int("seed", seed)
     rtol = check_real("rtol", rtol, nonnegative=True)
     atol = check_real("atol", atol, nonnegative=True)
-    with fork_rng(), torch.no_grad(), poutine.block():
+    # The model may draw from any RNG or create params (pyro.param): leave them all as found.
+    with isolated(), torch.no_grad(), poutine.block():
         tr = poutine.trace(model).get_trace(*args, **kwargs)
         values = {
             name: site["value"]
