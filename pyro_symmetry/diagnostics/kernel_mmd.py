@@ -112,13 +112,51 @@ def _check_samples(x: Any, y: Any) -> None:
                 raise SpecError(f"site {k!r}: x has per-sample shape {sx} but y has {sy}")
 
 
+def _standardize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((z - mean) / scale, scale)`` with entries in ``[-1, 1]`` (``scale = 1`` if all rows agree).
+
+    Both kernels depend on ``z`` only through differences, so centring changes nothing
+    but round-off: ``torch.cdist`` computes ``|a|^2 + |b|^2 - 2ab``, which loses every
+    digit of a small spread around a large mean (draws of ``N(1e8, 1)`` gave a wrong
+    statistic and p-value). Scaling keeps squared distances finite for entries up to
+    ``1e308`` and non-zero for entries down to the smallest normal number.
+    """
+    top = z.abs().max()
+    if not top > 0:
+        return z, torch.ones((), dtype=z.dtype, device=z.device)
+    z = z / top
+    z = z - z.mean(0)
+    spread = z.abs().max()
+    if not spread > 0:
+        return torch.zeros_like(z), torch.ones((), dtype=z.dtype, device=z.device)
+    return z / spread, top * spread
+
+
 def _pairwise(z: torch.Tensor, kind: str) -> torch.Tensor:
+    """``(N, N)`` L2 (Gaussian) or L1 (Laplace) distances of standardized rows."""
     return torch.cdist(z, z, p=2.0 if kind == "gaussian" else 1.0)
 
 
-def _median_distance(dist: torch.Tensor) -> torch.Tensor:
+def _median_distance(dist: torch.Tensor) -> torch.Tensor | None:
+    """Median distance between *distinct* samples (pairs ``i < j``: the zero self-distances
+    on the diagonal are left out). ``torch.median``: the lower of the two middle values for
+    an even number of pairs. When more than half of the pairs coincide (repeated draws,
+    point estimates) the median of the non-zero distances; None if every sample is equal."""
     i, j = torch.triu_indices(dist.shape[0], dist.shape[0], offset=1, device=dist.device)
-    return dist[i, j].median()
+    pairs = dist[i, j]
+    med = pairs.median()
+    if med > 0:
+        return med
+    positive = pairs[pairs > 0]
+    return positive.median() if positive.numel() else None
+
+
+def _permutation_labels(n: int, m: int, num_permutations: int, seed: int, device: Any) -> torch.Tensor:
+    """``(1 + B, n + m)`` bool, True for the samples labelled x: the observed labels first,
+    then ``B`` uniform random relabellings (seeded)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    perms = torch.rand((num_permutations, n + m), generator=gen, device=device).argsort(-1) < n
+    return torch.cat([(torch.arange(n + m, device=device) < n)[None], perms])
 
 
 def _kernel(dist: torch.Tensor, kind: str, bandwidth: torch.Tensor) -> torch.Tensor:
@@ -152,12 +190,12 @@ def mmd2_unbiased(
         raise ValueError(f"MMD needs at least 2 samples on each side, got {x.shape[0]} and {y.shape[0]}")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x has dimension {x.shape[1]} but y has {y.shape[1]}")
-    z = torch.cat([x, y.to(x.device)]).to(torch.float64)
+    z, scale = _standardize(torch.cat([x, y.to(x.device)]).to(torch.float64))
     labels = (torch.arange(z.shape[0], device=z.device) < x.shape[0])[None]
     bw = torch.as_tensor(bandwidth, dtype=z.dtype, device=z.device)
     if not bool(((bw > 0) & torch.isfinite(bw)).all()):
         raise ValueError(f"bandwidth must be positive and finite, got {bw.tolist()}")
-    return _mmd2_labels(_kernel(_pairwise(z, kernel), kernel, bw), labels, x.shape[0], y.shape[0])[0]
+    return _mmd2_labels(_kernel(_pairwise(z, kernel), kernel, bw / scale), labels, x.shape[0], y.shape[0])[0]
 
 
 def canonical_form(
@@ -202,6 +240,27 @@ def canonical_form(
         reference = "barycenter"
     out = canonicalize(dict(samples), spec, scaling=bool(scaling), permutation=method, reference=reference, **kwargs)
     return dict(out.params), method + ("+scaling" if scaling else "")
+
+
+def _grid(
+    dist: torch.Tensor,
+    kind: str,
+    bandwidths: Any,
+    num_bandwidths: int,
+    ratio: float,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """Bandwidths ``(K,)`` in the units of ``dist`` (standardized samples, see :func:`_standardize`)."""
+    if bandwidths is not None:
+        grid = torch.as_tensor(bandwidths, dtype=dist.dtype, device=dist.device).reshape(-1)
+        if not grid.numel() or not bool(((grid > 0) & torch.isfinite(grid)).all()):
+            raise ValueError(f"bandwidths must be positive and finite (at least one), got {grid.tolist()}")
+        return grid / scale
+    med = _median_distance(dist)
+    if med is None:  # every sample equal: every kernel value is 1 at any bandwidth, MMD^2 = 0
+        med = torch.ones((), dtype=dist.dtype, device=dist.device)
+    half = num_bandwidths // 2
+    return med * ratio ** torch.arange(-half, num_bandwidths - half, dtype=dist.dtype, device=dist.device)
 
 
 def mmd(
@@ -289,34 +348,31 @@ def mmd(
         raise ValueError(f"MMD needs at least 2 samples on each side, got {n} and {m}")
     if xm.shape[1] != ym.shape[1]:
         raise ValueError(f"x has dimension {xm.shape[1]} but y has {ym.shape[1]}")
-    z = torch.cat([xm, ym.to(xm.device)]).to(torch.float64)
+    z, scale = _standardize(torch.cat([xm, ym.to(xm.device)]).to(torch.float64))
     dev = z.device
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    perms = torch.rand((num_permutations, n + m), generator=gen, device=dev).argsort(-1) < n
-    labels = torch.cat([(torch.arange(n + m, device=dev) < n)[None], perms])
+    labels = _permutation_labels(n, m, num_permutations, seed, dev)
     stats, names, bws = [], [], []
     for kind in kinds:
-        dist = _pairwise(z, kind)
-        if bandwidths is None:
-            med = _median_distance(dist)
-            if not med > 0:
-                raise ValueError(f"the median {kind} distance of the pooled sample is {float(med)}; pass bandwidths")
-            half = num_bandwidths // 2
-            grid = med * bandwidth_ratio ** torch.arange(-half, num_bandwidths - half, dtype=z.dtype, device=dev)
-        else:
-            grid = torch.as_tensor(bandwidths, dtype=z.dtype, device=dev).reshape(-1)
-            if not grid.numel() or not bool(((grid > 0) & torch.isfinite(grid)).all()):
-                raise ValueError(f"bandwidths must be positive and finite (at least one), got {grid.tolist()}")
+        dist = _pairwise(z, kind)  # in units of `scale`
+        grid = _grid(dist, kind, bandwidths, num_bandwidths, bandwidth_ratio, scale)
         # All bandwidths of a kernel at once, in chunks of at most ~2^24 kernel entries.
         chunk = max(1, (1 << 24) // dist.numel())
         for part in grid.split(chunk):
             stats.extend(_mmd2_labels(_kernel(dist, kind, part), labels, n, m).unbind(0))
         names.extend([kind] * len(grid))
-        bws.extend(grid.unbind(0))
+        bws.extend((grid * scale).unbind(0))
     table = torch.stack(stats, -1)  # (1 + B, K)
+    if not bool(torch.isfinite(table).all()):  # never let a NaN statistic become a p-value
+        raise ValueError(
+            "the MMD statistics are not finite (non-finite kernel values); check the samples and bandwidths"
+        )
     # Per-kernel p-value of every row: its rank in that kernel's permutation distribution.
-    pvals = (table[None, :, :] >= table[:, None, :]).sum(1).to(z.dtype) / table.shape[0]
-    smallest = pvals.min(-1).values
+    # Statistics equal up to round-off (x and y swapped in a relabelling) count as ties, as
+    # in scipy.stats.permutation_test: ">=" within 100 ulps of the row's value.
+    tol = 100 * torch.finfo(table.dtype).eps * table.abs()
+    counts = (table[None, :, :] >= (table - tol)[:, None, :]).sum(1)  # (1 + B, K)
+    pvals = counts.to(z.dtype) / table.shape[0]
+    smallest = counts.min(-1).values  # the smallest p-value of each row, times (1 + B)
     p_agg = float((smallest <= smallest[0]).sum()) / table.shape[0]
     centre = (len(bws) // len(kinds)) // 2 if bandwidths is None else 0
     return MMDResult(
