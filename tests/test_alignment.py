@@ -2,12 +2,13 @@
 preservation, identity, equivariance, sign flips, self-coupled groups, input errors."""
 
 import copy
+import math
 import pickle
 
 import pyro
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import group_element, mlp_architectures, mlp_params, seeds
 from torch import nn
@@ -43,7 +44,10 @@ def _act(spec, mu, sd, perm):
 
 def _separation(spec, mu, sd=None):
     """``min_{h != e} ||w - h.w||`` lower bound: the closest pair of incoming rows over
-    groups (the first group where ``h`` differs moves at least one such row)."""
+    groups (the first group where ``h`` differs moves at least one such row).
+
+    A width-1 group without sign flips has no element but the identity and adds no pair;
+    ``inf`` if no group has another element (then any noise keeps the identity optimal)."""
     best = float("inf")
 
     def rows(params, grp):
@@ -56,12 +60,18 @@ def _separation(spec, mu, sd=None):
         m = rows(mu, grp)
         s = rows(sd, grp) if sd is not None else torch.zeros(n, 0, dtype=m.dtype)
         d_same = torch.cdist(m, m) ** 2 + torch.cdist(s, s) ** 2
-        d_same.fill_diagonal_(float("inf"))
-        best = min(best, float(d_same.min()))
+        if n > 1:  # matching i to j != i
+            d_same.fill_diagonal_(float("inf"))
+            best = min(best, float(d_same.min()))
         if grp.signed:  # matching i to -j (and i to -i)
             d_flip = torch.cdist(m, -m) ** 2 + torch.cdist(s, s) ** 2
             best = min(best, float(d_flip.min()))
     return best**0.5
+
+
+def _noise_norm(separation):
+    """A noise norm well below half the separation (any norm when ``G`` is trivial)."""
+    return 0.1 * separation if math.isfinite(separation) else 0.1
 
 
 def _noise_like(params, norm, seed):
@@ -87,7 +97,40 @@ def _direct_cost(q0, q1):
     return total
 
 
+@given(
+    hidden=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+    sym=symmetries,
+    wass=st.booleans(),
+    seed=seeds,
+)
+def test_separation_is_a_lower_bound_on_the_orbit_distance(hidden, sym, wass, seed):
+    """The noise scale of the planted tests: ``_separation(w) <= min_{h != e} ||w - h.w||``
+    by enumeration (``inf`` exactly when ``G`` is trivial, e.g. all widths 1 without signs)."""
+    sizes, spec = _mlp((2, tuple(hidden), 2), sym)
+    mu, sd = _gaussian(sizes, seed)
+    elements = spec.elements()
+
+    def sq(moved, w):  # per element; sites no group moves stay unbatched (and add 0)
+        return sum(
+            (moved[k] - w[k]).pow(2).reshape(moved[k].shape[: moved[k].dim() - w[k].dim()] + (-1,)).sum(-1) for k in w
+        )
+
+    dist = sq(spec.apply(mu, elements), mu) + torch.zeros(spec.order, dtype=torch.float64)
+    if wass:
+        dist = dist + sq(spec.apply(sd, {k: ps.decode_signed(p)[0] for k, p in elements.items()}), sd)
+    others = dist[1:]  # elements() starts with the identity
+    assert float(dist[0]) == 0.0
+    delta = _separation(spec, mu, sd if wass else None)
+    if spec.order == 1:
+        assert delta == math.inf and math.isfinite(_noise_norm(delta))
+    else:
+        assert delta <= float(others.min()) ** 0.5 * (1 + 1e-12)
+        assert _noise_norm(delta) < delta / 2
+
+
 # ---------------------------------------------------------------------------- planted recovery
+@example(arch=(1, (1,), 1), sym="none", method="weights", seed=0, noisy=True)  # trivial G: no finite separation
+@example(arch=(2, (1, 1), 3), sym="scale", method="wasserstein", seed=3, noisy=True)
 @given(arch=mlp_architectures(), sym=symmetries, method=methods, seed=seeds, noisy=st.booleans())
 def test_planted_permutation_recovered_mlp(arch, sym, method, seed, noisy):
     """``q1 = g.q0 (+ noise below half the separation)`` gives back exactly ``g^{-1}``."""
@@ -98,8 +141,7 @@ def test_planted_permutation_recovered_mlp(arch, sym, method, seed, noisy):
     q0 = {k: (mu[k], sd[k]) for k in mu} if wass else mu
     q1 = _act(spec, mu, sd, g) if wass else spec.apply(mu, g)
     if noisy:
-        delta = _separation(spec, mu, sd if wass else None)
-        eps = _noise_like(mu, 0.1 * delta, seed + 1)
+        eps = _noise_like(mu, _noise_norm(_separation(spec, mu, sd if wass else None)), seed + 1)
         # |sd + e| stays >= 0 and moves no farther than e does.
         q1 = {k: (v[0] + eps[k], v[1]) for k, v in q1.items()} if wass else {k: v + eps[k] for k, v in q1.items()}
     res = ps.align(q0, q1, spec, method=method, seed=seed)
@@ -140,7 +182,7 @@ def test_planted_permutation_recovered_cnn_with_batchnorm(channels, act, seed, n
     w1 = spec.apply(w0, g)
     if noisy:
         floats = {k: v for k, v in w1.items() if v.is_floating_point()}
-        eps = _noise_like(floats, 0.1 * _separation(spec, w0), seed + 1)
+        eps = _noise_like(floats, _noise_norm(_separation(spec, w0)), seed + 1)
         w1 = {k: v + eps[k] if k in eps else v for k, v in w1.items()}
     res = ps.align(w0, w1, spec, method="weights", seed=seed)
     assert _equal_perm(res.permutation, spec.inverse(g))
