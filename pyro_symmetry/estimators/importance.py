@@ -21,19 +21,38 @@ proportional to ``exp(beta * log q_j(w_i))``. ``pi`` is a product of softmaxes,
 known exactly. Later groups are scored on sites whose other axes belong to groups
 already drawn, with those axes aligned by the drawn elements. Every choice depends
 on ``w`` only through the neurons' contents, never their labels: hence equivariance.
+
+**What is vectorized.** Each neuron's pick depends on the picks before it (each
+row chooses among the columns left, with its own weights: an assignment, not one
+Plackett-Luce ranking of items, so Gumbel-top-k does not apply), so the ``n`` steps
+of a group stay a loop. Everything else is one tensor operation over all ``K``
+elements and draws at once: the scores (one batched matrix product per site), the
+visit order, and each step, which is an inverse-CDF draw for all rows together from
+one uniform per row and step (``N x n`` uniforms instead of ``N x n x n`` Gumbels).
+The loop runs in NumPy on float64 copies (a NumPy call on a ``(K, n)`` array costs
+about a third of a torch call), with the probabilities of each row normalized once
+(``exp(score - row max)``); a step whose open options all underflow sends the group
+to a log-domain rerun that renormalizes at every step. The log-density of a given
+assignment is one masked log-sum-exp over the columns still open at each step
+(:func:`proposal_log_prob`), vectorized over steps.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ..groups import encode_signed
-from ._base import BaseDensity
+from ..groups import decode_signed, encode_signed
+from ._base import BaseDensity, Marginals
 from .factors import neuron_log_factors
 
-__all__ = ["importance_log_ratio", "plackett_luce_proposal"]
+__all__ = ["importance_log_ratio", "plackett_luce_proposal", "proposal_log_prob"]
+
+#: A step whose open probability mass (relative to the row's best option) is below this
+#: sends the group to the log-domain rerun.
+_TINY = 1e-250
 
 
 def _usable_sites(spec, group: str, drawn: set[str]) -> list[str]:
@@ -48,48 +67,204 @@ def _usable_sites(spec, group: str, drawn: set[str]) -> list[str]:
     return out
 
 
-def _sample_assignment(
-    scores: torch.Tensor, num_forced: int, beta: float, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequential Plackett-Luce assignment of ``w``'s neurons to ``q``'s neurons.
+def _detached_marginals(base: BaseDensity) -> Marginals:
+    marg = base.marginals()
+    return Marginals(
+        {k: v.detach() for k, v in marg.loc.items()},
+        {k: v.detach() for k, v in marg.scale.items()},
+        None if marg.log_weights is None else marg.log_weights.detach(),
+        marg.exact,
+    )
 
-    ``scores`` is ``(N, n, S, n)`` (``A[i, s, j]``); rows ``< num_forced`` take the
-    identity (its probability is what the bound needs). Returns the chosen option
-    per ``w``-neuron ``(N, n)`` (option ``s * n + j``) and ``log pi`` ``(N,)``.
+
+# ---------------------------------------------------------------------- one group
+def _scores(spec, sites, marg, group: str, drawn: dict, kc: int, dtype=None) -> torch.Tensor:
+    """``A[i, s, j]`` for ``kc`` elements and the block's draws, ``(kc * nbc, n, S, n)``.
+
+    ``sites`` are ``(nbc, *shape)``; ``drawn`` holds the earlier groups' elements
+    ``(kc, nbc, n)`` whose axes are aligned before scoring.
     """
-    N, n, S, _ = scores.shape
-    O = S * n
-    flat = scores.reshape(N, n, O)
-    order = flat.amax(-1).argsort(-1, descending=True)  # visit order, fixed by the contents
-    visit = beta * flat.gather(1, order.unsqueeze(-1).expand(N, n, O))  # rows in visit order
-    device = scores.device if generator is None else generator.device
-    u = torch.rand((N, n, O), generator=generator, device=device, dtype=scores.dtype)
-    gumbel = -torch.log(-torch.log(u.to(scores.device).clamp(1e-20, 1.0 - 1e-7)))
-    if S == 2:
-        # A neuron's canonical sign (that of its best option) indexes the noise by relative
-        # sign, so a negated neuron draws the same choice: equivariant path by path.
-        flipped = visit.argmax(-1) >= n
-        gumbel = torch.where(flipped.unsqueeze(-1), gumbel.roll(n, -1), gumbel)
-    rows = torch.arange(N, device=scores.device)
-    forced = rows < num_forced
-    used = torch.zeros(N, n, dtype=torch.bool, device=scores.device)
-    chosen = torch.empty(N, n, dtype=torch.long, device=scores.device)
-    # One step per neuron: each pick depends on the previous ones (a sequential law).
+    usable = _usable_sites(spec, group, set(drawn))
+    if drawn:
+        ref = next(iter(drawn.values()))
+        partial = {k: drawn.get(k, torch.arange(spec.sizes[k], device=ref.device)) for k in spec.groups}
+        aligned = spec.apply(sites, partial)  # (kc, nbc, ...)
+    else:
+        aligned = sites
+    a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, group, sites=usable, dtype=dtype)
+    nbc = next(iter(sites.values())).shape[0]
+    return a.expand(kc, nbc, *a.shape[-3:]).reshape(kc * nbc, *a.shape[-3:])
+
+
+def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Visit order ``(N, n)``, the float64 scores ``beta * A`` in visit order ``(N, n, O)``
+    with options ``s * n + j`` counted in *relative* sign, and the flips ``(N, n)``.
+
+    A neuron's canonical sign (that of its best option) is its sign 0, so a negated
+    neuron sees the same option order and draws the same choice from the same uniform:
+    equivariant path by path.
+    """
+    N, n, S, _ = a.shape
+    flat = a.reshape(N, n, S * n)
+    order = flat.amax(-1).argsort(-1, descending=True)  # fixed by the neurons' contents
+    v = beta * flat.gather(1, order.unsqueeze(-1).expand(N, n, S * n)).double()
+    if S == 1:
+        return order, v, None
+    flipped = v.argmax(-1) >= n
+    return order, torch.where(flipped.unsqueeze(-1), v.roll(n, -1), v), flipped
+
+
+def _steps(V: np.ndarray, u: np.ndarray, forced: np.ndarray, stable: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The sequential draw: at step ``t`` every row picks an open option by inverse CDF.
+
+    ``V`` ``(n, N, O)`` scores in visit order, ``u`` ``(n, N)`` uniforms in ``(0, 1]``,
+    ``forced`` ``(n, F)`` the options of rows ``< F`` (the identity). Returns the options
+    ``(n, N)`` and the log normalizers ``(n, N)`` (``stable``), or the open masses relative
+    to each row's best option (not ``stable``; below :data:`_TINY` means underflow).
+    """
+    n, N, O = V.shape
+    S, F = O // n, forced.shape[1]
+    opened = np.ones((N, n))
+    chosen = np.empty((n, N), dtype=np.int64)
+    norm = np.empty((n, N))
+    rows = np.arange(N)
+    if not stable:
+        with np.errstate(under="ignore"):
+            E = np.exp(V - V.max(2, keepdims=True))
+    closed = np.zeros((N, n))  # 0 open, -inf taken (log domain)
     for t in range(n):
-        s = visit[:, t].masked_fill(used.repeat(1, S), float("-inf"))
-        o = torch.where(forced, order[:, t], (s + gumbel[:, t]).argmax(-1))
-        used[rows, o % n] = True
-        chosen[:, t] = o
-    # log pi in one pass: at step t the options of q-neurons picked at steps >= t are open.
-    rank = torch.empty_like(chosen).scatter_(1, chosen % n, torch.arange(n, device=scores.device).expand(N, n))
-    steps = torch.arange(n, device=scores.device).view(1, n, 1)
-    closed = (rank.repeat(1, S).unsqueeze(1) < steps).expand(N, n, O)
-    log_pi = (
-        visit.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
-        - torch.logsumexp(visit.masked_fill(closed, float("-inf")), -1)
-    ).sum(-1)
-    choice = torch.empty_like(chosen).scatter_(1, order, chosen)
-    return choice, log_pi
+        if stable:
+            x = V[t] + (closed if S == 1 else np.tile(closed, S))
+            m = x.max(1)
+            e = np.exp(x - m[:, None])
+        else:
+            e = E[t] * opened if S == 1 else (E[t].reshape(N, S, n) * opened[:, None, :]).reshape(N, O)
+        c = np.cumsum(e, 1)
+        total = c[:, -1]
+        o = chosen[t]
+        # The first option whose cumulative mass reaches u * total: it has positive mass.
+        np.sum(c < (u[t] * total)[:, None], axis=1, out=o)
+        o[:F] = forced[t]
+        col = o if S == 1 else o % n
+        opened[rows, col] = 0.0
+        if stable:
+            closed[rows, col] = -np.inf
+            norm[t] = m + np.log(total)
+        else:
+            norm[t] = total
+    return chosen, norm
+
+
+def _draw(
+    V: torch.Tensor, u: torch.Tensor, forced: torch.Tensor | None, group: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group."""
+    N, n, O = V.shape
+    Vn = V.detach().permute(1, 0, 2).cpu().numpy().copy()  # (n, N, O), contiguous steps
+    top = Vn.max(2)
+    if not np.isfinite(top).all():
+        raise ValueError(
+            f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
+            "parameters out of the floating-point range?)"
+        )
+    un = u.detach().t().cpu().numpy()
+    fn = np.empty((n, 0), dtype=np.int64) if forced is None else forced.t().cpu().numpy()
+    chosen, norm = _steps(Vn, un, fn, stable=False)
+    if norm.min() < _TINY:
+        chosen, log_norm = _steps(Vn, un, fn, stable=True)
+    else:
+        log_norm = top + np.log(norm)
+    picked = np.take_along_axis(Vn, chosen[..., None], 2)[..., 0]
+    log_pi = torch.from_numpy((picked - log_norm).sum(0)).to(V.device)
+    return torch.from_numpy(chosen.T.copy()).to(V.device), log_pi
+
+
+def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``log pi`` ``(N,)`` of given options ``(N, n)`` (visit order): at step ``t`` the
+    options of the columns picked at steps ``>= t`` are open (a masked log-sum-exp)."""
+    N, n, O = V.shape
+    col = chosen % n
+    rank = torch.empty_like(col).scatter_(1, col, torch.arange(n, device=V.device).expand(N, n))
+    closed = rank.repeat(1, O // n).unsqueeze(1) < torch.arange(n, device=V.device).view(1, n, 1)
+    picked = V.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(V.masked_fill(closed, float("-inf")), -1)).sum(-1)
+
+
+def _to_element(order: torch.Tensor, chosen: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """Signed index ``p`` ``(N, n)`` with ``(p . w)[j] = +-w[p[j]]`` from the options."""
+    n = order.shape[-1]
+    if flipped is None:
+        return torch.empty_like(chosen).scatter_(1, chosen, order)
+    absolute = (chosen + n * flipped) % (2 * n)
+    return torch.empty_like(chosen).scatter_(1, absolute % n, encode_signed(order, absolute >= n))
+
+
+def _from_element(p: torch.Tensor, order: torch.Tensor, flipped: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_to_element`: the options (visit order, relative sign) of ``p``."""
+    n = order.shape[-1]
+    src, neg = decode_signed(p)
+    target = torch.arange(n, device=p.device).expand_as(src) + n * neg
+    choice = torch.empty_like(src).scatter_(1, src, target)  # option of each w-neuron
+    absolute = choice.gather(1, order)
+    return absolute if flipped is None else (absolute + n * flipped) % (2 * n)
+
+
+def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False, given=None):
+    """Draw (``u``) or score (``given``) the elements of one block of ``kc`` elements and
+    ``nbc`` draws. Returns elements ``(kc, nbc, n)`` per group and ``log pi`` ``(kc, nbc)``."""
+    spec = base.spec
+    nbc = next(iter(sites.values())).shape[0]
+    drawn: dict[str, torch.Tensor] = {}
+    log_pi = 0.0
+    for g, group in spec.groups.items():
+        n = group.size
+        a = _scores(spec, sites, marg, g, drawn, kc)
+        if not bool(torch.isfinite(a.amax((-2, -1))).all()) and a.dtype != torch.float64:
+            a = _scores(spec, sites, marg, g, drawn, kc, dtype=torch.float64)  # float32 overflow
+        order, V, flipped = _visit(a, beta)
+        if given is None:
+            ident = None
+            if forced:  # the identity's options: neuron order[t] keeps its place and sign
+                ident = order[:nbc] if flipped is None else order[:nbc] + n * flipped[:nbc]
+            chosen, lp = _draw(V, u[g].reshape(kc * nbc, n), ident, g)
+        else:
+            chosen = _from_element(given[g].reshape(kc * nbc, n), order, flipped)
+            lp = _assignment_log_prob(V, chosen)
+        drawn[g] = _to_element(order, chosen, flipped).reshape(kc, nbc, n)
+        log_pi = log_pi + lp.reshape(kc, nbc)
+    return drawn, log_pi
+
+
+def _blocks(base: BaseDensity, K: int, nb: int, itemsize: int):
+    """``(k_lo, k_hi, b_lo, b_hi)`` rectangles of elements x draws that fit in
+    :data:`~pyro_symmetry.estimators._base.CHUNK_BYTES` (whole draws when ``K`` rows fit)."""
+    n = max(base.spec.sizes.values(), default=1)
+    S = 2 if any(g.signed for g in base.spec.groups.values()) else 1
+    rows = base.rows_per_chunk(itemsize, extra=n * S * n * (2 * itemsize + 32))
+    if K <= rows:
+        per = max(1, rows // K)
+        for b in range(0, nb, per):
+            yield 0, K, b, min(nb, b + per)
+    else:
+        for b in range(nb):
+            for k in range(0, K, rows):
+                yield k, min(K, k + rows), b, b + 1
+
+
+def _uniforms(spec, K: int, nb: int, generator, device) -> dict[str, torch.Tensor]:
+    """One uniform in ``(0, 1]`` per element, draw and neuron, drawn before any chunking so
+    that the result does not depend on the chunk sizes."""
+    dev = generator.device if generator is not None else device
+    return {
+        g: (1.0 - torch.rand((K, nb, n), generator=generator, device=dev, dtype=torch.float64)).to(device)
+        for g, n in spec.sizes.items()
+    }
+
+
+def _setup(base: BaseDensity, value):
+    batch = base.batch_shape_of(value)
+    ref = base.reference(value)
+    return batch, max(1, batch.numel()), ref
 
 
 @torch.no_grad()
@@ -120,42 +295,53 @@ def plackett_luce_proposal(
     -------
     perm : dict ``group -> LongTensor (K, *batch, n)``
         Elements ``p_k = g_k^{-1}`` (evaluate ``q(p_k . w)``); ``p_0`` is the identity.
-    log_pi : Tensor ``(K, *batch)``
+    log_pi : Tensor ``(K, *batch)``, float64
         ``log pi(g_k | w)``, including ``k = 0``.
     """
-    spec = base.spec
     K = int(num_permutations)
-    batch = base.batch_shape_of(value)
-    sites = {k: v.detach() for k, v in base.sites(value).items()}
-    ref = next(iter(sites.values()))
-    marg = base.marginals()
-    marg = type(marg)(
-        {k: v.detach() for k, v in marg.loc.items()},
-        {k: v.detach() for k, v in marg.scale.items()},
-        None if marg.log_weights is None else marg.log_weights.detach(),
-        marg.exact,
-    )
-    nb = max(1, batch.numel())
-    drawn: dict[str, torch.Tensor] = {}
-    log_pi = ref.new_zeros(K, *batch)
-    for g, group in spec.groups.items():
-        n = group.size
-        usable = _usable_sites(spec, g, set(drawn))
-        if drawn:
-            partial = {k: drawn.get(k, torch.arange(spec.sizes[k], device=ref.device)) for k in spec.groups}
-            aligned = spec.apply(sites, partial)  # (K, *batch, ...)
-        else:
-            aligned = sites
-        a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, g, sites=usable)
-        a = a.expand(K, *batch, *a.shape[-3:]).reshape(K * nb, n, a.shape[-2], n)
-        choice, lp = _sample_assignment(a, nb, beta, generator)
-        target = choice % n
-        neg = choice >= n
-        src = torch.arange(n, device=ref.device).expand_as(choice)
-        p = torch.empty_like(choice).scatter_(-1, target, encode_signed(src, neg))
-        drawn[g] = p.reshape(K, *batch, n)
-        log_pi = log_pi + lp.reshape(K, *batch)
-    return drawn, log_pi
+    batch, nb, ref = _setup(base, value)
+    u = _uniforms(base.spec, K, nb, generator, ref.device)
+    marg = _detached_marginals(base)
+    perms = {g: torch.empty(K, nb, n, dtype=torch.long, device=ref.device) for g, n in base.spec.sizes.items()}
+    log_pi = torch.empty(K, nb, dtype=torch.float64, device=ref.device)
+    for k0, k1, b0, b1 in _blocks(base, K, nb, ref.element_size()):
+        sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+        ub = {g: x[k0:k1, b0:b1] for g, x in u.items()}
+        p, lp = _block(base, sites, marg, k1 - k0, beta, u=ub, forced=k0 == 0)
+        for g in perms:
+            perms[g][k0:k1, b0:b1] = p[g]
+        log_pi[k0:k1, b0:b1] = lp
+    return {g: p.reshape(K, *batch, -1) for g, p in perms.items()}, log_pi.reshape(K, *batch)
+
+
+@torch.no_grad()
+def proposal_log_prob(base: BaseDensity, value, perm, beta: float = 1.0) -> torch.Tensor:
+    """``log pi(g | w)`` of given elements under the proposal of :func:`plackett_luce_proposal`.
+
+    Parameters
+    ----------
+    base : BaseDensity
+    value : weights ``w`` ``(*batch, ...)``
+    perm : dict ``group -> LongTensor (E, *batch, n)``
+        Elements ``p = g^{-1}`` in the convention of :func:`plackett_luce_proposal`.
+    beta : float
+
+    Returns
+    -------
+    Tensor ``(E, *batch)``, float64. Summed over all of ``G`` its exponential is one
+    (the proposal is normalized), and it is equivariant:
+    ``proposal_log_prob(h . w, p h^{-1}) == proposal_log_prob(w, p)``.
+    """
+    batch, nb, ref = _setup(base, value)
+    E = next(iter(perm.values())).shape[0]
+    given = {g: p.expand(E, *batch, p.shape[-1]).reshape(E, nb, -1) for g, p in perm.items()}
+    marg = _detached_marginals(base)
+    out = torch.empty(E, nb, dtype=torch.float64, device=ref.device)
+    for k0, k1, b0, b1 in _blocks(base, E, nb, ref.element_size()):
+        sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+        gb = {g: x[k0:k1, b0:b1] for g, x in given.items()}
+        out[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, given=gb)[1]
+    return out.reshape(E, *batch)
 
 
 def importance_log_ratio(
@@ -164,6 +350,7 @@ def importance_log_ratio(
     num_permutations: int,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
+    progress=None,
 ) -> torch.Tensor:
     """Importance-proposal estimate of ``log q_sym(w) - log q(w)``.
 
@@ -176,6 +363,8 @@ def importance_log_ratio(
     beta : float
         Inverse temperature of the Plackett-Luce proposal.
     generator : torch.Generator, optional
+    progress : callable, optional
+        Called with the number of draws finished after each chunk.
 
     Returns
     -------
@@ -183,6 +372,11 @@ def importance_log_ratio(
 
     Notes
     -----
+    **Memory.** Elements and draws are processed in rectangles that fit in
+    :data:`~pyro_symmetry.estimators._base.CHUNK_BYTES` (all uniforms are drawn first,
+    so the result does not depend on the chunking); under autograd each rectangle's
+    permuted copies are recomputed in the backward pass instead of kept.
+
     **Gradient.** The proposal is drawn and scored without gradient (``log pi``
     detached), and the estimate is differentiated pathwise through
     ``log q(g_k^{-1} w)`` with the drawn ``g_k`` held fixed. That gradient is
@@ -193,7 +387,32 @@ def importance_log_ratio(
     left out, so this is not the exact gradient of the finite-``K`` bound.
     """
     K = int(num_permutations)
-    perm, log_pi = plackett_luce_proposal(base, value, K, beta, generator)
-    logs = base.log_prob_acted(value, perm)  # (K, *batch); k = 0 is log q(w)
+    batch, nb, ref = _setup(base, value)
+    with torch.no_grad():
+        u = _uniforms(base.spec, K, nb, generator, ref.device)
+        marg = _detached_marginals(base)
+    blocks = list(_blocks(base, K, nb, ref.element_size()))
+    grad = len(blocks) > 1 and base.needs_grad(value)
+    tensors = base.moving_tensors(value)
+    logs = ref.new_empty(K, nb)
+    log_pi = torch.empty(K, nb, dtype=torch.float64, device=ref.device)
+    for k0, k1, b0, b1 in blocks:
+        rows = torch.arange(b0, b1, device=ref.device)
+        with torch.no_grad():
+            sites = base.sites(base.take(value, rows, batch))
+            ub = {g: x[k0:k1, b0:b1] for g, x in u.items()}
+            perm, log_pi[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, u=ub, forced=k0 == 0)
+
+        def piece(*_, rows=rows, perm=perm):
+            return base.log_prob_acted(base.take(value, rows, batch), perm)
+
+        if grad:  # keep no permuted copies for the backward pass: recompute them there
+            logs[k0:k1, b0:b1] = torch.utils.checkpoint.checkpoint(
+                piece, *tensors, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            logs[k0:k1, b0:b1] = piece()
+        if progress is not None and k1 == K:
+            progress(b1 - b0)
     weights = logs - logs[:1] - log_pi.to(logs.dtype) - base.spec.log_order
-    return torch.logsumexp(weights, 0) - math.log(K)
+    return (torch.logsumexp(weights, 0) - math.log(K)).reshape(batch)
