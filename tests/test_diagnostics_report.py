@@ -87,3 +87,92 @@ def test_report_on_sample_sets_skips_what_needs_variational_runs():
         D.symmetry_report(chains[:1], model.spec, progress=False)
     with pytest.raises(ps.SpecError, match="spec"):
         D.symmetry_report(chains, progress=False)
+
+
+# ---------------------------------------------------------------------- degenerate draws, layouts, failed runs
+def test_report_on_point_estimates_never_reads_converged():
+    """MAP runs (every draw of a run the same point): before alignment the runs differ
+    (R-hat inf), after it they are one point (R-hat undefined). Neither is "0% above 1.01"."""
+    model, runs, _, _ = _permuted_runs(3)
+    points = [{k: loc.expand(12, *loc.shape).clone() for k, (loc, _) in q.items()} for q in runs]
+    report = D.symmetry_report(points, model.spec, mmd_permutations=20, progress=False)
+    total = report.rows[-1]
+    for when in ("before", "after"):
+        assert total[f"frac_rhat>1.01_{when}"] == 1.0 and total[f"frac_rhat>1.1_{when}"] == 1.0
+        assert total[f"rhat_max_{when}"] == math.inf and math.isnan(total[f"ess_median_{when}"])
+        assert total[f"degenerate_{when}"] == total["num_weights"]
+    cells = dict(zip(report.table()[0], report.table()[-1]))
+    assert cells["R-hat max"] == "inf → inf" and cells["R-hat > 1.01"] == "100% → 100%"
+    assert cells["ESS median"] == "n/a (degenerate) → n/a (degenerate)"
+    degenerate = [n for n in report.notes if "degenerate draws" in n]
+    assert len(degenerate) == 2 and "fc1 16, fc2 15, fc3 8" in degenerate[0]  # weights per layer
+    assert degenerate[0] in str(report) and degenerate[0] in report.to_markdown()
+
+
+def _functional_runs(num_runs=2, seed=0):
+    """Gaussian runs of a NumPyro-style network (weights ``(in, out)``), relabelled copies."""
+    shapes = {"w1": (3, 4), "b1": (4,), "w2": (4, 2), "b2": (2,)}
+    group = ps.NeuronGroup(4, incoming=[("w1", 1), ("b1", 0)], outgoing=[("w2", 0)])
+    spec = ps.PermutationSpec({"h": group}, shapes)
+    g = torch.Generator().manual_seed(seed)
+    loc = {k: 2.0 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    perms = spec.sample((num_runs,), generator=g)
+    runs = []
+    for r in range(num_runs):
+        locs = spec.apply(loc, {k: v[r] for k, v in perms.items()})
+        runs.append({k: (locs[k], torch.full_like(locs[k], 0.05)) for k in shapes})
+    return spec, runs
+
+
+def test_report_widths_of_an_in_out_layout_come_from_the_spec():
+    spec, runs = _functional_runs()
+    report = D.symmetry_report(runs, spec, num_samples=20, mi_samples=4, mmd_permutations=20, progress=False)
+    widths = {r["layer"]: r["width"] for r in report.rows}
+    # w2 is (hidden, out): its layer has 2 output neurons (not the 4 of its first axis);
+    # b2 is no group's: its width is not guessed.
+    assert widths == {"w1": 4, "b1": 4, "w2": 2, "b2": None, "all": 4}
+    assert dict(zip(report.table()[0], report.table()[4]))["width"] == "–"
+
+
+class _Run:
+    """A TrainedRun-like record, as ``train_runs(on_error="keep")`` returns them."""
+
+    def __init__(self, posterior=None, error=None):
+        self.guide, self.state, self.model, self.error = posterior, {}, None, error
+
+
+def test_report_skips_failed_runs_with_a_note():
+    model, runs, x, y = _permuted_runs(3)
+    failed = _Run(None, FloatingPointError("non-finite loss at step 12"))
+    wrapped = [_Run(runs[0]), failed, _Run(runs[1]), _Run(runs[2])]
+    loss = ps.gaussian_nll_loss(model, x, y, num_samples=4)
+    report = D.symmetry_report(
+        wrapped,
+        model.spec,
+        loss_fn=loss,
+        num_samples=12,
+        mi_samples=4,
+        mmd_permutations=20,
+        barrier_points=3,
+        progress=False,
+    )
+    assert report.notes[0] == "run 1 skipped: FloatingPointError: non-finite loss at step 12"
+    assert "note: run 1 skipped" in str(report) and "run 1 skipped" in report.to_html()
+    assert report.info["runs"] == 3 and report.runs == [0, 2, 3]
+    assert [label for label, _, _ in report.barriers] == ["runs 0-2", "runs 2-3"]
+    assert report.info["MMD"].startswith("runs 0 vs 2")
+    assert "| 3 |" in report.to_markdown()  # the I(g; w) table names runs by their index
+    with pytest.raises(ValueError, match=r"symmetry_report needs at least 2 runs, got 1 after skipping 1 failed"):
+        D.symmetry_report([_Run(runs[0]), failed], model.spec, progress=False)
+
+
+def test_rhat_histogram_legend_counts_infinite_and_undefined_rhat_as_above():
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    before = {"w": np.array([1.0, np.inf, np.nan, 1.5])}
+    after = {"w": np.array([1.0, 1.001, 1.002, 1.0])}
+    fig = D.plots.plot_rhat_hist(before, after)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "before alignment (75% > 1.1; 2 inf/undefined not shown)"
+    assert labels[1] == "after alignment (0% > 1.1)"

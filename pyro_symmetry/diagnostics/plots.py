@@ -46,16 +46,16 @@ def plot_rhat_hist(
     ----------
     before, after : mapping ``site -> ndarray`` of R-hat values (``ConvergenceSummary.rhat``)
     """
-    b = np.concatenate([np.ravel(v) for v in before.values()])
-    a = np.concatenate([np.ravel(v) for v in after.values()])
-    b, a = b[np.isfinite(b)], a[np.isfinite(a)]
+    b_all = np.concatenate([np.ravel(v) for v in before.values()]).astype(float)
+    a_all = np.concatenate([np.ravel(v) for v in after.values()]).astype(float)
+    b, a = b_all[np.isfinite(b_all)], a_all[np.isfinite(a_all)]
     hi = max(float(b.max(initial=1.2)), float(a.max(initial=1.2)), 1.2)
     lo = min(float(b.min(initial=1.0)), float(a.min(initial=1.0)), 0.99)
     bins = np.geomspace(lo, hi, 50)
     fig, axes = _figure(1, 1, (6.0, 3.2))
     ax = axes[0, 0]
-    ax.hist(b, bins=bins, alpha=0.6, label=f"before alignment ({np.mean(b > 1.1):.0%} > 1.1)", color="tab:red")
-    ax.hist(a, bins=bins, alpha=0.6, label=f"after alignment ({np.mean(a > 1.1):.0%} > 1.1)", color="tab:blue")
+    ax.hist(b, bins=bins, alpha=0.6, label=_rhat_label("before", b_all), color="tab:red")
+    ax.hist(a, bins=bins, alpha=0.6, label=_rhat_label("after", a_all), color="tab:blue")
     for t, ls in ((1.01, ":"), (1.1, "--")):
         ax.axvline(t, color="k", lw=0.8, ls=ls, label=f"R-hat = {t}")
     ax.set_xscale("log")
@@ -66,6 +66,14 @@ def plot_rhat_hist(
     ax.set_ylabel("weights")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def _rhat_label(when: str, r: np.ndarray) -> str:
+    """Legend entry: the share above 1.1 of *all* weights, an infinite or undefined R-hat
+    (degenerate draws) counted above, and how many such weights the histogram cannot show."""
+    above = np.mean(np.where(np.isnan(r), np.inf, r) > 1.1) if r.size else float("nan")
+    hidden = int(r.size - np.isfinite(r).sum())
+    return f"{when} alignment ({above:.0%} > 1.1" + (f"; {hidden} inf/undefined not shown)" if hidden else ")")
 
 
 def select_weights(score: Mapping[str, np.ndarray], num: int = 4) -> list[tuple[str, tuple[int, ...]]]:

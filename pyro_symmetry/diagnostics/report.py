@@ -22,11 +22,13 @@ from __future__ import annotations
 import html
 import math
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -35,8 +37,9 @@ from ..alignment import BarrierResult, align_many, gaussian_nll_loss, loss_barri
 from ..estimators import MIEstimate, mutual_information
 from ..groups import PermutationSpec, SpecError
 from . import plots
-from .convergence import ConvergenceComparison, layer_of, rhat_ess
-from .inference_data import align_draws, collect_draws
+from ._layout import layer_groups, layer_of, layer_widths
+from .convergence import ConvergenceComparison, rhat_ess
+from .inference_data import align_draws, check_enough_chains, collect_draws, describe_skipped
 from .kernel_mmd import MMDResult, canonical_form, mmd
 
 __all__ = ["SymmetryReport", "symmetry_report"]
@@ -81,7 +84,10 @@ class SymmetryReport:
     figures : dict ``name -> Path`` of the saved PNGs
     info : dict of summary facts (runs, draws, log|G|, alignment, canonical form)
     notes : list of str
-        What was skipped and why.
+        What was skipped and why (failed runs, sections), and which layers' R-hat/ESS
+        rest on degenerate draws.
+    runs : list of int
+        The index in ``runs`` of each run the report uses (failed runs are skipped).
     """
 
     rows: list[dict[str, Any]]
@@ -93,6 +99,7 @@ class SymmetryReport:
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     title: str = "Symmetry report"
+    runs: list[int] = field(default_factory=list)
 
     def table(self) -> list[list[str]]:
         """The formatted table: a header row, then one row per layer and ``"all"``."""
@@ -103,7 +110,7 @@ class SymmetryReport:
         widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
     def _sections(self) -> list[tuple[str, list[list[str]]]]:
         """Secondary tables: I(g; w) per run and the barrier of every pair."""
@@ -113,7 +120,7 @@ class SymmetryReport:
             runs = len(self.mutual_information[names[0]])
             head = ["run"] + [f"I(g;w) {n} (log|G| = {self.mutual_information[n][0].log_order:.1f})" for n in names]
             body = [
-                [str(r)]
+                [str(self.runs[r] if r < len(self.runs) else r)]
                 + [
                     f"{self.mutual_information[n][r].value:.2f} ± {self.mutual_information[n][r].stderr:.2f}"
                     for n in names
@@ -179,13 +186,19 @@ class SymmetryReport:
 
 
 # ---------------------------------------------------------------------- formatting
-def _num(x: Any, fmt: str) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+def _num(x: Any, fmt: str, nan: str = "–") -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and math.isnan(x):
+        return nan
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return format(x, fmt)
 
 
-def _pair(row: dict, key: str, fmt: str) -> str:
+def _pair(row: dict, key: str, fmt: str, nan: str = "–") -> str:
     b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
-    return "–" if b is None else f"{_num(b, fmt)} → {_num(a, fmt)}"
+    return "–" if b is None else f"{_num(b, fmt, nan)} → {_num(a, fmt, nan)}"
 
 
 def _format_row(r: dict[str, Any]) -> list[str]:
@@ -199,10 +212,10 @@ def _format_row(r: dict[str, Any]) -> list[str]:
         r["layer"],
         _num(r.get("width"), "d"),
         _num(r.get("log_order_share"), ".0%"),
-        _pair(r, "rhat_max", ".3f"),
+        _pair(r, "rhat_max", ".3f", "n/a"),
         _pair(r, "frac_rhat>1.01", ".0%"),
         _pair(r, "frac_rhat>1.1", ".0%"),
-        _pair(r, "ess_median", ".0f"),
+        _pair(r, "ess_median", ".0f", "n/a (degenerate)"),
         mi,
         mmd_b,
         mmd_a,
@@ -225,16 +238,6 @@ def _html_table(rows: list[list[str]]) -> str:
 
 
 # ---------------------------------------------------------------------- pieces
-def _layer_groups(spec: PermutationSpec, sites: Sequence[str]) -> dict[str, str | None]:
-    """``layer -> the group whose incoming axes are that layer's neurons`` (None: output)."""
-    owner: dict[str, str] = {}
-    for name, group in spec.groups.items():
-        for ax in group.incoming:
-            owner.setdefault(layer_of(ax.site), name)
-    layers = list(dict.fromkeys(layer_of(s) for s in sites))
-    return {layer: owner.get(layer) for layer in layers}
-
-
 def _group_log_order(spec: PermutationSpec, name: str) -> float:
     g = spec.groups[name]
     return math.lgamma(g.size + 1) + (g.size * math.log(2.0) if g.signed else 0.0)
@@ -358,14 +361,16 @@ def symmetry_report(
     step = iter(bar)
 
     next(step)
-    draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
+    with warnings.catch_warnings():  # failed runs become notes of the report instead
+        warnings.filterwarnings("ignore", message=r"run \d+ skipped")
+        draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
     spec = draws.spec
     if spec is None:
         raise SpecError("symmetry_report needs a spec (pass spec=... or use a model with a .spec)")
-    if draws.num_chains < 2:
-        raise ValueError(f"symmetry_report needs at least 2 runs, got {draws.num_chains}")
+    check_enough_chains(draws, 2, "symmetry_report")
     posteriors = draws.posteriors
-    notes: list[str] = []
+    run_ids = list(draws.run_index) or list(range(draws.num_chains))
+    notes: list[str] = describe_skipped(draws.skipped)
 
     next(step)
     many = None
@@ -375,6 +380,7 @@ def symmetry_report(
 
     next(step)
     convergence = ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)
+    notes += _degenerate_notes(convergence)
 
     next(step)
     mi: dict[str, list[MIEstimate]] = {}
@@ -395,26 +401,26 @@ def symmetry_report(
         for r in range(min(barrier_pairs, len(posteriors) - 1)):
             before = loss_barrier(loss_fn, posteriors[r], posteriors[r + 1], barrier_points)
             after = loss_barrier(loss_fn, many.aligned[r], many.aligned[r + 1], barrier_points)
-            barriers.append((f"runs {r}-{r + 1}", before, after))
+            barriers.append((f"runs {run_ids[r]}-{run_ids[r + 1]}", before, after))
 
     next(step)
-    layer_groups = _layer_groups(spec, list(draws.samples))
-    mmd_results, canonical = _mmd_by_layer(draws, spec, list(layer_groups), mmd_permutations, seed)
+    layers = list(layer_groups(spec, list(draws.samples)))
+    mmd_results, canonical = _mmd_by_layer(draws, spec, layers, mmd_permutations, seed)
 
-    rows = _rows(layer_groups, spec, convergence, mi, mmd_results, barriers, draws)
+    rows = _rows(spec, convergence, mi, mmd_results, barriers, draws)
     info = {
         "runs": draws.num_chains,
         "draws per run": draws.num_draws,
         "weights": rows[-1]["num_weights"],
         "log|G|": f"{spec.log_order:.2f}",
         "alignment": f"align_many to the {align}" if posteriors is not None else f"align_samples ({align})",
-        "MMD": f"runs 0 vs 1, Gaussian kernel, canonical form after: {canonical}",
+        "MMD": f"runs {run_ids[0]} vs {run_ids[1]}, Gaussian kernel, canonical form after: {canonical}",
     }
     if mi:
         est = mi["all"][0]
         k = f", K = {est.num_permutations}" if est.num_permutations else ""
         info["I(g;w) estimator"] = f"{est.method} ({est.num_samples} draws{k})"
-    report = SymmetryReport(rows, convergence, mi, barriers, mmd_results, {}, info, notes, title)
+    report = SymmetryReport(rows, convergence, mi, barriers, mmd_results, {}, info, notes, title, run_ids)
 
     next(step)
     if out_dir is not None:
@@ -422,7 +428,8 @@ def symmetry_report(
         figs = {"rhat_hist": out / "rhat_hist.png", "marginals": out / "marginals.png", "ranks": out / "ranks.png"}
         plots.plot_rhat_hist(convergence.before.rhat, convergence.after.rhat, figs["rhat_hist"])
         # The weights whose R-hat drops most under alignment: where symmetry was the disagreement.
-        drop = {k: convergence.before.rhat[k] - convergence.after.rhat[k] for k in convergence.before.rhat}
+        with np.errstate(invalid="ignore"):  # inf - inf: degenerate before and after, no drop to show
+            drop = {k: convergence.before.rhat[k] - convergence.after.rhat[k] for k in convergence.before.rhat}
         weights = plots.select_weights(drop, num_weights_plotted)
         plots.plot_marginals(draws.samples, aligned.samples, weights, figs["marginals"])
         plots.plot_ranks(draws.samples, aligned.samples, weights, figs["ranks"])
@@ -435,17 +442,32 @@ def symmetry_report(
     return report
 
 
-def _rows(layer_groups, spec, convergence, mi, mmd_results, barriers, draws) -> list[dict[str, Any]]:
-    widths = {}
-    for site, v in draws.samples.items():
-        if v.dim() > 2:
-            widths.setdefault(layer_of(site), int(v.shape[2]))
+def _degenerate_notes(convergence: ConvergenceComparison) -> list[str]:
+    """Say which layers' R-hat/ESS rest on degenerate draws (every run constant)."""
+    notes = []
+    for label, summary in (("before", convergence.before), ("after", convergence.after)):
+        counts = {layer: summary.num_degenerate(layer) for layer in summary.layer_names}
+        counts = {layer: c for layer, c in counts.items() if c}
+        if counts:
+            total = summary.row()["num_weights"]
+            per_layer = ", ".join(f"{layer} {c}" for layer, c in counts.items())
+            notes.append(
+                f"R-hat/ESS {label} alignment rest on degenerate draws (every run constant: point estimates, "
+                f"AutoDelta or tiny scales) for {sum(counts.values())} of {total} weights ({per_layer}): they count "
+                "as not converged (R-hat inf where runs differ, undefined where all agree) and their ESS is n/a."
+            )
+    return notes
+
+
+def _rows(spec, convergence, mi, mmd_results, barriers, draws) -> list[dict[str, Any]]:
+    shapes = {site: tuple(v.shape[2:]) for site, v in draws.samples.items()}
+    widths, groups = layer_widths(spec, shapes), layer_groups(spec, list(shapes))
     rows = []
-    for layer, group in [*layer_groups.items(), ("all", None)]:
+    for layer, group in [*groups.items(), ("all", None)]:
         key = None if layer == "all" else layer
         b, a = convergence.before.row(key), convergence.after.row(key)
         row: dict[str, Any] = {"layer": layer, "num_weights": b["num_weights"]}
-        for k in ("rhat_max", "rhat_median", "frac_rhat>1.01", "frac_rhat>1.1", "ess_min", "ess_median"):
+        for k in ("rhat_max", "rhat_median", "frac_rhat>1.01", "frac_rhat>1.1", "ess_min", "ess_median", "degenerate"):
             row[f"{k}_before"], row[f"{k}_after"] = b[k], a[k]
         if layer == "all":
             row["width"] = sum(spec.sizes.values())
@@ -454,7 +476,7 @@ def _rows(layer_groups, spec, convergence, mi, mmd_results, barriers, draws) -> 
             row["width"] = spec.groups[group].size
             row["log_order"] = _group_log_order(spec, group)
             row["log_order_share"] = row["log_order"] / spec.log_order if spec.log_order > 0 else 0.0
-        else:  # output layer: its neurons are not interchangeable
+        else:  # no group: its neurons are not interchangeable; the width only where the spec says it
             row["width"], row["log_order"], row["log_order_share"] = widths.get(layer), 0.0, 0.0
         name = "all" if layer == "all" else (group if len(spec.groups) > 1 else ("all" if group else None))
         if name is not None and name in mi:
