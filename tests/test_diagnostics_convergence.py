@@ -220,6 +220,8 @@ def test_nan_rhat_in_a_handmade_summary_counts_as_not_converged():
     )
     assert s.fraction_above(1.01) == pytest.approx(1 / 3) and s.num_degenerate() == 1
     assert s.row()["rhat_max"] == math.inf
+    with pytest.raises(ValueError, match="threshold"):  # NaN > every R-hat is False: "0% above"
+        s.fraction_above(float("nan"))
 
 
 def test_nan_or_inf_draws_are_refused_not_summarized():

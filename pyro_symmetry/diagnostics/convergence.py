@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._validation import check_real
 from ._layout import layer_of
 from .inference_data import RunDraws, align_draws, check_enough_chains, collect_draws, draws_to_datatree
 
@@ -100,6 +101,7 @@ class ConvergenceSummary:
         A weight whose R-hat is ``inf`` (constant runs that differ) or undefined (NaN:
         every draw equal) counts as above every threshold: it is not shown converged.
         """
+        threshold = check_real("threshold", threshold)
         r = self._values(self.rhat, layer).astype(float)
         return float(np.mean(_as_inf(r) > threshold)) if r.size else float("nan")
 

@@ -288,13 +288,17 @@ def mmd(
     bandwidths : sequence of float, optional
         Explicit bandwidths (used for every kernel). Default: the geometric grid
         ``median * ratio^j``, ``j = -(num_bandwidths // 2) .. num_bandwidths // 2``,
-        around the median pairwise distance of the pooled sample (L2 for Gaussian,
-        L1 for Laplace).
+        around the median distance between distinct samples of the pooled sample
+        (pairs ``i < j``, L2 for Gaussian, L1 for Laplace; the lower middle value for an
+        even number of pairs). When more than half of the pairs coincide (repeated draws)
+        the median of the non-zero distances; when every sample is equal, every kernel
+        value is 1 and ``MMD^2 = 0``, ``p = 1``.
     num_bandwidths : int
     bandwidth_ratio : float
     num_permutations : int
         Permutations of the pooled labels; the p-value is
-        ``(1 + #{perm stat >= observed}) / (1 + num_permutations)``.
+        ``(1 + #{perm stat >= observed}) / (1 + num_permutations)``, statistics within
+        100 ulps of the observed one counting as ties (as ``scipy.stats.permutation_test``).
     seed : int
     symmetry_aware : bool
         Compare canonical forms (see :func:`canonical_form`); needs sample dicts and ``spec``.
@@ -309,6 +313,14 @@ def mmd(
     Returns
     -------
     MMDResult
+
+    Notes
+    -----
+    Distances are computed on the pooled samples centred and divided by their largest
+    absolute entry (both kernels see only differences, and the default bandwidths scale
+    with the samples), so samples around a large mean or of extreme magnitude (1e-200,
+    1e200) give the same test as standardized ones. A non-finite statistic raises
+    ``ValueError`` instead of producing a p-value.
 
     Examples
     --------
