@@ -129,3 +129,17 @@ def test_evaluate_and_errors(dtype):
         M.mutual_information(samples[0])
     with pytest.raises(ValueError, match="tpr"):
         M.fpr_at_tpr(torch.zeros(3), torch.ones(3), 1.5)
+
+
+def test_empty_predictions_and_live_tensors():
+    import warnings
+
+    with pytest.raises(ValueError, match="at least one input"):
+        M.accuracy(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    p = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), -1).requires_grad_()
+    y = torch.tensor([0, 1, 2, 0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "converting a tensor with requires_grad" warning
+        loss = M.nll(p, y)
+    loss.backward()  # the NLL stays differentiable
+    assert p.grad is not None and torch.isfinite(p.grad).all()

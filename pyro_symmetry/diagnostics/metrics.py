@@ -41,13 +41,14 @@ def _check_probs(probs: torch.Tensor, name: str) -> torch.Tensor:
     if not probs.is_floating_point():
         raise TypeError(f"{name} must be floating-point probabilities, got dtype {probs.dtype}")
     if probs.numel():
-        lo, hi = torch.aminmax(probs)
+        d = probs.detach()  # a check, not part of any gradient
+        lo, hi = torch.aminmax(d)
         if not (0.0 <= lo and hi <= 1.0):  # NaN fails both comparisons
             raise ValueError(f"{name} must be probabilities in [0, 1], got values in [{float(lo)}, {float(hi)}]")
         # A loose tolerance (round-off of a float32 softmax, even after a cast to float64): this
         # catches logits and unnormalized scores, not precision.
-        tol = probs.shape[-1] * max(1e-4, torch.finfo(probs.dtype).eps ** 0.5)
-        err = float((probs.sum(-1) - 1).abs().max())
+        tol = d.shape[-1] * max(1e-4, torch.finfo(d.dtype).eps ** 0.5)
+        err = float((d.sum(-1) - 1).abs().max())
         if err > tol:
             raise ValueError(f"{name} must sum to 1 over the last (class) dim; the largest deviation is {err:.3g}")
     return probs
@@ -56,6 +57,8 @@ def _check_probs(probs: torch.Tensor, name: str) -> torch.Tensor:
 def _mean_probs(probs: torch.Tensor, name: str = "probs") -> torch.Tensor:
     if not torch.is_tensor(probs) or probs.dim() not in (2, 3):
         raise ValueError(f"{name} must be a tensor (N, C) or (S, N, C), got {getattr(probs, 'shape', type(probs))}")
+    if not probs.numel():
+        raise ValueError(f"{name} has shape {tuple(probs.shape)}: metrics need at least one input, sample and class")
     _check_probs(probs, name)
     return probs.mean(0) if probs.dim() == 3 else probs
 
