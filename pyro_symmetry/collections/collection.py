@@ -153,12 +153,16 @@ class Collection:
         """Whether checkpoints are Gaussian posteriors (``(loc, scale)``, e.g. AutoNormal param stores)."""
         return self.signature.gaussian
 
-    def load(self, index: int, *, mmap: bool = False) -> Checkpoint | None:
-        """Read and check checkpoint ``index``; ``None`` if it is bad and ``on_error="skip"``."""
+    def load(self, index: int, *, mmap: bool = False, finite: bool = True) -> Checkpoint | None:
+        """Read and check checkpoint ``index``; ``None`` if it is bad and ``on_error="skip"``.
+
+        ``mmap=True`` memory-maps the file (only the entries used are read from disk);
+        ``finite=False`` then skips the NaN/Inf check, which would read every value.
+        """
         sig = self.signature
         src = self.sources[index]
         try:
-            return sig.check(src.read(mmap=mmap))
+            return sig.check(src.read(mmap=mmap), finite=finite)
         except CheckpointError as e:
             self._bad(src.name, e)
             return None

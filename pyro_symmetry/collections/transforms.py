@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .._validation import check_int, check_seed
-from ._driver import Plan, jsonable, TransformSummary, fingerprint, run_transform, streaming_barycenter, write_reference
+from ._driver import Plan, TransformSummary, fingerprint, jsonable, run_transform, streaming_barycenter, write_reference
 from ._executor import check_executor
 from ._formats import Checkpoint
 from ._store import REFERENCE, Manifest

@@ -1,0 +1,303 @@
+"""A checkpoint collection as ArviZ data backed by dask arrays, and statistics streamed over it.
+
+:func:`to_inference_data` builds an ``xarray.DataTree`` whose posterior variables are dask
+arrays: one chunk per (checkpoint, site), read on demand from the memory-mapped file. R-hat
+and bulk ESS (:func:`rhat_ess`) are computed with the package's vectorized kernel
+(:mod:`pyro_symmetry.diagnostics._rank`) one block of weights at a time, so memory holds
+``chains x draws x block`` values, never the whole collection; posterior means and
+variances (:func:`posterior_moments`) are dask reductions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..collections import Collection
+from ..collections._formats import CheckpointError
+from .convergence import ConvergenceSummary
+from .inference_data import site_dims
+
+__all__ = ["chain_groups", "column_passes", "posterior_moments", "rhat_ess", "to_inference_data"]
+
+_DEFAULT_BYTES = 256 << 20
+
+
+def _usable(collection: Collection) -> list[int]:
+    """Indices of the checkpoints to use: all, or (``on_error="skip"``) those that validate."""
+    if collection.on_error == "skip":
+        collection.validate()
+        bad = set(collection.errors)
+        return [i for i, n in enumerate(collection.names) if n not in bad]
+    return list(range(len(collection)))
+
+
+def chain_groups(collection: Collection, chains: Any = None) -> list[list[int]]:
+    """Checkpoint indices per chain, ``(chains, draws)``.
+
+    Parameters
+    ----------
+    collection : Collection
+    chains : None, int, sequence of sequences of int, or callable
+        ``None``: one chain of every checkpoint; ``k``: ``k`` consecutive equal groups;
+        explicit index lists; or ``name -> label`` (e.g. the run a checkpoint file belongs
+        to), chains in order of first appearance. Every chain needs the same number of
+        draws. With ``on_error="skip"`` bad checkpoints are found first (one read of every
+        file) and left out.
+    """
+    use = _usable(collection)
+    if chains is None:
+        groups = [use]
+    elif isinstance(chains, int) and not isinstance(chains, bool):
+        if chains < 1 or len(use) % chains:
+            raise ValueError(f"chains={chains} does not divide the {len(use)} usable checkpoints into equal chains")
+        d = len(use) // chains
+        groups = [use[c * d : (c + 1) * d] for c in range(chains)]
+    elif callable(chains):
+        by: dict[Any, list[int]] = {}
+        for i in use:
+            by.setdefault(chains(collection.names[i]), []).append(i)
+        groups = list(by.values())
+    elif isinstance(chains, Sequence):
+        ok = set(use)
+        groups = [[int(i) for i in g] for g in chains]
+        dropped = [collection.names[i] for g in groups for i in g if i not in ok]
+        if dropped:
+            raise ValueError(f"chains lists checkpoints that failed to read: {dropped[:3]}")
+    else:
+        raise TypeError(f"chains must be None, an int, index lists or a callable, got {type(chains).__name__}")
+    sizes = sorted({len(g) for g in groups})
+    if len(sizes) != 1 or sizes[0] == 0:
+        raise ValueError(f"every chain needs the same number of draws (>= 1); got chain lengths {sizes}")
+    return groups
+
+
+def _load_site(collection: Collection, index: int, site: str) -> np.ndarray:
+    """One site of one checkpoint (memory-mapped; only the entries used are read)."""
+    ck = collection.load(index, mmap=True, finite=False)
+    if ck is None:  # on_error="skip" and the file went bad after validation
+        raise CheckpointError(collection.names[index], collection.errors[collection.names[index]])
+    return ck.params[site].numpy()
+
+
+def to_inference_data(collection: Collection, *, chains: Any = None, sites: Sequence[str] | None = None) -> Any:
+    """The collection as an ArviZ ``xarray.DataTree`` backed by dask arrays.
+
+    Parameters
+    ----------
+    collection : Collection
+        The draws are the checkpoints' points (the means of Gaussian checkpoints).
+    chains : see :func:`chain_groups`
+    sites : sequence of str, optional
+        Variables to include (default: every floating-point site).
+
+    Returns
+    -------
+    xarray.DataTree
+        Group ``posterior``: one variable per site, dims ``(chain, draw, *site_dims)`` (named
+        after neuron groups, see :func:`~pyro_symmetry.diagnostics.site_dims`), dask arrays
+        with one chunk per checkpoint, read when computed; coordinate ``checkpoint``
+        ``(chain, draw)`` names each draw's file.
+    """
+    import dask
+    import dask.array as da
+    import xarray as xr
+
+    sig = collection.signature
+    floating = [s for s in sig.shapes if sig.dtypes[s].is_floating_point]
+    sites = floating if sites is None else list(sites)
+    unknown = [s for s in sites if s not in floating]
+    if unknown:
+        raise ValueError(f"sites {unknown} are not floating-point sites of the collection (have {floating})")
+    groups = chain_groups(collection, chains)
+    num_chains, num_draws = len(groups), len(groups[0])
+    dims = site_dims({s: sig.shapes[s] for s in sites}, collection.spec)
+    load = dask.delayed(_load_site, pure=True)
+    data = {}
+    for s in sites:
+        dtype = torch.empty((), dtype=sig.dtypes[s]).numpy().dtype
+        rows = [
+            da.stack([da.from_delayed(load(collection, i, s), sig.shapes[s], dtype=dtype) for i in g]) for g in groups
+        ]
+        data[s] = (("chain", "draw", *dims[s]), da.stack(rows))
+    names = np.array([[collection.names[i] for i in g] for g in groups], dtype=object)
+    coords = {"chain": np.arange(num_chains), "draw": np.arange(num_draws), "checkpoint": (("chain", "draw"), names)}
+    attrs = {"source": "pyro_symmetry.collections", "spec": repr(collection.spec), "num_checkpoints": len(collection)}
+    posterior = xr.Dataset(data, coords=coords, attrs=attrs)
+    return xr.DataTree.from_dict({"posterior": posterior})
+
+
+def _posterior(data: Any, chains: Any) -> Any:
+    if isinstance(data, Collection):
+        data = to_inference_data(data, chains=chains)
+    elif chains is not None:
+        raise ValueError("chains= applies to a Collection; a DataTree already has its chains")
+    if hasattr(data, "children") and "posterior" in data.children:
+        return data["posterior"].to_dataset()
+    if hasattr(data, "data_vars"):
+        return data
+    raise TypeError(
+        f"expected a Collection, a DataTree with a 'posterior' group or a Dataset; got {type(data).__name__}"
+    )
+
+
+def _blocks(n: int, width: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, n, width):
+        yield a, min(n, a + width)
+
+
+def rhat_ess(
+    data: Any,
+    *,
+    chains: Any = None,
+    var_names: Sequence[str] | None = None,
+    layers: Mapping[str, str] | None = None,
+    max_bytes: int = _DEFAULT_BYTES,
+    progress: bool = False,
+) -> ConvergenceSummary:
+    """Rank-normalized split R-hat and bulk ESS of every weight, a block of weights at a time.
+
+    The same numbers as :func:`ps.diagnostics.rhat_ess <pyro_symmetry.diagnostics.rhat_ess>`
+    (the vectorized kernel, equal to ``arviz-stats``), computed on blocks of
+    ``max_bytes / (chains * draws * 64)`` weights (the kernel's float64 work arrays), so that
+    a collection larger than memory is never loaded whole.
+
+    Parameters
+    ----------
+    data : Collection, or a DataTree / Dataset (e.g. from :func:`to_inference_data`)
+    chains : see :func:`chain_groups` (for a Collection)
+    var_names : sequence of str, optional
+    layers : mapping ``site -> layer``, optional
+    max_bytes : int
+        Working-memory budget of one block.
+    progress : bool
+
+    Returns
+    -------
+    ConvergenceSummary
+    """
+    from tqdm.auto import tqdm
+
+    from ._layout import layer_of
+    from ._rank import degenerate, ess_bulk, rhat_rank
+
+    ds = _posterior(data, chains)
+    names = list(ds.data_vars) if var_names is None else list(var_names)
+    missing = [v for v in names if v not in ds.data_vars]
+    if missing:
+        raise ValueError(f"var_names {missing} are not in the posterior (have {list(ds.data_vars)})")
+    num_chains, num_draws = int(ds.sizes.get("chain", 0)), int(ds.sizes.get("draw", 0))
+    if num_chains < 2 or num_draws < 4:
+        raise ValueError(f"R-hat needs >= 2 chains of >= 4 draws, got {num_chains} chains of {num_draws} draws")
+    width = max(1, int(max_bytes) // (num_chains * num_draws * 64))
+    rhat, ess, degen = {}, {}, {}
+    total = sum(math.prod(ds[v].shape[2:]) for v in names)
+    bar = tqdm(total=total, desc="R-hat/ESS", unit="weight", disable=not progress)
+    for v in names:
+        arr = ds[v].transpose("chain", "draw", ...)
+        shape = arr.shape[2:]
+        flat = arr.data.reshape(num_chains, num_draws, -1)
+        n = flat.shape[-1]
+        r, e, dg = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
+        for a, b in _blocks(n, width):
+            x = np.asarray(flat[:, :, a:b], dtype=float)  # computes a dask block
+            _check_finite(x, v, a, ds)
+            r[a:b], e[a:b], dg[a:b] = rhat_rank(x), ess_bulk(x), degenerate(x)
+            bar.update(b - a)
+        rhat[v], degen[v] = r.reshape(shape), dg.reshape(shape)
+        ess[v] = np.where(degen[v], np.nan, e.reshape(shape))
+    bar.close()
+    layers = dict(layers) if layers is not None else {}
+    return ConvergenceSummary(
+        rhat=rhat,
+        ess=ess,
+        layers={v: layers.get(v, layer_of(v)) for v in names},
+        num_chains=num_chains,
+        num_draws=num_draws,
+        degenerate=degen,
+    )
+
+
+def _check_finite(x: np.ndarray, var: str, start: int, ds: Any) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        c, d, k = (int(t[0]) for t in np.nonzero(bad))
+        where = ds["checkpoint"].values[c, d] if "checkpoint" in ds.coords else f"chain {c}, draw {d}"
+        raise ValueError(
+            f"the draws of {var!r} hold {int(bad.sum())} NaN or Inf values (first: weight {start + k} of "
+            f"{where}): R-hat/ESS of non-finite draws are meaningless"
+        )
+
+
+def posterior_moments(data: Any, *, chains: Any = None, per_chain: bool = False) -> dict[str, tuple[Any, Any]]:
+    """Posterior mean and variance (``ddof=1``) of every site, streamed (float64 dask reductions).
+
+    Parameters
+    ----------
+    data : Collection, or a DataTree / Dataset
+    chains : see :func:`chain_groups` (for a Collection)
+    per_chain : bool
+        Reduce over draws only: ``(chain, *site_shape)`` per site.
+
+    Returns
+    -------
+    dict ``site -> (mean, variance)`` of numpy arrays
+    """
+    import dask
+
+    ds = _posterior(data, chains)
+    axes = ("draw",) if per_chain else ("chain", "draw")
+    lazy = {}
+    for v in ds.data_vars:
+        x = ds[v].astype("float64")
+        lazy[v] = (x.mean(axes).data, x.var(axes, ddof=1).data)
+    (computed,) = dask.compute(lazy)
+    return {v: (np.asarray(m), np.asarray(s)) for v, (m, s) in computed.items()}
+
+
+def column_passes(
+    collections: Sequence[Collection], sites: Sequence[str], max_weights: int, on_pass: Callable[[int, int], None]
+) -> Iterator[tuple[list[tuple[str, int, int]], np.ndarray]]:
+    """Blocks of columns of the flattened ``sites`` of every checkpoint, one file read per pass.
+
+    Yields ``(segments, Z)``: ``segments`` lists ``(site, start, stop)`` (flat indices), ``Z``
+    float64 ``(checkpoints, width)`` their values for every checkpoint of ``collections`` in
+    order. Each pass reads every (memory-mapped) file once; ``width <= max_weights``.
+    """
+    sig = collections[0].signature
+    sizes = [(s, math.prod(sig.shapes[s])) for s in sites]
+    passes: list[list[tuple[str, int, int]]] = [[]]
+    room = max_weights
+    for s, n in sizes:
+        a = 0
+        while a < n:
+            if room == 0:
+                passes.append([])
+                room = max_weights
+            b = min(n, a + room)
+            passes[-1].append((s, a, b))
+            room -= b - a
+            a = b
+    members = [(c, i) for c in collections for i in range(len(c))]
+    for p, segments in enumerate(passes):
+        width = sum(b - a for _, a, b in segments)
+        z = np.empty((len(members), width))
+        for row, (c, i) in enumerate(members):
+            ck = c.load(i, mmap=True, finite=False)
+            if ck is None:
+                raise CheckpointError(c.names[i], c.errors[c.names[i]])
+            col = 0
+            for s, a, b in segments:
+                z[row, col : col + b - a] = ck.params[s].reshape(-1)[a:b].numpy()
+                col += b - a
+            del ck
+        if not np.isfinite(z).all():
+            row = int(np.nonzero(~np.isfinite(z).all(1))[0][0])
+            c, i = members[row]
+            raise ValueError(f"{c.names[i]}: NaN or Inf values; a statistic of non-finite draws is meaningless")
+        on_pass(p, len(passes))
+        yield segments, z
