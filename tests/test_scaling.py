@@ -141,24 +141,32 @@ def test_rescale_rejects_bad_log_scales():
     with pytest.raises(TypeError, match="mapping"):
         ps.rescale(params, spec, [torch.zeros(4)])
     del params["fc2.weight"]
-    with pytest.raises(ps.SpecError, match="'fc2.weight' of the spec is missing"):
+    with pytest.raises(ps.SpecError, match="'fc2.weight'.* missing"):
         ps.rescale(params, spec, {"fc1": torch.zeros(4)})
 
 
 @given(arch=mlp_architectures(), seed=seeds)
 def test_mass_is_the_sum_of_squares_of_rescaled_sites(arch, seed):
+    """Default: the squared weights only (Laurent et al.); ``include_biases``: the hidden biases too."""
     n_in, hidden, n_out = arch
     model = BayesianMLP(n_in, hidden, n_out)
     params = model_params(model, batch_shape=(2,), seed=seed)
-    expected = sum(params[k].square().sum((-2, -1) if k.endswith("weight") else -1) for k in model.site_names)
-    expected = expected - params[f"fc{len(hidden) + 1}.bias"].square().sum(-1)  # no rescaling changes it
+    weights = [k for k in model.site_names if k.endswith("weight")]
+    expected = sum(params[k].square().sum((-2, -1)) for k in weights)
     torch.testing.assert_close(ps.mass(params, model.spec), expected)
+    assert ps.mass(params, model.spec).dtype == torch.float64
+    assert ps.mass_sites(model.spec) == tuple(weights)
+    hidden_biases = [f"fc{i + 1}.bias" for i in range(len(hidden))]  # the output bias is never rescaled
+    with_biases = expected + sum(params[k].square().sum(-1) for k in hidden_biases)
+    torch.testing.assert_close(ps.mass(params, model.spec, include_biases=True), with_biases)
+    assert set(ps.mass_sites(model.spec, include_biases=True)) == set(weights + hidden_biases)
     perm = model.spec.sample((2,), generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(ps.mass(model.spec.apply(params, perm), model.spec), expected)
-    weights = [k for k in model.site_names if k.endswith("weight")]
     torch.testing.assert_close(
-        ps.mass(params, model.spec, sites=weights), sum(params[k].square().sum((-2, -1)) for k in weights)
+        ps.mass(params, model.spec, sites=weights[:1]), params["fc1.weight"].square().sum((-2, -1))
     )
+    with pytest.raises(ValueError, match="either sites or include_biases"):
+        ps.mass(params, model.spec, sites=weights, include_biases=True)
 
 
 def test_mass_needs_scale_groups():

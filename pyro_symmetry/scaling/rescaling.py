@@ -18,15 +18,38 @@ A Symmetry-Aware Exploration of Bayesian Neural Network Posteriors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from .._validation import check_finite, check_params, check_spec
+from .._validation import check_finite, check_mapping, check_params, check_spec, check_tensor
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, check_group_tensors, groups_with, site_axes, split_event
+from ._axes import SiteAxis, check_devices, check_group_tensors, groups_with, site_axes, split_event
 
-__all__ = ["mass", "mass_sites", "rescale", "scale_site"]
+__all__ = ["mass", "mass_of_site", "mass_sites", "rescale", "scale_site"]
+
+
+def _centered_exponents(axes: list[SiteAxis], log_scales: Mapping[str, torch.Tensor], x: torch.Tensor):
+    """``direction * u`` per axis, shifted by per-sample constants that sum to zero.
+
+    The factors are multiplied into ``x`` one after the other. Without the shifts, a
+    layer-wide offset of the log-scales (``u_a`` and ``u_b`` both near 40, whose product
+    ``e^{u_a - u_b}`` is moderate) would overflow or underflow the intermediate
+    ``x * e^{u_a}`` in float32 although the result is representable. With every factor
+    after the first centred on its own range, the intermediate differs from the result by
+    at most ``e^{spread / 2}`` of the later groups' log-scales.
+    """
+    exps = [a.direction * log_scales[a.group].to(dtype=x.dtype, device=x.device) for a in axes]
+    if len(exps) < 2:
+        return exps
+    centres = []
+    for e in exps[1:]:
+        # a constant shift: no gradient is meant to flow through it (it cancels exactly)
+        lo, hi = torch.aminmax(e.detach(), dim=-1, keepdim=True)
+        centres.append(0.5 * (lo + hi))
+    first = exps[0] + sum(centres)
+    return [first] + [e - c for e, c in zip(exps[1:], centres)]
 
 
 def scale_site(
@@ -39,18 +62,19 @@ def scale_site(
     """``x`` times ``exp(direction * u_group)`` along each axis (into ``out`` if given).
 
     The factors are exponentiated at their own (small) size and multiplied in one
-    after the other, so no tensor of the size of ``x`` is exponentiated.
+    after the other, so no tensor of the size of ``x`` is exponentiated; the factors
+    are shifted so that no intermediate product leaves the dtype's range where the
+    result does not (see :func:`_centered_exponents`).
     """
     nb = x.dim() - nd
     split, pos = split_event(x.shape[nb:], axes)
     ne = len(split)
     xs = x.reshape(tuple(x.shape[:nb]) + tuple(split))
     factors = []
-    for a in axes:
-        u = log_scales[a.group].to(dtype=x.dtype, device=x.device)
+    for a, e in zip(axes, _centered_exponents(axes, log_scales, x)):
         p = pos[a.axis]
-        shape = tuple(u.shape[:-1]) + (1,) * p + (u.shape[-1],) + (1,) * (ne - p - 1)
-        factors.append(torch.exp(a.direction * u).reshape(shape))
+        shape = tuple(e.shape[:-1]) + (1,) * p + (e.shape[-1],) + (1,) * (ne - p - 1)
+        factors.append(torch.exp(e).reshape(shape))
     target = None if out is None else out.view(tuple(out.shape[: out.dim() - nd]) + tuple(split))
     if target is not None and torch.broadcast_shapes(xs.shape, *(f.shape for f in factors)) == target.shape:
         res = torch.mul(xs, factors[0], out=target)
@@ -74,6 +98,9 @@ def rescale(
     by ``exp(u_g)`` and every outgoing axis (the next layer's columns, blocks of
     flattened columns after a conv) divided by it; conv channels are scaled as a whole.
 
+    **Differentiable** in ``params`` and ``log_scales`` (a plain tensor map: tensors
+    that require grad keep their graph).
+
     Parameters
     ----------
     params : mapping ``site -> Tensor (*batch_w, *site_shape)``
@@ -86,6 +113,9 @@ def rescale(
     Returns
     -------
     dict ``site -> Tensor (*broadcast(batch_w, batch_u), *site_shape)``
+        In the dtype of each site. Entries too small for the dtype round to zero as in
+        any floating-point product; a layer-wide offset of the log-scales does not make
+        an intermediate product overflow (the factors are centred).
 
     Raises
     ------
@@ -93,6 +123,10 @@ def rescale(
         If ``log_scales`` names a group whose activation is not positively
         homogeneous (``activation_symmetry != "scale"``: tanh, GELU, or a group
         followed by a norm layer), an unknown group, or has the wrong size.
+    ValueError
+        If a tensor is on the meta device or the tensors are on different devices, or
+        if a rescaled entry overflows the dtype (e.g. float32 weights of ``1e30`` times
+        ``e^{20}``) where the input was finite.
 
     Examples
     --------
@@ -105,8 +139,13 @@ def rescale(
     for k, u in log_scales.items():
         if u.dtype == torch.bool or u.is_complex():
             raise TypeError(f"log_scales[{k!r}] must be a real (floating-point) tensor, got dtype {u.dtype}")
-        check_finite(f"log_scales[{k!r}]", u)
     table = site_axes(spec, list(log_scales))
+    check_mapping("params", params)
+    check_devices(
+        {**{f"params[{s!r}]": params.get(s) for s in table}, **{f"log_scales[{k!r}]": u for k, u in log_scales.items()}}
+    )
+    for k, u in log_scales.items():
+        check_finite(f"log_scales[{k!r}]", u)
     # Rescaling multiplies by exp(u): integer weights would be silently turned into floats.
     batch = check_params(params, spec, list(table), finite=False)
     for k, u in log_scales.items():
@@ -128,48 +167,147 @@ def rescale(
                     f"{n * a.inner} for group {a.group!r}"
                 )
         out[site] = scale_site(x, nd, axes, log_scales)
+        _check_no_overflow(site, x, out[site])
     return out
 
 
-def mass_sites(spec: PermutationSpec) -> tuple[str, ...]:
-    """The sites whose entries any ``"scale"`` group rescales (the default mass sites)."""
-    return tuple(site_axes(spec, groups_with(spec, "scale")))
+def _check_no_overflow(site: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Raise if rescaling turned finite entries of ``x`` into Inf/NaN (dtype overflow)."""
+    if not y.numel():
+        return
+    lo, hi = torch.aminmax(y.detach().reshape(-1))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return
+    bad = ~torch.isfinite(y.detach())
+    if bool((bad & torch.isfinite(x.detach()).expand_as(bad)).any()):
+        raise ValueError(
+            f"rescaling params[{site!r}] overflows {y.dtype} (largest |entry| {x.detach().abs().max().item():.3g} "
+            f"times exp(u)): the rescaled weights are not representable; use smaller log-scales or float64 params"
+        )
 
 
-def mass(params: Mapping[str, torch.Tensor], spec: PermutationSpec, sites: Sequence[str] | None = None) -> torch.Tensor:
-    """Mass of a network: the sum of its squared weights (and biases).
+def _is_bias(spec: PermutationSpec, site: str) -> bool:
+    """A site with one event dim (a vector over one layer's neurons: a bias)."""
+    return spec.site_moves(site)[0] == 1
+
+
+def mass_sites(spec: PermutationSpec, include_biases: bool = False) -> tuple[str, ...]:
+    """The sites whose squared entries make up the mass by default.
+
+    Every site a ``"scale"`` group rescales that has at least two event dims (weight
+    matrices, conv kernels): Laurent et al.'s mass counts the weights only. With
+    ``include_biases=True`` the one-dimensional sites a ``"scale"`` group rescales (the
+    hidden biases) are counted too.
+    """
+    if not isinstance(include_biases, bool):
+        raise TypeError(f"include_biases must be a bool, got {include_biases!r}")
+    sites = site_axes(spec, groups_with(spec, "scale"))
+    return tuple(s for s in sites if include_biases or not _is_bias(spec, s))
+
+
+def mass_of_site(x: torch.Tensor, nd: int) -> torch.Tensor:
+    """``sum x**2`` over the last ``nd`` dims in float64, without overflow or underflow.
+
+    float32 squares always fit float64. A float64 site whose largest entry is beyond
+    ``2**±450`` is first scaled by a power of two (exact), and the sum scaled back.
+    """
+    dims = list(range(x.dim() - nd, x.dim()))
+    if x.dtype != torch.float64:
+        return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float64).square() if nd else x.double().square()
+    if not x.numel():
+        return torch.linalg.vector_norm(x, dim=dims).square() if nd else x.square()
+    with torch.no_grad():
+        big = x.abs().amax(dim=dims, keepdim=True) if nd else x.abs()
+    if bool(((big == 0) | ((big > 2.0**-450) & (big < 2.0**450))).all()):
+        return torch.linalg.vector_norm(x, dim=dims).square() if nd else x.square()
+    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)
+    m = torch.linalg.vector_norm(torch.ldexp(x, -e), dim=dims).square() if nd else torch.ldexp(x, -e).square()
+    return torch.ldexp(m, 2 * (e.reshape(m.shape) if nd else e))
+
+
+def mass(
+    params: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    sites: Sequence[str] | None = None,
+    *,
+    include_biases: bool = False,
+) -> torch.Tensor:
+    """Mass of a network: the sum of its squared weights (Laurent et al., ICLR 2024).
 
     .. math:: M(w) = \\sum_{s \\in \\text{sites}} \\lVert w_s \\rVert_2^2
+
+    **Differentiable** in ``params``. Computed and returned in float64 whatever the
+    params' dtype: float32 weights around ``1e20`` have a mass beyond float32's range,
+    weights around ``1e-25`` one below it.
 
     Parameters
     ----------
     params : mapping ``site -> Tensor (*batch, *site_shape)``
     spec : PermutationSpec
     sites : sequence of str, optional
-        Sites to sum over. Default :func:`mass_sites`: every site a ``"scale"``
-        group rescales (all weights and hidden biases of a ReLU MLP, not the output
-        bias, which no rescaling changes).
+        Sites to sum over. Default :func:`mass_sites`: every weight matrix or kernel a
+        ``"scale"`` group rescales (the weights of a ReLU MLP; not the biases, which
+        rescaling moves but Laurent et al. do not count).
+    include_biases : bool
+        With the default ``sites``, also count the hidden biases (every
+        one-dimensional site a ``"scale"`` group rescales; the output bias, which no
+        rescaling changes, is never included by default). Not allowed with ``sites``.
 
     Returns
     -------
-    Tensor ``(*batch,)``
+    Tensor ``(*batch,)``, float64
+
+    Raises
+    ------
+    ValueError
+        If the mass is beyond float64's range (float64 weights beyond about
+        ``1e150`` or below ``1e-150`` in magnitude), if a tensor is on the meta device,
+        or the tensors are on different devices.
     """
     check_spec(spec)
+    check_mapping("params", params)
     if isinstance(sites, str):
         raise TypeError(f"sites must be a sequence of site names, got {sites!r}")
-    sites = mass_sites(spec) if sites is None else tuple(sites)
+    if sites is not None and include_biases:
+        raise ValueError("pass either sites or include_biases=True, not both (sites lists the counted sites itself)")
+    sites = mass_sites(spec, include_biases) if sites is None else tuple(sites)
     if not sites:
         raise SpecError("no sites to measure: the spec has no group with activation_symmetry='scale'")
-    total = None
     for site in sites:
         if site not in params:
             raise SpecError(f"site {site!r} is missing from params (have {sorted(params)})")
+    check_devices({f"params[{s!r}]": params[s] for s in sites})
+    total, nds = None, {}
+    for site in sites:
         x = params[site]
+        check_tensor(f"params[{site!r}]", x, floating=True)
         nd = spec.site_moves(site)[0] if site in spec.sites else None
         if nd is None:
             if spec.shapes is None or site not in spec.shapes:
                 raise SpecError(f"the spec does not know the shape of site {site!r}; use spec.with_shapes(...)")
             nd = len(spec.shapes[site])
-        m = torch.linalg.vector_norm(x, dim=list(range(x.dim() - nd, x.dim()))).square() if nd else x.square()
+        nds[site] = nd
+        m = mass_of_site(x, nd)
         total = m if total is None else total + m
+    _check_mass_range(total, {s: (params[s], nd) for s, nd in nds.items()})
     return total
+
+
+def _check_mass_range(total: torch.Tensor, sites: Mapping[str, tuple[torch.Tensor, int]]) -> None:
+    """Raise if the float64 mass overflowed, or fell below float64's normal range for a
+    network whose weights are not all zero (then it is not representable)."""
+    t = total.detach()
+    if bool(torch.isinf(t).any()):
+        raise ValueError("the mass of params overflows float64 (weights beyond about 1e150 in magnitude)")
+    small = t < torch.finfo(torch.float64).tiny
+    if not bool(small.any()):
+        return
+    for x, nd in sites.values():
+        nonzero = x.detach().ne(0)
+        if nd:
+            nonzero = nonzero.flatten(x.dim() - nd).any(-1)
+        if bool((small & nonzero).any()):
+            raise ValueError(
+                "the mass of params underflows float64 (weights below about 1e-150 in magnitude): it is not "
+                "representable"
+            )

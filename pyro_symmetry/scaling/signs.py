@@ -14,13 +14,14 @@ Together with the permutations this is the group of signed permutations
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
 
 from .._validation import check_mapping, check_spec
 from ..groups import PermutationSpec, SpecError, encode_signed
-from ._axes import check_group_tensors, groups_with, site_axes
+from ._axes import check_devices, check_group_tensors, detached, groups_with, site_axes
 
 __all__ = ["flip_signs", "sign_convention"]
 
@@ -56,12 +57,16 @@ def flip_signs(
     Returns
     -------
     dict ``site -> Tensor (*broadcast(batch_w, batch_s), *site_shape)``
+        **Differentiable** in ``params`` (a signed re-indexing: tensors that require
+        grad keep their graph). Exact at any magnitude (only signs change).
 
     Raises
     ------
     SpecError
         If a group in ``signs`` has no sign-flip symmetry (its activation is not
         odd, e.g. ReLU), is unknown, or the tensor has the wrong size.
+    ValueError
+        If a tensor is on the meta device, or the tensors are on different devices.
 
     Examples
     --------
@@ -71,7 +76,10 @@ def flip_signs(
     check_spec(spec)
     check_mapping("params", params)
     signs = check_group_tensors(spec, signs, "sign", "signs")
-    device = next((v.device for v in params.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    device = check_devices(
+        {**{f"params[{k!r}]": v for k, v in params.items()}, **{f"signs[{k!r}]": v for k, v in signs.items()}}
+    )
+    device = torch.device("cpu") if device is None else device
     element = {}
     for k, g in spec.groups.items():
         ar = torch.arange(g.size, device=device)
@@ -84,18 +92,30 @@ def flip_signs(
 
 
 def _outgoing_sums(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> torch.Tensor:
-    """Sum of every outgoing entry of each neuron of ``group``: ``(*batch, n)``."""
-    total = None
+    """Sum of every outgoing entry of each neuron of ``group``: ``(*batch, n)``, float64.
+
+    Only the sign is used, so each sample is scaled by a power of two (exact) that
+    brings its largest outgoing entry near 1: float32 weights near their largest value
+    would otherwise sum to ``+-Inf`` or ``Inf - Inf = NaN`` and pick arbitrary signs.
+    """
+    parts = []  # each ``(*batch_i, rest, n)``: a site's outgoing entries, the neuron axis last
     for site, (nd, axes) in site_axes(spec, [group]).items():
         for a in axes:
             if a.direction != -1:
                 continue
-            x = params[site]
+            x = params[site].double()
             nb = x.dim() - nd
             moved = x.movedim(nb + a.axis, -1)
-            blocks = moved.reshape(moved.shape[:-1] + (-1, a.inner))
-            s = blocks.sum(dim=list(range(nb, blocks.dim() - 2)) + [blocks.dim() - 1])
-            total = s if total is None else total + s
+            blocks = moved.reshape(moved.shape[:-1] + (-1, a.inner)).movedim(-2, -1)
+            parts.append(blocks.flatten(nb, -2))
+    if not parts:
+        return None
+    big = functools.reduce(torch.maximum, [p.abs().amax((-2, -1)) for p in parts])
+    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[..., None, None]
+    total = None
+    for p in parts:
+        s = torch.ldexp(p, -e).sum(-2)
+        total = s if total is None else total + s
     return total
 
 
@@ -123,10 +143,14 @@ def sign_convention(
     Returns
     -------
     dict ``group -> BoolTensor (*batch, n)``
-        ``True`` where the neuron must be flipped; apply with :func:`flip_signs`.
+        ``True`` where the neuron must be flipped; apply with :func:`flip_signs`. The
+        sums are formed in float64 after scaling each sample by a power of two, so the
+        signs are right at any magnitude (float32 weights near ``3e38`` included).
     """
     check_spec(spec)
     check_mapping("params", params)
+    check_devices({f"params[{k!r}]": v for k, v in params.items()})
+    params = detached(params)  # only signs are read: no gradient is meant
     if isinstance(groups, str):
         raise TypeError(f"groups must be a list of group names, got {groups!r}")
     groups = groups_with(spec, "sign") if groups is None else list(groups)
