@@ -3,26 +3,29 @@
 Rescaling hidden neurons by ``exp(u)`` keeps a ReLU network's function (see
 :func:`~pyro_symmetry.scaling.rescale`) but changes its mass. Laurent, Aldea and
 Franchi (ICLR 2024) remove this continuous symmetry by choosing the rescaling of least
-mass:
+mass, the mass being the sum of the squared *weights*:
 
 .. math::
 
-    \\min_u \\; M(u) = \\sum_l \\sum_{ij} W_l[i, j]^2\\, e^{2 (u_l[i] - u_{l-1}[j])}
-                     + \\sum_l \\sum_i b_l[i]^2\\, e^{2 u_l[i]}, \\qquad u_0 = u_L = 0.
+    \\min_u \\; M(u) = \\sum_l \\sum_{ij} W_l[i, j]^2\\, e^{2 (u_l[i] - u_{l-1}[j])},
+    \\qquad u_0 = u_L = 0.
+
+The biases follow their neuron (``b_l[i] -> e^{u_l[i]} b_l[i]``) but are not counted
+(their published code, ``symmetries/scale.py``, sums the squared weights of the linear,
+conv and batch-norm layers only); ``include_biases=True`` adds
+``sum_l sum_i b_l[i]^2 e^{2 u_l[i]}``.
 
 ``M`` is a sum of exponentials of affine functions of ``u``, hence convex; it is strictly
 convex with a unique minimizer when every hidden neuron has a nonzero incoming and a
 nonzero outgoing weight. At the minimizer every neuron is *balanced*: the squared mass
-of its incoming row (and bias) equals that of its outgoing column,
+of its incoming row (and bias, if counted) equals that of its outgoing column,
 ``dM/du_i = 2 (in_i - out_i) = 0``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -30,14 +33,17 @@ from tqdm.auto import tqdm
 
 from .._validation import check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, groups_with, reduce_squares, site_axes
-from .rescaling import mass, mass_sites, scale_site
+from ._axes import SiteAxis, check_devices, detached, groups_with, site_axes
+from ._mass_problem import Problem, build_problem, log_coefficients, solve
+from .rescaling import mass, mass_of_site, mass_sites, scale_site
 
 __all__ = ["MinMassResult", "min_mass"]
 
 _DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 _CACHE_BYTES = 8 << 20  # coefficient bytes per sub-batch: fits a server CPU's L3 cache
-_SOR_WARMUP = 4  # plain sweeps before the over-relaxation factor is set
+# Masses (at u = 0) for which the coefficients are used as they are; outside, every
+# sample is first scaled by a power of two (exact) so that its squares stay in range.
+_SAFE_TOTAL = {torch.float32: (2.0**-20, 2.0**64), torch.float64: (2.0**-400, 2.0**400)}
 
 
 class MinMassResult(NamedTuple):
@@ -49,19 +55,24 @@ class MinMassResult(NamedTuple):
         The minimum-mass representative ``rescale(params, spec, log_scales)``.
     log_scales : dict ``group -> Tensor (*batch, n)``
         The optimal log-scales ``u`` of every ``"scale"`` group (0 for dead neurons).
-    mass_before, mass_after : Tensor ``(*batch,)``
-        :func:`~pyro_symmetry.scaling.mass` of the input and of the result.
+    mass_before, mass_after : Tensor ``(*batch,)``, float64
+        :func:`~pyro_symmetry.scaling.mass` (over the same sites) of the input and of
+        the result, in float64 whatever the params' dtype (a float32 network of weights
+        around ``1e20`` has a mass beyond float32's range).
     residual : Tensor ``(*batch,)``
         Optimality residual: the largest relative imbalance
         ``|in_i - out_i| / (in_i + out_i) = |dM/du_i| / (2 (in_i + out_i))`` over the
         live neurons (0 at the exact minimizer).
     dead : dict ``group -> BoolTensor (*batch, n)``
-        Neurons with no incoming or no outgoing mass: there the infimum is not
-        attained (``u_i -> +-inf``); they are pinned at ``u_i = 0`` and reported here.
+        Neurons whose incoming or outgoing entries in the mass are all exactly zero:
+        there the infimum is not attained (``u_i -> +-inf``); they are pinned at
+        ``u_i = 0`` and reported here. (Weights whose squares underflow the dtype are
+        not zero: the problem is then solved in float64, or refused.)
     iterations : int
         Sweeps of block coordinate descent performed (shared by the batch).
     converged : BoolTensor ``(*batch,)``
-        ``residual <= tol``.
+        ``residual <= tol``, computed from coefficients checked to be representable
+        (never from underflowed or overflowed numbers).
     """
 
     params: dict[str, torch.Tensor]
@@ -74,67 +85,6 @@ class MinMassResult(NamedTuple):
     converged: torch.Tensor
 
 
-class _Term(NamedTuple):
-    """``sum_ij c[:, i, j] exp(2 (da u_a[i] + db u_b[j]))`` for a site that connects two groups."""
-
-    c: torch.Tensor  # (B, n_a, n_b)
-    a: str
-    da: int
-    b: str
-    db: int
-
-
-@dataclass
-class _Problem:
-    """The mass as a function of the log-scales, reduced to per-neuron coefficients."""
-
-    groups: list[str]
-    up: dict[str, torch.Tensor]  # (B, n): coefficients of exp(+2 u_i) from sites touched once
-    down: dict[str, torch.Tensor]  # (B, n): coefficients of exp(-2 u_i)
-    terms: list[_Term] = field(default_factory=list)
-    log_up: dict[str, torch.Tensor] = field(default_factory=dict)
-    log_down: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Cache the logs of the unary coefficients (constant during the sweeps)."""
-        self.log_up = {g: torch.log(v) for g, v in self.up.items()}
-        self.log_down = {g: torch.log(v) for g, v in self.down.items()}
-
-    def total(self) -> torch.Tensor:
-        """The mass at ``u = 0``: ``(B,)``."""
-        parts = [v.sum(-1) for v in (*self.up.values(), *self.down.values())]
-        parts += [t.c.sum((-2, -1)) for t in self.terms]
-        return functools.reduce(torch.add, parts)
-
-
-def _build_problem(
-    xs: Mapping[str, torch.Tensor],
-    table: Mapping[str, tuple[int, list[SiteAxis]]],
-    spec: PermutationSpec,
-    groups: list[str],
-    dtype: torch.dtype,
-) -> _Problem:
-    """Reduce the sites ``xs[site]`` ``(B, *site_shape)`` to the coefficients of the mass."""
-    B = next(iter(xs.values())).shape[0]
-    device = next(iter(xs.values())).device
-    zeros = {g: torch.zeros(B, spec.groups[g].size, dtype=dtype, device=device) for g in groups}
-    prob = _Problem(groups, zeros, {g: torch.zeros_like(v) for g, v in zeros.items()})
-    for site, (nd, axes) in table.items():
-        axes = sorted(axes, key=lambda a: a.axis)  # keep the site's memory order: fast matvecs
-        r = reduce_squares(xs[site].to(dtype), nd, axes).contiguous()
-        if len(axes) == 1:
-            a = axes[0]
-            (prob.up if a.direction > 0 else prob.down)[a.group] += r
-        else:
-            a, b = axes
-            prob.terms.append(_Term(r, a.group, a.direction, b.group, b.direction))
-    prob.refresh()
-    return prob
-
-
 def _check_table(table: Mapping[str, tuple[int, list[SiteAxis]]]) -> None:
     for site, (_, axes) in table.items():
         if len(axes) > 2:
@@ -144,99 +94,6 @@ def _check_table(table: Mapping[str, tuple[int, list[SiteAxis]]]) -> None:
                 f"group {axes[0].group!r} acts on two axes of site {site!r} (a recurrent or tied layer); "
                 "min_mass needs each site to connect two different groups"
             )
-
-
-def _log_matvec(c: torch.Tensor, s: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``log sum_j c[:, i, j] exp(s[:, j])`` (or over ``i`` with ``transpose``), overflow-safe."""
-    m = s.amax(-1, keepdim=True)
-    v = torch.exp(s - m)
-    # A row vector times a (transposed) matrix: several times faster on CPU than a
-    # batched matrix times a column vector.
-    r = torch.matmul(v.unsqueeze(-2), c if transpose else c.transpose(-1, -2)).squeeze(-2)
-    return torch.log(r) + m
-
-
-def _log_coefficients(prob: _Problem, u: dict[str, torch.Tensor], g: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log P_i, log Q_i)`` with ``M = sum_i P_i e^{2 u_i} + Q_i e^{-2 u_i} + const`` in ``u_g``."""
-    ups, downs = [prob.log_up[g]], [prob.log_down[g]]
-    for t in prob.terms:
-        if t.a == g:
-            (ups if t.da > 0 else downs).append(_log_matvec(t.c, 2 * t.db * u[t.b], transpose=False))
-        if t.b == g:
-            (ups if t.db > 0 else downs).append(_log_matvec(t.c, 2 * t.da * u[t.a], transpose=True))
-    return functools.reduce(torch.logaddexp, ups), functools.reduce(torch.logaddexp, downs)
-
-
-def _colors(prob: _Problem) -> list[list[str]]:
-    """Greedy coloring of the group interaction graph: groups of one color share no site,
-    so their exact block updates are independent (red/black layers for a chain)."""
-    adj: dict[str, set[str]] = {g: set() for g in prob.groups}
-    for t in prob.terms:
-        adj[t.a].add(t.b)
-        adj[t.b].add(t.a)
-    color: dict[str, int] = {}
-    for g in prob.groups:
-        used = {color[h] for h in adj[g] if h in color}
-        color[g] = next(c for c in range(len(prob.groups) + 1) if c not in used)
-    return [[g for g in prob.groups if color[g] == c] for c in range(max(color.values()) + 1)]
-
-
-def _log_gap(log_p: torch.Tensor, log_q: torch.Tensor, u: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """``log in - log out = log P - log Q + 4 u`` per neuron (0 where dead).
-
-    The relative imbalance is ``|in - out| / (in + out) = tanh(|gap| / 2)`` and the exact
-    block minimizer is ``u - gap / 4``.
-    """
-    return torch.where(dead, torch.zeros((), dtype=u.dtype, device=u.device), log_p - log_q + 4 * u)
-
-
-def _sor_factor(before: torch.Tensor, after: torch.Tensor, sweeps: int) -> torch.Tensor:
-    """Over-relaxation factor from the contraction of plain sweeps (per sample).
-
-    For red/black (consistently ordered) block relaxation whose plain sweeps contract
-    the error by ``rho``, the optimal over-relaxation factor is
-    ``2 / (1 + sqrt(1 - rho))`` (Young 1954). It stays below 2, where every relaxed
-    neuron update still lowers the mass (each neuron's mass ``P e^{2u} + Q e^{-2u}`` is
-    symmetric about its minimizer in ``u``).
-    """
-    rho = torch.where(before > 0, after / before, torch.zeros_like(after)).clamp(0.0, 1.0) ** (1.0 / sweeps)
-    return 2.0 / (1.0 + torch.sqrt(1.0 - rho.clamp(max=0.99)))
-
-
-def _solve(
-    prob: _Problem, tol: float, max_iters: int, relax: bool
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, int]:
-    """Block coordinate descent on one sub-batch: ``(u, dead, residual, sweeps)``."""
-    groups = prob.groups
-    ref = prob.up[groups[0]]
-    B = ref.shape[0]
-    u = {g: torch.zeros_like(prob.up[g]) for g in groups}
-    dead = {}
-    for g in groups:  # no incoming or no outgoing mass, whatever the scales
-        log_p, log_q = _log_coefficients(prob, u, g)
-        dead[g] = ~(torch.isfinite(log_p) & torch.isfinite(log_q))
-    colors = _colors(prob)
-    omega = torch.full((B, 1), 0.25, dtype=ref.dtype, device=ref.device)  # relaxation / 4
-    limit = 2 * math.atanh(min(tol, 0.5))  # imbalance <= tol  <=>  |gap| <= limit
-    history: list[torch.Tensor] = []
-    iterations = 0
-    for iterations in range(1, max_iters + 1):
-        worst = torch.zeros(B, dtype=ref.dtype, device=ref.device)
-        for color in colors:
-            for g in color:
-                gap = _log_gap(*_log_coefficients(prob, u, g), u[g], dead[g])
-                worst = torch.maximum(worst, gap.abs().amax(-1))
-                u[g] = u[g] - omega * gap
-        if bool((worst <= limit).all()):
-            break
-        if relax and iterations <= _SOR_WARMUP:
-            history.append(worst)
-            if iterations == _SOR_WARMUP:
-                omega = 0.25 * _sor_factor(history[1], history[-1], _SOR_WARMUP - 2).unsqueeze(-1)
-    worst = torch.zeros(B, dtype=ref.dtype, device=ref.device)
-    for g in groups:
-        worst = torch.maximum(worst, _log_gap(*_log_coefficients(prob, u, g), u[g], dead[g]).abs().amax(-1))
-    return u, dead, torch.tanh(0.5 * worst), iterations
 
 
 def _flatten_batch(x: torch.Tensor, nd: int, batch: torch.Size) -> torch.Tensor:
@@ -252,6 +109,7 @@ def min_mass(
     tol: float | None = None,
     max_iters: int = 10_000,
     sites: Sequence[str] | None = None,
+    include_biases: bool = False,
     relax: bool = True,
     chunk_size: int | None = None,
     progress: bool = False,
@@ -269,12 +127,25 @@ def min_mass(
     ``sum_l sum_ij W_l[i,j]^2 exp(2(u_l[i] - u_{l-1}[j]))`` for an MLP, and returns
     ``rescale(params, spec, u*)``.
 
-    **Biases are part of the mass.** A bias follows its neuron's incoming scale,
-    ``b_l[i] -> e^{u_l[i]} b_l[i]``, and its square is counted (our reading of Laurent
-    et al., whose mass is the squared norm of all parameters; with an isotropic
-    Gaussian prior the minimum-mass point is then the most probable point of the
-    orbit under the prior). The output bias, which no rescaling changes, is left out.
-    Pass ``sites`` (e.g. only the weights) for another choice.
+    **The mass counts the weights, not the biases** (Laurent et al.'s definition: their
+    code sums the squared weights of every layer). A bias follows its neuron's incoming
+    scale, ``b_l[i] -> e^{u_l[i]} b_l[i]``, so the function is kept, but its square is
+    not counted. ``include_biases=True`` counts the hidden biases as well (with an
+    isotropic Gaussian prior on all parameters the minimum is then the most probable
+    point of the orbit under the prior); the output bias, which no rescaling changes, is
+    never included by default. ``sites`` lists the counted sites explicitly.
+
+    **Not differentiable**: inputs that require grad (``dict(net.named_parameters())``,
+    a guide's live parameters) are read as values and every returned tensor is
+    detached (the optimum is found by iteration, not by a differentiable map).
+
+    **Any magnitude.** The minimizer does not change when every weight is multiplied by
+    the same constant, so each sample whose mass is out of the dtype's comfortable range
+    is first scaled by a power of two (exact); weights whose squares still underflow
+    or overflow (float32 networks spanning many orders of magnitude) are solved in
+    float64; where float64 cannot represent them either, ``ValueError`` says so. A
+    neuron is reported dead only if its weights are exactly zero, and ``converged`` is
+    read from coefficients checked to be representable.
 
     Conv layers get one scale per channel (the kernel's squared entries are summed),
     a conv-to-linear flatten one scale per block of columns.
@@ -300,7 +171,8 @@ def min_mass(
     Parameters
     ----------
     params : mapping ``site -> Tensor (*batch, *site_shape)``
-        float32 or float64; the computation uses float64 if any input site is float64.
+        float32 or float64; the computation uses float64 if any input site is float64
+        (and for float32 samples whose squares do not fit float32, see above).
     spec : PermutationSpec
         Must have at least one ``"scale"`` group; other groups are left alone.
     tol : float, optional
@@ -310,7 +182,11 @@ def min_mass(
         Maximum number of sweeps.
     sites : sequence of str, optional
         Sites whose squared entries make up the mass (default
-        :func:`~pyro_symmetry.scaling.mass_sites`: every rescaled site).
+        :func:`~pyro_symmetry.scaling.mass_sites`: every rescaled weight matrix or
+        kernel, i.e. every rescaled site with two or more event dims).
+    include_biases : bool
+        With the default ``sites``, count the hidden biases too (every one-dimensional
+        site a ``"scale"`` group rescales). Not allowed together with ``sites``.
     relax : bool
         Over-relax the sweeps (see Algorithm); ``False`` gives plain block coordinate
         descent. Both reach the same minimizer.
@@ -329,6 +205,10 @@ def min_mass(
     ------
     SpecError
         If the spec has no ``"scale"`` group or a site is missing.
+    ValueError
+        If a weight is NaN/Inf, a tensor is on the meta device or the tensors are on
+        different devices, or a sample cannot be represented even in float64 (weights
+        of one network spanning more than about 300 orders of magnitude).
 
     Examples
     --------
@@ -355,12 +235,17 @@ def min_mass(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if isinstance(sites, str):
         raise TypeError(f"sites must be a sequence of site names, got {sites!r}")
+    if sites is not None and include_biases:
+        raise ValueError("pass either sites or include_biases=True, not both (sites lists the counted sites itself)")
     table = site_axes(spec, groups)  # every site the rescaling changes
+    if isinstance(params, Mapping):
+        check_devices({f"params[{s!r}]": params.get(s) for s in table})
+        params = detached(params)  # values only: the result carries no graph
     # NaN/Inf weights would make every scale NaN without an error; integers cannot be rescaled.
     batch = check_params(params, spec, list(table))
     if math.prod(batch) == 0:
         raise ValueError(f"params has an empty batch shape {tuple(batch)}: there is nothing to rescale")
-    sites = tuple(mass_sites(spec) if sites is None else sites)
+    sites = tuple(mass_sites(spec, include_biases) if sites is None else sites)
     objective = {s: v for s, v in table.items() if s in sites}
     if not objective:
         raise SpecError(f"none of the mass sites {list(sites)} is rescaled by a 'scale' group ({list(table)})")
@@ -373,17 +258,37 @@ def min_mass(
         tol = check_real("tol", tol, finite=False)
         if not tol > 0:
             raise ValueError(f"tol must be positive, got {tol}")
+    res = _min_mass_batched(params, spec, groups, table, objective, dtype, tol, max_iters, relax, chunk_size, progress)
+    if constant:
+        fixed = mass(params, spec, constant)
+        res = res._replace(mass_before=res.mass_before + fixed, mass_after=res.mass_after + fixed)
+    return res
 
+
+def _min_mass_batched(
+    params: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    groups: list[str],
+    table: Mapping[str, tuple[int, list[SiteAxis]]],
+    objective: Mapping[str, tuple[int, list[SiteAxis]]],
+    dtype: torch.dtype,
+    tol: float,
+    max_iters: int,
+    relax: bool,
+    chunk_size: int | None,
+    progress: bool,
+) -> MinMassResult:
+    """:func:`min_mass` on checked inputs, in cache-sized sub-batches."""
     batch = torch.broadcast_shapes(*(params[s].shape[: params[s].dim() - nd] for s, (nd, _) in table.items()))
     B = math.prod(batch)
     flat = {s: _flatten_batch(params[s], nd, batch) for s, (nd, _) in table.items()}
     out = {s: torch.empty_like(x, memory_format=torch.contiguous_format) for s, x in flat.items()}
     device = flat[next(iter(flat))].device
-    u_all = {g: torch.zeros(B, spec.groups[g].size, dtype=dtype, device=device) for g in groups}
+    u_all = {g: torch.zeros(B, spec.groups[g].size, dtype=torch.float64, device=device) for g in groups}
     dead_all = {g: torch.zeros(B, spec.groups[g].size, dtype=torch.bool, device=device) for g in groups}
     residual = torch.zeros(B, dtype=dtype, device=device)
-    before = torch.zeros(B, dtype=dtype, device=device)
-    after = torch.zeros(B, dtype=dtype, device=device)
+    before = torch.zeros(B, dtype=torch.float64, device=device)
+    after = torch.zeros(B, dtype=torch.float64, device=device)
     # Cache blocking: solve sub-batches whose coefficient matrices fit in cache one after
     # the other, so that every sweep reads them from cache rather than main memory, and
     # each sub-batch stops as soon as it has converged.
@@ -395,31 +300,127 @@ def min_mass(
     for start in tqdm(range(0, B, chunk), desc="min_mass", disable=not progress, leave=False):
         sl = slice(start, min(start + chunk, B))
         xs = {s: x[sl] for s, x in flat.items()}
-        prob = _build_problem({s: xs[s] for s in objective}, objective, spec, groups, dtype)
-        u, dead, res, its = _solve(prob, tol, max_iters, relax)
+        where = f"samples {sl.start}-{sl.stop - 1} (flattened batch index)"
+        u, dead, res, its, before[sl], fast = _solve_chunk(
+            xs, objective, spec, groups, dtype, tol, max_iters, relax, where
+        )
         iterations = max(iterations, its)
-        before[sl], residual[sl] = prob.total(), res
+        residual[sl] = res
         for g in groups:
             u_all[g][sl], dead_all[g][sl] = u[g], dead[g]
         for s, (nd, axes) in table.items():
             scale_site(xs[s], nd, axes, u, out=out[s][sl])
             if s in objective:
-                after[sl] += torch.linalg.vector_norm(out[s][sl].to(dtype), dim=list(range(1, nd + 1))).square()
-
+                after[sl] += _output_mass(out[s][sl], nd, fast)
+    if not bool(torch.isfinite(after).all()):
+        raise ValueError(
+            "the minimum-mass network overflows the params' dtype (weights near its largest value); pass float64 params"
+        )
     new = dict(params)
     new.update({s: o.reshape(tuple(batch) + tuple(o.shape[1:])) for s, o in out.items()})
-    before, after = before.reshape(batch), after.reshape(batch)
-    if constant:
-        fixed = mass(params, spec, constant).to(dtype)
-        before, after = before + fixed, after + fixed
     out_dtype = params[next(iter(table))].dtype
     return MinMassResult(
         params=new,
         log_scales={g: v.reshape(tuple(batch) + (-1,)).to(out_dtype) for g, v in u_all.items()},
-        mass_before=before,
-        mass_after=after,
+        mass_before=before.reshape(batch),
+        mass_after=after.reshape(batch),
         residual=residual.reshape(batch),
         dead={g: d.reshape(tuple(batch) + (-1,)) for g, d in dead_all.items()},
         iterations=iterations,
         converged=(residual <= tol).reshape(batch),
+    )
+
+
+def _output_mass(o: torch.Tensor, nd: int, fast: bool) -> torch.Tensor:
+    """``sum o**2`` per sample in float64; ``fast``: the squares are known to fit ``o``'s dtype."""
+    dims = list(range(1, nd + 1))
+    if fast:
+        return torch.linalg.vector_norm(o, dim=dims).square().double()
+    return mass_of_site(o, nd)
+
+
+def _scaled_problem(
+    xs: Mapping[str, torch.Tensor],
+    objective: Mapping[str, tuple[int, list[SiteAxis]]],
+    spec: PermutationSpec,
+    groups: list[str],
+    dtype: torch.dtype,
+) -> tuple[Problem, torch.Tensor | None]:
+    """The coefficients in ``dtype``, each sample scaled by a power of two if its mass at
+    ``u = 0`` is outside the safe range: ``(problem, shift or None)``."""
+    prob = build_problem(xs, objective, spec, groups, dtype)
+    lo, hi = _SAFE_TOTAL[dtype]
+    total = prob.total()
+    if bool(((total >= lo) & (total <= hi)).all()):
+        return prob, None
+    big = None
+    for s in objective:
+        m = xs[s].abs().flatten(1).amax(-1)
+        big = m if big is None else torch.maximum(big, m.to(big.dtype))
+    shift = torch.frexp(big.double()).exponent.masked_fill(big == 0, 0)
+    return build_problem(xs, objective, spec, groups, dtype, shift), shift
+
+
+def _dead_neurons(
+    prob: Problem,
+    xs: Mapping[str, torch.Tensor],
+    objective: Mapping[str, tuple[int, list[SiteAxis]]],
+    spec: PermutationSpec,
+    groups: list[str],
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """Neurons with no incoming or no outgoing entry, and whether the coefficients lost
+    one that is not exactly zero (a square that underflowed the dtype)."""
+    zero = {g: torch.zeros_like(prob.up[g]) for g in groups}
+    dead = {}
+    for g in groups:
+        log_p, log_q = log_coefficients(prob, zero, g)
+        dead[g] = ~(torch.isfinite(log_p) & torch.isfinite(log_q))
+    if not any(bool(d.any()) for d in dead.values()):
+        return dead, False
+    # Count the nonzero entries instead: zero only where every weight is exactly zero.
+    dtype = prob.up[groups[0]].dtype
+    counts = build_problem({s: xs[s].ne(0).to(dtype) for s in objective}, objective, spec, groups, dtype)
+    lost = False
+    for g in groups:
+        log_p, log_q = log_coefficients(counts, zero, g)
+        truly = ~(torch.isfinite(log_p) & torch.isfinite(log_q))
+        lost = lost or bool((dead[g] & ~truly).any())
+        dead[g] = truly
+    return dead, lost
+
+
+def _solve_chunk(
+    xs: Mapping[str, torch.Tensor],
+    objective: Mapping[str, tuple[int, list[SiteAxis]]],
+    spec: PermutationSpec,
+    groups: list[str],
+    dtype: torch.dtype,
+    tol: float,
+    max_iters: int,
+    relax: bool,
+    where: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, int, torch.Tensor, bool]:
+    """One sub-batch: ``(u, dead, residual, sweeps, mass before (float64), fast)``.
+
+    Solved in ``dtype``, and again in float64 if float32 cannot represent the
+    coefficients (a weight's square underflows, or the result rests on underflowed
+    products); ``fast`` is true when the first attempt needed no scaling or promotion.
+    """
+    attempts = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
+    for dt in attempts:
+        xs_obj = {s: xs[s] for s in objective}
+        prob, shift = _scaled_problem(xs_obj, objective, spec, groups, dt)
+        dead, lost = _dead_neurons(prob, xs_obj, objective, spec, groups)
+        if lost:
+            continue
+        u, res, its, ok = solve(prob, dead, tol, max_iters, relax)
+        if ok:
+            before = prob.total().double()
+            if shift is not None:
+                before = torch.ldexp(before, 2 * shift.to(before.device))
+            return u, dead, res, its, before, dt == dtype and shift is None
+    raise ValueError(
+        f"min_mass cannot represent {where} even in float64: the squared weights of one network span more than "
+        "float64's range (weights differing by more than about 1e150 within a network, or neurons whose every "
+        "weight is that small relative to the rest); rescale or prune them first"
     )
