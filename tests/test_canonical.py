@@ -157,9 +157,13 @@ def test_default_align_maps_single_orbit_members_to_one_point(act):
 
 
 @pytest.mark.parametrize("act", ["relu", "tanh"])
-def test_align_is_idempotent(act):
+@pytest.mark.parametrize("seed", [0, 1, 2, 8])
+def test_align_is_idempotent(act, seed):
+    """Also with the barycenter passed back as the reference: the mean of min-mass networks
+    is not min-mass, so the returned barycenter is put in canonical scaling first (before,
+    passing it back re-aligned 3 of these 4 seeds differently)."""
     model = BayesianMLP(4, [5, 5], 2, activation=act)
-    samples = model_params(model, (6,), seed=8)
+    samples = model_params(model, (6,), seed=seed)
     once = ps.canonicalize(samples, model.spec, permutation="align")
     twice = ps.canonicalize(once.params, model.spec, permutation="align")
     for k in model.spec.sites:
@@ -197,7 +201,7 @@ def test_canonicalize_errors():
     with pytest.raises(TypeError, match="non-empty mapping"):
         ps.canonicalize([], model.spec)
     del samples["fc1.bias"]
-    with pytest.raises(ps.SpecError, match="site 'fc1.bias' of the spec is missing"):
+    with pytest.raises(ps.SpecError, match="site 'fc1.bias'.* missing"):
         ps.canonicalize(samples, model.spec)
 
 

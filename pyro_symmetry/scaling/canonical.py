@@ -15,6 +15,8 @@ differences (Laurent, Aldea, Franchi, ICLR 2024):
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -23,11 +25,14 @@ import torch
 from .._validation import check_int, check_params, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..posterior import point_params
-from ._axes import groups_with, site_axes
+from ._axes import check_devices, detached, groups_with, site_axes
 from .minimum_mass import min_mass
+from .rescaling import mass_of_site
 from .signs import flip_signs, sign_convention
 
 __all__ = ["CanonicalForm", "canonicalize", "sort_permutation"]
+
+_ALIGN_EXPONENT = 30  # samples whose largest |weight| is beyond 2**+-30 are aligned after scaling
 
 SortKey = str | int | Callable[[Mapping[str, torch.Tensor], PermutationSpec, str], torch.Tensor]
 
@@ -72,6 +77,15 @@ def _incoming_rows(params: Mapping[str, torch.Tensor], spec: PermutationSpec, gr
     return rows
 
 
+def _incoming_norm(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``sqrt(sum of squared incoming entries)`` per neuron, in float64 and scaled per
+    sample by a power of two: weights around ``1e20`` (whose squares overflow float32)
+    or ``1e-25`` (whose squares underflow it) are ordered as exactly as weights near 1."""
+    big = functools.reduce(torch.maximum, [r.detach().abs().amax((-2, -1)).double() for r in rows])
+    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[..., None, None]
+    return sum(torch.ldexp(r.double(), -e).square().sum(-1) for r in rows).sqrt()
+
+
 def _sort_key(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str, key: SortKey) -> torch.Tensor:
     if callable(key):
         values = key(params, spec, group)
@@ -85,7 +99,7 @@ def _sort_key(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: 
     if not rows:
         raise SpecError(f"group {group!r} has no incoming axes to read a sort key from")
     if key == "incoming_norm":
-        return sum(r.square().sum(-1) for r in rows).sqrt()
+        return _incoming_norm(rows)
     if isinstance(key, int) and not isinstance(key, bool):
         row = rows[0]
         if not -row.shape[-1] <= key < row.shape[-1]:
@@ -115,7 +129,9 @@ def sort_permutation(
     key : "incoming_norm", int or callable
         ``"incoming_norm"``: the L2 norm of the neuron's incoming weights and bias
         (invariant to every other group's permutations and sign flips; after
-        min-mass, equal to its outgoing norm). ``int k``: the neuron's ``k``-th
+        min-mass its weight part equals the norm of the outgoing weights; computed in
+        float64 with a per-sample power-of-two scaling, so any magnitude sorts
+        exactly). ``int k``: the neuron's ``k``-th
         incoming weight (Laurent et al. sort by one chosen incoming weight). A
         callable ``key(params, spec, group) -> Tensor (*batch, n)``.
     groups : list of str, optional
@@ -124,10 +140,14 @@ def sort_permutation(
     Returns
     -------
     dict ``group -> LongTensor (*batch, n)``
+        (Not differentiable: inputs that require grad are read as values.)
         ``spec.apply(params, perm)`` has each group's keys in descending order (a
         stable sort: ties keep their order, so sorted input maps to the identity).
     """
     check_spec(spec)
+    if isinstance(params, Mapping):
+        check_devices({f"params[{s!r}]": params.get(s) for s in spec.sites})
+        params = detached(params)  # an index permutation: no gradient is meant
     check_params(params, spec)
     if isinstance(groups, str):
         raise TypeError(f"groups must be a list of group names, got {groups!r}")
@@ -159,11 +179,11 @@ def _batch_shape(params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> t
 
 
 def _distance(x: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Tensor:
-    """``sum_sites ||x - ref||^2`` per sample: ``(*batch,)``."""
+    """``sum_sites ||x - ref||^2`` per sample: ``(*batch,)``, float64 (float32 weights
+    around ``1e20`` would overflow a float32 sum of squares and make every distance Inf)."""
     total = None
     for site in spec.sites:
-        nd = spec.site_moves(site)[0]
-        d = torch.linalg.vector_norm(x[site] - ref[site], dim=list(range(-nd, 0))).square()
+        d = mass_of_site(x[site] - ref[site], spec.site_moves(site)[0])
         total = d if total is None else total + d
     return total
 
@@ -175,13 +195,14 @@ def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.
 
 
 def _remove_activation_symmetries(
-    params: Mapping[str, torch.Tensor], spec: PermutationSpec, tol: float | None, max_iters: int
+    params: Mapping[str, torch.Tensor], spec: PermutationSpec, options: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Min-mass (``options``: ``tol``, ``max_iters``, ``include_biases``), then the sign convention."""
     x = dict(params)
     log_scales: dict[str, torch.Tensor] = {}
     signs: dict[str, torch.Tensor] = {}
     if groups_with(spec, "scale"):
-        res = min_mass(x, spec, tol=tol, max_iters=max_iters)
+        res = min_mass(x, spec, **options)
         x, log_scales = res.params, res.log_scales
     if groups_with(spec, "sign"):
         signs = sign_convention(x, spec)
@@ -199,6 +220,7 @@ def canonicalize(
     sort_key: SortKey = "incoming_norm",
     tol: float | None = None,
     max_iters: int = 10_000,
+    include_biases: bool = False,
     seed: int | None = 0,
     max_sweeps: int = 100,
 ) -> CanonicalForm:
@@ -242,15 +264,21 @@ def canonicalize(
     sort_key : "incoming_norm", int or callable
         For ``"sort"`` (and the default ``"align"`` reference), see
         :func:`sort_permutation`.
-    tol, max_iters
-        Passed to :func:`~pyro_symmetry.scaling.min_mass`.
+    tol, max_iters, include_biases
+        Passed to :func:`~pyro_symmetry.scaling.min_mass` (by default the mass counts
+        the weights only, as Laurent et al.'s does).
     seed, max_sweeps
         Passed to :func:`~pyro_symmetry.alignment.align_samples`.
 
     Returns
     -------
     CanonicalForm
-        ``(params, log_scales, signs, permutation, reference)``.
+        ``(params, log_scales, signs, permutation, reference)``. Not differentiable:
+        inputs that require grad are read as values and every returned tensor is
+        detached (a canonical form is chosen by discrete and iterative steps). With
+        ``reference="barycenter"`` and ``scaling=True`` the returned reference is the
+        barycenter put in canonical scaling, and the samples are aligned to it, so that
+        passing it back as ``reference`` reproduces the result.
 
     Examples
     --------
@@ -266,6 +294,8 @@ def canonicalize(
     if not isinstance(params_or_samples, Mapping) or not params_or_samples:
         raise TypeError(f"params_or_samples must be a non-empty mapping site -> tensor, got {type(params_or_samples)}")
     check_spec(spec)
+    check_devices({f"params_or_samples[{s!r}]": params_or_samples.get(s) for s in spec.sites})
+    params_or_samples = detached(params_or_samples)  # a canonical form carries no graph
     check_params(params_or_samples, spec, name="params_or_samples")
     if permutation not in ("align", "sort", None):
         raise ValueError(f"permutation must be 'align', 'sort' or None, got {permutation!r}")
@@ -275,15 +305,17 @@ def canonicalize(
         raise ValueError(f"reference must be None, 'barycenter' or a mapping site -> tensor, got {reference!r}")
     if not isinstance(scaling, bool):
         raise TypeError(f"scaling must be a bool, got {scaling!r}")
+    if not isinstance(include_biases, bool):
+        raise TypeError(f"include_biases must be a bool, got {include_biases!r}")
     check_int("max_iters", max_iters, minimum=0)
     check_int("max_sweeps", max_sweeps, minimum=0)
     check_seed("seed", seed)
 
-    x, log_scales, signs = (
-        _remove_activation_symmetries(params_or_samples, spec, tol, max_iters)
-        if scaling
-        else (dict(params_or_samples), {}, {})
-    )
+    options = dict(tol=tol, max_iters=max_iters, include_biases=include_biases)
+    if scaling:
+        x, log_scales, signs = _remove_activation_symmetries(params_or_samples, spec, options)
+    else:
+        x, log_scales, signs = dict(params_or_samples), {}, {}
     batch = _batch_shape(x, spec)
     device = x[spec.sites[0]].device
     ref_out = None
@@ -291,36 +323,78 @@ def canonicalize(
         perm = sort_permutation(x, spec, sort_key)
         x = spec.apply(x, perm)
     elif permutation == "align":
-        from ..alignment import align_samples
-
-        ref: Any = reference
-        if reference is None:
-            # The first sample in sorted order: a reference that is itself canonical, so every
-            # element of an orbit (one network, or the first of a batch) meets the same one.
-            first = {s: x[s][(0,) * (x[s].dim() - spec.site_moves(s)[0])] for s in spec.sites}
-            ref = spec.apply(first, sort_permutation(first, spec, sort_key))
-        elif isinstance(reference, Mapping):
-            ref = point_params(reference)  # a (loc, scale) mapping is aligned by its means
-            if scaling:
-                ref.update(_remove_activation_symmetries({k: ref[k] for k in spec.sites}, spec, tol, max_iters)[0])
-        elif reference is not None and not isinstance(reference, Mapping) and reference != "barycenter":
-            raise ValueError(f"reference must be None, 'barycenter' or a mapping site -> tensor, got {reference!r}")
-        # After the sign convention only permutations are left to search.
-        align_spec = spec.without_signs() if scaling else spec
-        res = align_samples(x, align_spec, ref, seed=seed, max_sweeps=max_sweeps)
-        ref_out = res.reference
-        # Keep a sample as it is unless the alignment brings it closer to the reference:
-        # the result is then never worse than its input, and a second call (whose input
-        # is already aligned) changes nothing unless it finds a strictly better match.
-        keep = _distance(x, ref_out, spec) <= _distance(res.aligned, ref_out, spec)
-        perm = {
-            k: torch.where(keep[..., None], torch.arange(p.shape[-1], device=p.device), p)
-            for k, p in res.permutation.items()
-        }
-        x = {**res.aligned, **{s: _where_batch(keep, x[s], res.aligned[s]) for s in spec.sites}}
+        x, perm, ref_out = _align(x, spec, reference, scaling, sort_key, options, seed, max_sweeps)
     else:
         perm = {}
     for k, n in spec.sizes.items():
         if k not in perm:
             perm[k] = torch.arange(n, device=device).expand(tuple(batch) + (n,))
     return CanonicalForm(params=x, log_scales=log_scales, signs=signs, permutation=perm, reference=ref_out)
+
+
+def _align_samples_scaled(
+    x: dict[str, torch.Tensor], spec: PermutationSpec, ref: Any, seed: int | None, max_sweeps: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(permutation, aligned, reference)`` of ``align_samples`` on samples (and
+    reference) brought near unit magnitude.
+
+    Weight matching maximizes ``<x, g.ref>``, which does not change when the samples and
+    the reference are multiplied by one positive constant. Samples whose largest weight
+    is far from 1 (``1e20`` or ``1e-25`` in float32, where the products overflow or
+    underflow) are aligned after scaling everything by one power of two; the permutations
+    are then applied to the unscaled samples (exact) and the reference scaled back.
+    """
+    from ..alignment import align_samples
+
+    tensors = [x[s] for s in spec.sites] + ([ref[s] for s in spec.sites] if isinstance(ref, Mapping) else [])
+    big = max(float(t.detach().abs().max()) for t in tensors if t.numel())
+    e = math.frexp(big)[1] if big > 0 else 0
+    if abs(e) <= _ALIGN_EXPONENT:
+        res = align_samples(x, spec, ref, seed=seed, max_sweeps=max_sweeps)
+        return res.permutation, res.aligned, res.reference
+    scaled = {**x, **{s: torch.ldexp(x[s], torch.tensor(-e)) for s in spec.sites}}
+    if isinstance(ref, Mapping):
+        ref = {**ref, **{s: torch.ldexp(ref[s], torch.tensor(-e)) for s in spec.sites}}
+    res = align_samples(scaled, spec, ref, seed=seed, max_sweeps=max_sweeps)
+    aligned = {**res.aligned, **spec.apply({s: x[s] for s in spec.sites}, res.permutation)}
+    reference = {**res.reference, **{s: torch.ldexp(res.reference[s], torch.tensor(e)) for s in spec.sites}}
+    return res.permutation, aligned, reference
+
+
+def _align(
+    x: dict[str, torch.Tensor],
+    spec: PermutationSpec,
+    reference: None | str | Mapping[str, Any],
+    scaling: bool,
+    sort_key: SortKey,
+    options: Mapping[str, Any],
+    seed: int | None,
+    max_sweeps: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The alignment step of :func:`canonicalize`: ``(aligned, permutation, reference)``."""
+    ref: Any = reference
+    if reference is None:
+        # The first sample in sorted order: a reference that is itself canonical, so every
+        # element of an orbit (one network, or the first of a batch) meets the same one.
+        first = {s: x[s][(0,) * (x[s].dim() - spec.site_moves(s)[0])] for s in spec.sites}
+        ref = spec.apply(first, sort_permutation(first, spec, sort_key))
+    elif isinstance(reference, Mapping):
+        check_devices({f"reference[{k!r}]": v for k, v in reference.items()})
+        ref = detached(point_params(reference))  # a (loc, scale) mapping is aligned by its means
+        if scaling:
+            ref.update(_remove_activation_symmetries({k: ref[k] for k in spec.sites}, spec, options)[0])
+    # After the sign convention only permutations are left to search.
+    align_spec = spec.without_signs() if scaling else spec
+    found, moved, ref_out = _align_samples_scaled(x, align_spec, ref, seed, max_sweeps)
+    if reference == "barycenter" and scaling and groups_with(spec, "scale"):
+        # The mean of min-mass networks is not min-mass: put the barycenter in canonical
+        # scaling and align to it, so that it is a reference this function reproduces.
+        bary = _remove_activation_symmetries({k: ref_out[k] for k in spec.sites}, spec, options)[0]
+        found, moved, ref_out = _align_samples_scaled(x, align_spec, {**ref_out, **bary}, seed, max_sweeps)
+    # Keep a sample as it is unless the alignment brings it closer to the reference:
+    # the result is then never worse than its input, and a second call (whose input
+    # is already aligned) changes nothing unless it finds a strictly better match.
+    keep = _distance(x, ref_out, spec) <= _distance(moved, ref_out, spec)
+    perm = {k: torch.where(keep[..., None], torch.arange(p.shape[-1], device=p.device), p) for k, p in found.items()}
+    aligned = {**moved, **{s: _where_batch(keep, x[s], moved[s]) for s in spec.sites}}
+    return aligned, perm, ref_out
