@@ -23,7 +23,8 @@ import numpy as np
 
 from .._validation import check_real
 from ._layout import layer_of
-from .inference_data import RunDraws, align_draws, check_enough_chains, collect_draws, draws_to_datatree
+from ._runs import check_enough_chains
+from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree
 
 __all__ = ["ConvergenceComparison", "ConvergenceSummary", "layer_of", "rhat_ess", "rhat_ess_before_after"]
 

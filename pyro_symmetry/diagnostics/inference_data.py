@@ -30,18 +30,9 @@ from ..alignment import align_many, align_samples
 from ..groups import PermutationSpec, SpecError
 from ..posterior import gaussian_params, is_gaussian_mapping
 from . import _layout
+from ._runs import describe_skipped, expected_shapes, fit_site_shapes, split_failed
 
-__all__ = [
-    "RunDraws",
-    "align_draws",
-    "check_enough_chains",
-    "collect_draws",
-    "describe_skipped",
-    "draws_to_datatree",
-    "site_dims",
-    "split_failed",
-    "to_inference_data",
-]
+__all__ = ["RunDraws", "align_draws", "collect_draws", "draws_to_datatree", "site_dims", "to_inference_data"]
 
 ALIGN_METHODS = (None, "reference", "barycenter")
 
@@ -215,80 +206,6 @@ def _split_data(data: Any) -> tuple[tuple, dict]:
     return (data,), {}
 
 
-# ---------------------------------------------------------------------- failed runs
-def split_failed(runs: Sequence[Any]) -> tuple[list[tuple[int, Any]], list[tuple[int, BaseException]]]:
-    """``(kept, skipped)``: ``(index, run)`` of the runs to use, ``(index, error)`` of the
-    runs that failed (``run.error`` is not None, as ``train_runs(on_error="keep")`` marks them)."""
-    kept, skipped = [], []
-    for i, run in enumerate(runs):
-        error = None if isinstance(run, Mapping) else getattr(run, "error", None)
-        (kept if error is None else skipped).append((i, run if error is None else error))
-    return kept, skipped
-
-
-def describe_skipped(skipped: Sequence[tuple[int, BaseException]]) -> list[str]:
-    """One line per failed run: ``"run 3 skipped: RuntimeError: loss is NaN"``."""
-    return [f"run {i} skipped: {type(e).__name__}: {e}" for i, e in skipped]
-
-
-def check_enough_chains(draws: RunDraws, needed: int, what: str) -> None:
-    """Raise ``ValueError`` if fewer than ``needed`` chains remain, naming the failed runs."""
-    if draws.num_chains < needed:
-        why = "; ".join(describe_skipped(draws.skipped))
-        raise ValueError(
-            f"{what} needs at least {needed} runs, got {draws.num_chains}"
-            + (f" after skipping {len(draws.skipped)} failed run(s) ({why})" if draws.skipped else "")
-        )
-
-
-# ---------------------------------------------------------------------- site shapes
-def _expected_shapes(spec: PermutationSpec | None, model: Any, args: tuple, kwargs: dict) -> dict[str, tuple]:
-    """Own shapes of the sites, from the spec (bound to shapes) and, for the rest, the model
-    (an ``nn.Module``'s priors, or a trace of a callable model with the given data)."""
-    shapes: dict[str, tuple] = {}
-    if isinstance(model, torch.nn.Module) or (model is not None and (args or kwargs)):
-        from ..groups.builders import model_site_shapes
-
-        shapes.update(model_site_shapes(model, *args, **kwargs))
-    if spec is not None and spec.shapes is not None:
-        shapes.update(spec.shapes)
-    return shapes
-
-
-def _fit_site_shapes(
-    chain: dict[str, torch.Tensor], expected: Mapping[str, tuple], acted: set[str], where: str
-) -> dict[str, torch.Tensor]:
-    """Check draws ``site -> (num_draws, *shape)`` against the sites' own shapes.
-
-    Singleton dims between the draw dim and a site's own dims (``Predictive`` output
-    ``(S, 1, *site)`` for a model with a data plate) are removed. Other dims there are
-    kept for a site no group acts on (a local latent batched by its plate) and refused
-    for a site a group acts on; so is a site whose trailing dims are not its own shape:
-    reading its axes would be a guess.
-    """
-    out = {}
-    for k, v in chain.items():
-        want = expected.get(k)
-        got = tuple(v.shape[1:]) if v.dim() else None
-        if want is None or got == want:
-            out[k] = v
-            continue
-        extra = -1 if got is None else len(got) - len(want)
-        if extra > 0 and got[extra:] == want:
-            if all(d == 1 for d in got[:extra]):
-                out[k] = v.reshape((v.shape[0], *want))
-                continue
-            if k not in acted:
-                out[k] = v
-                continue
-        raise SpecError(
-            f"{where}, site {k!r}: draws of shape {tuple(v.shape)} do not match the site's shape {want}; "
-            f"expected (num_draws, *{want}), optionally with singleton plate dims after num_draws "
-            "(a single point estimate needs a leading draw dim: value[None])"
-        )
-    return out
-
-
 # ---------------------------------------------------------------------- collect
 def _chains_of(run: Any, i: int, num_samples: int, args: tuple, kwargs: dict, generator: torch.Generator):
     """``[(label, draws, log_q or None)], posterior or None, model or None`` of one run."""
@@ -367,9 +284,9 @@ def collect_draws(
             posteriors.append(posterior)
     spec = spec if spec is not None else getattr(model, "spec", None)
     raw = any(lq is None for _, _, lq in labelled)  # sample dicts / MCMC: shapes not read from a trace
-    expected = _expected_shapes(spec, model if raw else None, args, kwargs)
+    expected = expected_shapes(spec, model if raw else None, args, kwargs)
     acted = set(spec.sites) if spec is not None else set()
-    samples = _stack_chains([_fit_site_shapes(c, expected, acted, where) for where, c, _ in labelled])
+    samples = _stack_chains([fit_site_shapes(c, expected, acted, where) for where, c, _ in labelled])
     log_qs = [lq for _, _, lq in labelled]
     log_q = None if any(q is None for q in log_qs) else torch.stack([q.detach() for q in log_qs])
     if symmetric:

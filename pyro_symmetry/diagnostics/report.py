@@ -38,8 +38,9 @@ from ..estimators import MIEstimate, mutual_information
 from ..groups import PermutationSpec, SpecError
 from . import plots
 from ._layout import layer_groups, layer_of, layer_widths
+from ._runs import check_enough_chains, describe_skipped
 from .convergence import ConvergenceComparison, rhat_ess
-from .inference_data import align_draws, check_enough_chains, collect_draws, describe_skipped
+from .inference_data import align_draws, collect_draws
 from .kernel_mmd import MMDResult, canonical_form, mmd
 
 __all__ = ["SymmetryReport", "symmetry_report"]
