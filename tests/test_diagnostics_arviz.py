@@ -294,3 +294,32 @@ def test_legacy_arviz_converts_the_tree_with_from_datatree():
     # legacy R-hat on the converted data equals ours (arviz-stats) on the tree
     legacy = az.rhat(idata, var_names=["fc2.bias"])["fc2.bias"].values
     np.testing.assert_allclose(legacy, D.rhat_ess(tree).rhat["fc2.bias"], rtol=1e-6)
+
+
+def test_train_runs_keep_failed_runs_end_to_end():
+    """``train_runs(on_error="keep")`` marks a diverged run; the converter skips it with a one-line note."""
+    import inspect
+
+    if "on_error" not in inspect.signature(ps.train_runs).parameters:
+        pytest.skip("train_runs has no on_error yet")
+    from pyro.infer.autoguide import init_to_value
+
+    x, y = _data()
+    made = []
+
+    def make_guide(m):
+        made.append(m)
+        if len(made) == 2:  # the second run starts from NaN weights: its loss is NaN
+            nan = {k: torch.full(s, float("nan")) for k, s in m.spec.shapes.items()}
+            return AutoNormal(m, init_loc_fn=init_to_value(values=nan))
+        return AutoNormal(m, init_scale=0.05)
+
+    with pytest.warns(UserWarning):
+        runs = ps.train_runs(
+            _make_model, make_guide, (x, y), 3, steps=2, progress=False, on_error="keep", vectorize=False
+        )
+    assert runs[1].error is not None and runs[0].error is None and runs[2].error is None
+    with pytest.warns(UserWarning, match=r"^run 1 skipped: \w+: ") as record:
+        tree = D.to_inference_data(runs, num_samples=4)
+    assert "\n" not in str(record[0].message)
+    assert tree["posterior"].to_dataset().sizes["chain"] == 2

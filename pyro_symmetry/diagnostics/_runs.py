@@ -31,9 +31,17 @@ def split_failed(runs: Sequence[Any]) -> tuple[list[tuple[int, Any]], list[tuple
     return kept, skipped
 
 
-def describe_skipped(skipped: Sequence[tuple[int, BaseException]]) -> list[str]:
-    """One line per failed run: ``"run 3 skipped: RuntimeError: loss is NaN"``."""
-    return [f"run {i} skipped: {type(e).__name__}: {e}" for i, e in skipped]
+def describe_skipped(skipped: Sequence[tuple[int, BaseException]], width: int = 200) -> list[str]:
+    """One line per failed run: ``"run 3 skipped: RuntimeError: loss is NaN"`` (the first
+    line of the message, cut at ``width`` characters: Pyro appends whole trace tables)."""
+    out = []
+    for i, e in skipped:
+        lines = str(e).strip().splitlines()
+        msg = lines[0] if lines else ""
+        if len(msg) > width or len(lines) > 1:
+            msg = msg[:width].rstrip() + " …"
+        out.append(f"run {i} skipped: {type(e).__name__}: {msg}")
+    return out
 
 
 def check_enough_chains(draws: Any, needed: int, what: str) -> None:
