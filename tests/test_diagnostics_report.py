@@ -176,3 +176,14 @@ def test_rhat_histogram_legend_counts_infinite_and_undefined_rhat_as_above():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == "before alignment (75% > 1.1; 2 inf/undefined not shown)"
     assert labels[1] == "after alignment (0% > 1.1)"
+
+
+def test_format_row_shows_nan_estimates_as_nan_not_as_blanks():
+    from pyro_symmetry.diagnostics.report import COLUMNS, _format_row
+
+    nan = float("nan")
+    row = {"layer": "all", "width": 3, "log_order": 1.8, "mi_mean": nan, "mi_sd": nan}
+    row.update(barrier_before=nan, barrier_after=0.1, rhat_max_before=nan, rhat_max_after=math.inf)
+    cells = dict(zip(COLUMNS, _format_row(row)))
+    assert cells["I(g;w) / log|G|"] == "NaN ± NaN / 1.8"
+    assert cells["barrier"] == "NaN → 0.100" and cells["R-hat max"] == "n/a → inf"

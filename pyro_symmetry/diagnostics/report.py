@@ -204,9 +204,9 @@ def _pair(row: dict, key: str, fmt: str, nan: str = "–") -> str:
 
 def _format_row(r: dict[str, Any]) -> list[str]:
     mi = "–"
-    if r.get("mi_mean") is not None:
-        spread = f" ± {r['mi_sd']:.1f}" if r.get("mi_sd") else ""
-        mi = f"{r['mi_mean']:.1f}{spread} / {r['log_order']:.1f}"
+    if r.get("mi_mean") is not None:  # a NaN estimate shows as NaN, never as a blank
+        spread = f" ± {_num(r['mi_sd'], '.1f', 'NaN')}" if r.get("mi_sd") != 0.0 else ""
+        mi = f"{_num(r['mi_mean'], '.1f', 'NaN')}{spread} / {r['log_order']:.1f}"
     mmd_b = "–" if r.get("mmd2_before") is None else f"{r['mmd2_before']:.3f} ({r['mmd_p_before']:.3f})"
     mmd_a = "–" if r.get("mmd2_after") is None else f"{r['mmd2_after']:.3f} ({r['mmd_p_after']:.3f})"
     return [
@@ -220,7 +220,7 @@ def _format_row(r: dict[str, Any]) -> list[str]:
         mi,
         mmd_b,
         mmd_a,
-        _pair(r, "barrier", ".3f"),
+        _pair(r, "barrier", ".3f", "NaN"),
     ]
 
 
