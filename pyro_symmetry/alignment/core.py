@@ -22,11 +22,16 @@ standard deviations, which do not), so the best sign per pair is
 This module holds the batched engine: every target of a batch runs its own
 coordinate descent; the similarity products of all targets are one GEMM per
 ``(site, axis)`` in float32 (float64 for float64 inputs), while assignment scores,
-acceptance tests and the objective are summed in float64; similarity terms whose
-neighbouring groups did not move are cached, as are per-site costs; a group whose
-neighbours did not change since it was last solved is skipped; and a group whose
-row-wise best matches already form a permutation skips the assignment solver (that
-permutation attains the bound ``sum_i max_j S[i, j]``). Only the solver calls loop.
+acceptance tests and the objective are summed in float64. A step is accepted only if
+it lowers ``C`` by more than ``64 eps`` of the energy ``||q0||^2 + ||q1||^2``, ``eps``
+that of the inputs' dtype (the rounding level of ``C``); with a compute dtype coarser
+than the inputs (float16, bfloat16) the similarities only propose steps, and each is
+checked with ``C`` itself, computed from the inputs (as is the objective).
+Similarity terms whose neighbouring groups did not move are cached, as are per-site
+costs; a group whose neighbours did not change since it was last solved is skipped;
+and a group whose row-wise best matches already form a permutation skips the
+assignment solver (that permutation attains the bound ``sum_i max_j S[i, j]``). Only
+the solver calls loop.
 """
 
 from __future__ import annotations
@@ -97,9 +102,15 @@ class _Engine:
         dtypes = [t.dtype for ch in (*ref.values(), *tgt.values()) for t in ch if t is not None]
         self.cdt = compute_dtype or (torch.float64 if torch.float64 in dtypes else torch.float32)
         self.nch = 1 if ref[spec.sites[0]][1] is None else 2
-        # Products and differences in the compute dtype; sums of them in float64.
+        # Products in the compute dtype, their sums in float64; costs from the inputs themselves.
         self.tgt_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in tgt.items()}
         self.ref_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in ref.items()}
+        self.tgt_in = {s: [t for t in ch if t is not None] for s, ch in tgt.items()}
+        self.ref_in = {s: [t for t in ch if t is not None] for s, ch in ref.items()}
+        # Similarities coarser than the data (float16/bfloat16 products of float32 inputs) only
+        # propose steps: each one is then checked with the cost itself, to the data's precision.
+        data_eps = max(torch.finfo(d).eps for d in dtypes)
+        self.verify = torch.finfo(self.cdt).eps > data_eps
         self.perm = {g: torch.arange(n, device=self.device).repeat(self.B, 1) for g, n in spec.sizes.items()}
         self.version = {g: torch.zeros(self.B, dtype=torch.long, device=self.device) for g in self.names}
         self.terms: dict[str, list[_Term]] = {g: [] for g in self.names}
@@ -122,8 +133,11 @@ class _Engine:
         energy = sum(
             _sq_norm(r.unsqueeze(0)) + _sq_norm(t) for s in spec.sites for r, t in zip(ref[s], tgt[s]) if r is not None
         )
-        rtol = 64 * torch.finfo(self.cdt).eps if rtol is None else rtol
+        # The acceptance tolerance is the rounding level of the data (float64: 1.4e-14 of the
+        # energy), never that of a coarse compute dtype (bfloat16's would be half the energy).
+        rtol = 64 * data_eps if rtol is None else rtol
         self.tol = rtol * energy
+        self.group_sites = {g: sorted({t.site for t in self.terms[g]}) for g in self.names}
 
     # -------------------------------------------------------------- similarities
     def _store(self, g: str, mu: torch.Tensor, sd: torch.Tensor | None) -> list[torch.Tensor]:
@@ -234,31 +248,41 @@ class _Engine:
             idx = torch.arange(self.B, device=self.device)
         if force:
             accept = (new != old).any(-1)
+        elif self.verify:
+            # Coarse similarities can neither confirm nor rule out an improvement: check them all.
+            accept = self._improves(g, idx, new, (new != old).any(-1))
         else:
             accept = best - self._value(g, sim, old) > _sel(self.tol, idx)
-            if self.self_coupled[g] and bool(accept.any()):
+            if self.self_coupled[g]:
                 # The score is only linear in p when no site is acted on twice by g.
-                sites = sorted({t.site for t in self.terms[g]})
-                before = self.cost(idx, sites)
-                trial = self.perm[g].clone()
-                trial[idx[accept]] = new[accept]
-                accept &= self.cost(idx, sites, {g: trial}) < before - _sel(self.tol, idx)
+                accept = self._improves(g, idx, new, accept)
         if bool(accept.any()):
             sel = idx[accept]
             self.perm[g][sel] = new[accept]
             self.version[g][sel] += 1
 
+    def _improves(self, g: str, idx: torch.Tensor, new: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Which ``candidates`` lower the cost ``C`` of targets ``idx`` by more than the
+        tolerance when group ``g`` takes ``new`` (costs over the sites ``g`` acts on)."""
+        if not bool(candidates.any()):
+            return candidates
+        sites = self.group_sites[g]
+        before = self.cost(idx, sites)
+        trial = self.perm[g].clone()
+        trial[idx[candidates]] = new[candidates]
+        return candidates & (self.cost(idx, sites, {g: trial}) < before - _sel(self.tol, idx))
+
     # -------------------------------------------------------------- objective
     def cost(self, idx: torch.Tensor | None = None, sites=None, override: Mapping | None = None) -> torch.Tensor:
-        """``C(g)`` per target over ``sites`` (default: all): differences in the compute
-        dtype, squares accumulated in float64."""
+        """``C(g)`` per target over ``sites`` (default: all): differences in the inputs'
+        dtype (not the compute dtype), squares accumulated in float64."""
         perm = {**self.perm, **(override or {})}
         return sum(self._site_cost(s, perm, idx) for s in (sites or self.spec.sites))
 
     def _site_cost(self, site: str, perm: Mapping[str, torch.Tensor], idx: torch.Tensor | None) -> torch.Tensor:
         nd, mv = self.moves[site]
         total = 0.0
-        for c, (r, x) in enumerate(zip(self.ref_c[site], self.tgt_c[site])):
+        for c, (r, x) in enumerate(zip(self.ref_in[site], self.tgt_in[site])):
             moves = []
             for ax, inner, g in mv:
                 p = _sel(perm[g], idx)

@@ -110,7 +110,10 @@ def align(
         where Git Re-Basin does.
     compute_dtype : torch.dtype, optional
         dtype of the similarity products (default float32, float64 for float64 inputs);
-        assignment scores, acceptance tests and the objective are summed in float64.
+        assignment scores, acceptance tests and the objective are summed in float64, and
+        the objective is computed from the inputs in their own dtype. A dtype coarser
+        than the inputs (float16, bfloat16) only proposes steps: each is taken only if
+        the cost, computed from the inputs, drops.
     progress : bool
         Show a progress bar over sweeps.
 
