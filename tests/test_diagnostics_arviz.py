@@ -323,3 +323,15 @@ def test_train_runs_keep_failed_runs_end_to_end():
         tree = D.to_inference_data(runs, num_samples=4)
     assert "\n" not in str(record[0].message)
     assert tree["posterior"].to_dataset().sizes["chain"] == 2
+
+
+def test_conv_dims_and_widths_come_from_the_spec():
+    from pyro_symmetry.diagnostics._layout import layer_widths
+
+    model = ps.models.BayesianCNN(1, (8, 8), [3, 4], 2)
+    dims = D.site_dims(model.spec.shapes, model.spec)
+    assert dims["conv2.weight"][:2] == ["conv2_neuron", "conv1_neuron"]
+    assert dims["conv1.weight"][1:] == ["conv1_weight_dim1", "conv1_weight_dim2", "conv1_weight_dim3"]
+    # fc.weight (2, 16) reads conv2's 4 channels in blocks of 4 (inner > 1): its other axis is fc's units.
+    assert dims["fc.weight"] == ["fc_neuron", "fc_weight_dim1"]
+    assert layer_widths(model.spec, model.spec.shapes) == {"conv1": 3, "conv2": 4, "fc": 2}

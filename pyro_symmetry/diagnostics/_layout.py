@@ -68,7 +68,7 @@ def axis_roles(spec: PermutationSpec | None, shapes: Mapping[str, Sequence[int]]
                 roles[(ax.site, ax.axis % len(shape))] = AxisRole("group", name, role, ax.inner)
     for site, shape in shapes.items():
         grouped = [(k, roles[(site, k)]) for k in range(len(shape)) if (site, k) in roles]
-        if len(shape) == 2 and len(grouped) == 1 and grouped[0][1].inner == 1:
+        if len(shape) == 2 and len(grouped) == 1:  # (inner > 1: a linear layer after a conv flatten)
             other = 1 - grouped[0][0]
             kind = "input" if grouped[0][1].role == "incoming" else "neuron"
             roles[(site, other)] = AxisRole(kind, layer_name(site))
