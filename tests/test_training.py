@@ -1,8 +1,11 @@
 """train_runs: independent seeded runs, vectorized, sequential and on executors."""
 
 import functools
+import math
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+import os
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +16,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_sample
 
 import pyro_symmetry as ps
+from pyro_symmetry._state import snapshot
 
 N_OBS = 10
 Y = torch.linspace(-1.0, 2.0, N_OBS)
@@ -140,3 +144,290 @@ def test_a_given_loss_is_the_one_trained():
     assert len(calls) == 6 and [r.seed for r in runs] == [0, 1]
     with pytest.raises(ValueError, match="vectorize=True .* cannot use loss="):
         ps.train_runs(_make_conjugate, AutoNormal, (Y,), 2, steps=3, loss=CountingELBO(), vectorize=True)
+
+
+# ---------------------------------------------------------------------- failures, executors, side effects
+X_CLS = torch.linspace(-1, 1, 12)[:, None]
+Y_CLS = (X_CLS[:, 0] > 0).long()
+make_mlp = functools.partial(ps.models.BayesianMLP, 1, [2], 2)
+make_diag = functools.partial(AutoDiagonalNormal, init_scale=0.05)
+
+
+def _guide_failing_for_seed(model, seed=1):
+    """AutoDiagonalNormal, except for the run seeded with ``seed`` (torch's initial seed)."""
+    if torch.initial_seed() == seed:
+        raise RuntimeError(f"make_guide failed for seed {seed}")
+    return make_diag(model)
+
+
+def _guide_killing_its_worker(model, seed=1):
+    if torch.initial_seed() == seed:
+        os._exit(3)  # the worker process dies without a word
+    return make_diag(model)
+
+
+def _guide_killing_its_worker_once(model, marker, seed=1):
+    if torch.initial_seed() == seed and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return make_diag(model)
+
+
+class _BadAfter:
+    """A model whose log-joint is -inf (``how="inf"``) or that raises (``"raise"``) from its
+    ``step``-th SVI step on, for the run seeded ``seed`` only."""
+
+    def __init__(self, step, how, seed=1):
+        self.net, self.step, self.how, self.calls = make_mlp(), step, how, 0
+        self.bad = torch.initial_seed() == seed
+
+    def __call__(self, x, y=None):
+        self.calls += 1
+        if self.bad and self.calls > self.step + 1:  # +1: the guide's set-up traces the model once
+            if self.how == "raise":
+                raise RuntimeError("the model broke")
+            pyro.sample("impossible", dist.Normal(0.0, 1.0), obs=torch.tensor(math.inf))
+        return self.net(x, y)
+
+
+def _single(seed, **kwargs):
+    return ps.train_runs(
+        make_mlp, _guide_failing_for_seed, (X_CLS, Y_CLS), 1, steps=5, seed=seed, progress=False, **kwargs
+    )[0]
+
+
+def _same_run(a, b):
+    assert a.error is None and b.error is None and a.seed == b.seed
+    assert torch.equal(a.losses, b.losses)
+    qa, qb = ps.gaussian_params(a.guide), ps.gaussian_params(b.guide)
+    assert all(torch.equal(qa[k][0], qb[k][0]) and torch.equal(qa[k][1], qb[k][1]) for k in qa)
+
+
+def test_on_error_keep_returns_finished_runs_intact_and_marks_the_failed_one():
+    kwargs = dict(steps=5, progress=False, on_error="keep")
+    with pytest.warns(UserWarning, match=r"1 of 3 runs failed.*run 1 \(seed 1\): RuntimeError: make_guide failed"):
+        runs = ps.train_runs(make_mlp, _guide_failing_for_seed, (X_CLS, Y_CLS), 3, **kwargs)
+    assert [r.seed for r in runs] == [0, 1, 2]
+    assert isinstance(runs[1].error, RuntimeError) and runs[1].guide is None and runs[1].model is None
+    assert runs[1].losses.shape == (5,) and torch.isnan(runs[1].losses).all()
+    for r in (0, 2):
+        _same_run(runs[r], _single(r))
+    with pytest.raises(RuntimeError, match="make_guide failed for seed 1"):
+        ps.train_runs(make_mlp, _guide_failing_for_seed, (X_CLS, Y_CLS), 3, steps=5, progress=False)
+    with pytest.raises(ValueError, match="on_error must be one of"):
+        ps.train_runs(make_mlp, AutoNormal, (X_CLS, Y_CLS), 1, steps=1, on_error="ignore")
+
+
+@pytest.mark.parametrize("how", ["inf", "raise"])
+def test_on_error_keep_marks_a_diverged_or_raising_run_and_keeps_its_partial_losses(how):
+    """A loss that turns infinite (no exception: the guide is kept, marked as diverged) or a
+    run that raises mid-way (no guide); the losses reached are kept, NaN beyond."""
+    make_model = functools.partial(_BadAfter, 2, how)
+    pattern = "ValueError: run 1 .seed 1. diverged: its loss is inf at step 2" if how == "inf" else "model broke"
+    with pytest.warns(UserWarning, match=r"1 of 3 runs failed.*" + pattern):
+        runs = ps.train_runs(
+            make_model, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=4, progress=False, on_error="keep"
+        )
+    assert runs[0].error is None and runs[2].error is None
+    assert torch.isfinite(runs[1].losses[:2]).all()
+    if how == "inf":
+        assert isinstance(runs[1].error, ValueError) and runs[1].guide is not None
+        assert torch.isinf(runs[1].losses[2:]).all()
+    else:
+        assert isinstance(runs[1].error, RuntimeError) and runs[1].guide is None
+        assert torch.isnan(runs[1].losses[2:]).all()
+    with pytest.raises((ValueError, RuntimeError), match="diverged" if how == "inf" else "model broke"):
+        ps.train_runs(make_model, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=4, progress=False)
+
+
+def _model_refusing_the_runs_plate():
+    net = make_mlp()
+
+    def model(x, y=None):
+        if any(f.name == "_runs" for f in pyro.poutine.runtime._PYRO_STACK if hasattr(f, "name")):
+            raise RuntimeError("this model cannot run under the runs plate")
+        return net(x, y)
+
+    return model
+
+
+def test_on_error_keep_trains_one_by_one_when_the_vectorized_problem_fails():
+    with pytest.warns(UserWarning, match="vectorized runs failed"):
+        runs = ps.train_runs(
+            _model_refusing_the_runs_plate, AutoNormal, (X_CLS, Y_CLS), 2, steps=3, progress=False, on_error="keep"
+        )
+    assert [r.error for r in runs] == [None, None] and [r.seed for r in runs] == [0, 1]
+    with pytest.raises(RuntimeError, match="runs plate"):
+        ps.train_runs(_model_refusing_the_runs_plate, AutoNormal, (X_CLS, Y_CLS), 2, steps=3, progress=False)
+
+
+class _Counter:
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["vectorized", "sequential", "fallback from vectorize=None", "thread pool"],
+)
+def test_make_model_is_called_once_per_run(how):
+    make_model = _Counter(make_mlp)
+    guide = AutoNormal if how == "vectorized" else AutoDiagonalNormal
+    kwargs = dict(steps=3, progress=False, vectorize={"vectorized": True, "sequential": False}.get(how))
+    if how == "thread pool":
+        with ThreadPoolExecutor(2) as pool:
+            runs = ps.train_runs(make_model, guide, (X_CLS, Y_CLS), 3, executor=pool, **kwargs)
+    else:
+        runs = ps.train_runs(make_model, guide, (X_CLS, Y_CLS), 3, **kwargs)
+    assert make_model.calls == 3 and len({id(r.model) for r in runs}) == 3
+
+
+def test_the_first_sequential_run_is_the_same_whether_or_not_vectorization_was_tried():
+    """After vectorize=None finds a guide it cannot vectorize, run 0 reuses the model that
+    attempt built, with torch's RNG where building it left it: the same run as vectorize=False."""
+    a = ps.train_runs(make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 2, steps=4, progress=False)
+    b = ps.train_runs(make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 2, steps=4, progress=False, vectorize=False)
+    for ra, rb in zip(a, b):
+        _same_run(ra, rb)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_train_runs_leaves_threads_rngs_dtype_and_param_store_as_found(vectorize):
+    pyro.param("users_own", torch.ones(2))
+    torch.set_num_threads(2)
+    before = snapshot()
+    try:
+        ps.train_runs(
+            make_mlp, AutoNormal, (X_CLS, Y_CLS), 2, steps=2, num_threads=1, vectorize=vectorize, progress=False
+        )
+        assert snapshot().diff(before) == []
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_thread_pool_runs_take_turns_and_match_in_process_training():
+    local = ps.train_runs(make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=10, seed=5, progress=False)
+    with ThreadPoolExecutor(3) as pool:
+        threaded = ps.train_runs(
+            make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=10, seed=5, progress=False, executor=pool
+        )
+    for a, b in zip(local, threaded):
+        _same_run(a, b)
+
+
+class _LosingExecutor:
+    """Runs tasks at once in this process, but the first ``lose`` submissions of the run
+    seeded ``seed`` come back as a lost worker (``BrokenExecutor``)."""
+
+    def __init__(self, seed=1, lose=1):
+        self.seed, self.lose, self.submitted = seed, lose, []
+
+    def submit(self, fn, *args):
+        fut = Future()
+        self.submitted.append(args[1])
+        if args[1] == self.seed and self.submitted.count(self.seed) <= self.lose:
+            fut.set_exception(BrokenExecutor("the worker died"))
+        else:
+            fut.set_result(fn(*args))
+        return fut
+
+
+def test_a_run_whose_worker_was_lost_is_retried_once():
+    pool = _LosingExecutor(lose=1)
+    runs = ps.train_runs(make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=4, progress=False, executor=pool)
+    assert sorted(pool.submitted) == [0, 1, 1, 2] and all(r.error is None for r in runs)
+    _same_run(
+        runs[1], ps.train_runs(make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 1, steps=4, seed=1, progress=False)[0]
+    )
+    pool = _LosingExecutor(lose=2)
+    with pytest.warns(UserWarning, match="1 of 3 runs failed"):
+        runs = ps.train_runs(
+            make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=4, progress=False, executor=pool, on_error="keep"
+        )
+    assert sorted(pool.submitted) == [0, 1, 1, 2]
+    assert isinstance(runs[1].error, BrokenExecutor) and runs[0].error is None and runs[2].error is None
+    assert "lost 2 time(s)" in "".join(getattr(runs[1].error, "__notes__", []))
+    with pytest.raises(BrokenExecutor):
+        ps.train_runs(
+            make_mlp, AutoDiagonalNormal, (X_CLS, Y_CLS), 3, steps=4, progress=False, executor=_LosingExecutor(lose=2)
+        )
+
+
+def test_a_dead_process_pool_worker_loses_no_finished_run():
+    """One worker, runs in seed order: run 0 finishes, run 1 kills the worker; a broken
+    process pool takes no more tasks, so runs 1 and 2 are marked, run 0 is kept."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool, pytest.warns(UserWarning, match="2 of 3 runs failed"):
+        runs = ps.train_runs(
+            make_mlp,
+            _guide_killing_its_worker,
+            (X_CLS, Y_CLS),
+            3,
+            steps=4,
+            progress=False,
+            executor=pool,
+            on_error="keep",
+            num_threads=1,
+        )
+    assert runs[0].error is None
+    _same_run(
+        runs[0],
+        ps.train_runs(make_mlp, make_diag, (X_CLS, Y_CLS), 1, steps=4, seed=0, progress=False, num_threads=1)[0],
+    )
+    assert all(isinstance(r.error, BrokenProcessPool) for r in runs[1:])
+
+
+@pytest.mark.slow  # worker processes import torch and pyro (about a minute on 2 busy cores)
+def test_a_run_whose_dask_worker_died_is_retried_and_the_others_are_untouched(tmp_path):
+    """Dask replaces a dead worker; with its own retries off, our one retry re-runs the run."""
+    distributed = pytest.importorskip("distributed")
+    import dask
+
+    marker = str(tmp_path / "died")
+    make_guide = functools.partial(_guide_killing_its_worker_once, marker=marker)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True) as cluster:
+            with distributed.Client(cluster) as client:
+                runs = ps.train_runs(
+                    make_mlp, make_guide, (X_CLS, Y_CLS), 3, steps=4, progress=False, executor=client, num_threads=1
+                )
+    assert os.path.exists(marker) and all(r.error is None for r in runs)
+    for r in range(3):
+        _same_run(
+            runs[r],
+            ps.train_runs(make_mlp, make_diag, (X_CLS, Y_CLS), 1, steps=4, seed=r, progress=False, num_threads=1)[0],
+        )
+
+
+@pytest.mark.parametrize("which", ["make_model", "make_guide"])
+def test_a_factory_a_process_pool_cannot_pickle_is_named(which):
+    def local_factory(*args):
+        return (make_mlp if which == "make_model" else AutoDiagonalNormal)(*args)
+
+    factories = {"make_model": make_mlp, "make_guide": AutoDiagonalNormal, which: local_factory}
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(TypeError, match=rf"{which} cannot be sent.*module-level function.*functools\.partial"):
+            ps.train_runs(
+                factories["make_model"],
+                factories["make_guide"],
+                (X_CLS, Y_CLS),
+                2,
+                steps=2,
+                executor=pool,
+                progress=False,
+            )
+        with pytest.raises(TypeError, match=rf"{which} cannot be sent"):
+            ps.train_runs(
+                **{"make_model": lambda: make_mlp(), "make_guide": AutoDiagonalNormal}
+                if which == "make_model"
+                else {"make_model": make_mlp, "make_guide": lambda m: AutoDiagonalNormal(m)},
+                data=(X_CLS, Y_CLS),
+                num_runs=2,
+                steps=2,
+                executor=pool,
+                progress=False,
+            )
