@@ -192,3 +192,43 @@ def test_align_many_errors_and_pickle():
     res = ps.align_many(runs, spec, reference="barycenter", method="weights")
     back = pickle.loads(pickle.dumps(res))
     assert all(torch.equal(back.barycenter[k], res.barycenter[k]) for k in res.barycenter)
+
+
+# ---------------------------------------------------------------------------- a barycenter still moving
+def _runs_needing_two_refinements():
+    """Six random 3-8-8-2 runs whose barycenter moves after the first refinement."""
+    sizes, spec = _mlp((3, (8, 8), 2), "none")
+    runs = [mlp_params(sizes, seed=10 + r) for r in range(6)]
+    assert ps.align_many(runs, spec, reference="barycenter", method="weights", seed=0).iterations >= 2
+    return spec, runs
+
+
+def test_align_many_objective_is_the_cost_to_the_returned_barycenter():
+    """Stopped by ``max_iters``: not converged, and ``objective[r]`` is still the distance
+    of ``aligned[r]`` to ``barycenter`` (it was the distance to the previous barycenter)."""
+    spec, runs = _runs_needing_two_refinements()
+    for method, qs in (
+        ("weights", runs),
+        ("wasserstein", [{k: (v, v.abs() + 0.5) for k, v in r.items()} for r in runs]),
+    ):
+        res = ps.align_many(qs, spec, reference="barycenter", method=method, max_iters=1, seed=0)
+        assert not res.converged and res.iterations == 1
+        for r in range(len(runs)):
+            a, b = res.aligned[r], res.barycenter
+            if method == "weights":
+                direct = sum(float((a[k] - b[k]).pow(2).sum()) for k in a)
+            else:
+                direct = sum(float((a[k][0] - b[k][0]).pow(2).sum() + (a[k][1] - b[k][1]).pow(2).sum()) for k in a)
+            assert res.objective[r].item() == pytest.approx(direct, rel=1e-12)
+
+
+def test_align_samples_does_not_report_convergence_while_the_barycenter_moves():
+    spec, runs = _runs_needing_two_refinements()
+    samples = {k: torch.stack([r[k] for r in runs]) for k in runs[0]}
+    res = ps.align_samples(samples, spec, "barycenter", max_iters=1, seed=0)
+    assert res.iterations == 1 and not bool(res.converged.any())
+    # the objective is the cost to the reference returned (the one the samples were aligned to)
+    direct = sum((res.aligned[k] - res.reference[k]).pow(2).flatten(1).sum(-1) for k in res.reference)
+    assert torch.allclose(res.objective[:, -1], direct, rtol=1e-12)
+    full = ps.align_samples(samples, spec, "barycenter", seed=0)
+    assert bool(full.converged.all()) and full.iterations >= 2

@@ -21,6 +21,7 @@ __all__ = [
     "check_sites",
     "read_posterior",
     "rest_distance",
+    "sq_norm",
     "unsigned",
 ]
 

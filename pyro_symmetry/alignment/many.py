@@ -34,6 +34,7 @@ from .inputs import (
     check_sites,
     read_posterior,
     rest_distance,
+    sq_norm,
     unsigned,
 )
 
@@ -56,13 +57,14 @@ class ManyAlignment:
         deviations averaged: the W2 barycenter), else ``site -> tensor``. With an
         integer ``reference`` it is still this mean (of runs aligned to that run).
     objective : Tensor ``(runs,)``
-        Each run's final cost to the reference (squared W2 or Euclidean distance over
-        every site).
+        Each run's final cost (``aligned[r]``) to the reference, ``barycenter`` or run
+        ``reference`` (squared W2 or Euclidean distance over every site).
     iterations : int
         Barycenter refinements run (0 for an integer reference).
     converged : bool
         Every run's descent converged and, for a barycenter, no permutation changed
-        in the last refinement.
+        in the last refinement (if not, the last permutations were chosen against the
+        previous barycenter).
     """
 
     permutations: list[dict[str, torch.Tensor]]
@@ -90,6 +92,10 @@ class SampleAlignment:
         Each sample's cost ``||reference - g.w||^2`` (over the sites of ``reference``)
         per sweep of the last descent.
     converged : Tensor ``(*batch,)`` bool
+        The sample's descent converged (a sweep changed nothing) and, with
+        ``reference="barycenter"``, the barycenter stopped moving within ``max_iters``
+        (otherwise ``False`` for every sample: ``reference`` is then the last barycenter
+        the samples were aligned to, not the mean of their final alignment).
     iterations : int
         Barycenter refinements run (0 without a barycenter).
     """
@@ -233,15 +239,21 @@ def align_many(
     bary_mu = {s: al_mu[s].mean(0) if al_mu[s].is_floating_point() else al_mu[s][0] for s in sites}
     bary_sd = {s: al_sd[s].mean(0) for s in sites} if gaussian else None
     barycenter: dict[str, Any] = {s: (bary_mu[s], bary_sd[s]) for s in sites} if gaussian else bary_mu
-    # The objective covers every site: add the sites no group moves, against the same reference.
-    rest = [s for s in sites if s not in spec.sites]
     if bary:
-        rmu, rsd = bary_mu, bary_sd
+        # The cost to the barycenter returned: if the refinement stopped at max_iters (not
+        # converged), the last permutations were chosen against the one before it.
+        floats = [s for s in sites if al_mu[s].is_floating_point()]
+        objective = sum(sq_norm(al_mu[s] - bary_mu[s]) for s in floats)
+        if wass:
+            objective = objective + sum(sq_norm(al_sd[s] - bary_sd[s]) for s in floats)
+        objective = objective.cpu()
     else:
+        # The objective covers every site: add the sites no group moves, against the same run.
+        rest = [s for s in sites if s not in spec.sites]
         rmu = {s: stack_mu[s][r0] for s in rest}
         rsd = {s: stack_sd[s][r0] for s in rest} if gaussian else None
-    offset = rest_distance(rest, rmu, rsd if wass else None, stack_mu, stack_sd if wass else None)
-    objective = sol.objective[:, -1].cpu() + offset
+        offset = rest_distance(rest, rmu, rsd if wass else None, stack_mu, stack_sd if wass else None)
+        objective = sol.objective[:, -1].cpu() + offset
     return ManyAlignment(perms, aligned, barycenter, objective, iters, conv)
 
 
@@ -348,7 +360,7 @@ def align_samples(
     else:
         ref = {s: (flat[s][0], None) for s in spec.sites}
         rest_ref = {s: flat[s].mean(0) if reference == "barycenter" else flat[s][0] for s in rest}
-    sol, ref, iters, _ = _refine(
+    sol, ref, iters, stable = _refine(
         spec,
         tgt,
         ref,
@@ -367,7 +379,8 @@ def align_samples(
         aligned=aligned,
         reference={**{s: ch[0] for s, ch in ref.items()}, **rest_ref},
         objective=objective.reshape(batch + objective.shape[-1:]),
-        converged=sol.converged.reshape(batch),
+        # A barycenter still moving after max_iters leaves no sample converged.
+        converged=(sol.converged & stable).reshape(batch),
         iterations=iters,
     )
 
