@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
-from ._validation import check_finite, check_int, check_mapping, check_real
-from .groups import Axis, NeuronGroup, PermutationSpec, SpecError, mlp_spec
-from .groups._chain import pointwise_kind
+from .._validation import check_finite, check_int, check_mapping, check_real
+from ..groups import Axis, NeuronGroup, PermutationSpec, SpecError, mlp_spec
+from ..groups._chain import pointwise_kind
 
 __all__ = ["ACTIVATIONS", "BayesianCNN", "BayesianMLP", "activation_symmetry"]
 
