@@ -24,9 +24,9 @@ coordinate descent; the similarity products of all targets are one GEMM per
 ``(site, axis)`` in float32 (float64 for float64 inputs), while assignment scores,
 acceptance tests and the objective are summed in float64. A step is accepted only if
 it lowers ``C`` by more than ``64 eps`` of the energy ``||q0||^2 + ||q1||^2``, ``eps``
-that of the inputs' dtype (the rounding level of ``C``); with a compute dtype coarser
-than the inputs (float16, bfloat16) the similarities only propose steps, and each is
-checked with ``C`` itself, computed from the inputs (as is the objective).
+that of float32 (float64 for float64 inputs), the dtype ``C`` is computed in; with a
+coarser compute dtype (float16, bfloat16) the similarities only propose steps, and
+each is checked with ``C`` itself, computed from the inputs (as is the objective).
 Similarity terms whose neighbouring groups did not move are cached, as are per-site
 costs; a group whose neighbours did not change since it was last solved is skipped;
 and a group whose row-wise best matches already form a permutation skips the
@@ -100,17 +100,19 @@ class _Engine:
         first = tgt[spec.sites[0]][0]
         self.B, self.device = first.shape[0], first.device
         dtypes = [t.dtype for ch in (*ref.values(), *tgt.values()) for t in ch if t is not None]
-        self.cdt = compute_dtype or (torch.float64 if torch.float64 in dtypes else torch.float32)
+        # Costs: differences in float32 (float64 if any input is), squares summed in float64.
+        kdt = torch.float64 if torch.float64 in dtypes else torch.float32
+        self.cdt = compute_dtype or kdt
         self.nch = 1 if ref[spec.sites[0]][1] is None else 2
-        # Products in the compute dtype, their sums in float64; costs from the inputs themselves.
+        # Products in the compute dtype, their sums in float64 (no copy when the dtype matches).
         self.tgt_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in tgt.items()}
         self.ref_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in ref.items()}
-        self.tgt_in = {s: [t for t in ch if t is not None] for s, ch in tgt.items()}
-        self.ref_in = {s: [t for t in ch if t is not None] for s, ch in ref.items()}
-        # Similarities coarser than the data (float16/bfloat16 products of float32 inputs) only
-        # propose steps: each one is then checked with the cost itself, to the data's precision.
-        data_eps = max(torch.finfo(d).eps for d in dtypes)
-        self.verify = torch.finfo(self.cdt).eps > data_eps
+        self.tgt_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in tgt.items()}
+        self.ref_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in ref.items()}
+        # Similarities coarser than the costs (float16/bfloat16 products) only propose steps:
+        # each one is then checked with the cost itself.
+        cost_eps = torch.finfo(kdt).eps
+        self.verify = torch.finfo(self.cdt).eps > cost_eps
         self.perm = {g: torch.arange(n, device=self.device).repeat(self.B, 1) for g, n in spec.sizes.items()}
         self.version = {g: torch.zeros(self.B, dtype=torch.long, device=self.device) for g in self.names}
         self.terms: dict[str, list[_Term]] = {g: [] for g in self.names}
@@ -133,9 +135,9 @@ class _Engine:
         energy = sum(
             _sq_norm(r.unsqueeze(0)) + _sq_norm(t) for s in spec.sites for r, t in zip(ref[s], tgt[s]) if r is not None
         )
-        # The acceptance tolerance is the rounding level of the data (float64: 1.4e-14 of the
+        # The acceptance tolerance is the rounding level of the cost (float64: 1.4e-14 of the
         # energy), never that of a coarse compute dtype (bfloat16's would be half the energy).
-        rtol = 64 * data_eps if rtol is None else rtol
+        rtol = 64 * cost_eps if rtol is None else rtol
         self.tol = rtol * energy
         self.group_sites = {g: sorted({t.site for t in self.terms[g]}) for g in self.names}
 
@@ -274,8 +276,8 @@ class _Engine:
 
     # -------------------------------------------------------------- objective
     def cost(self, idx: torch.Tensor | None = None, sites=None, override: Mapping | None = None) -> torch.Tensor:
-        """``C(g)`` per target over ``sites`` (default: all): differences in the inputs'
-        dtype (not the compute dtype), squares accumulated in float64."""
+        """``C(g)`` per target over ``sites`` (default: all): differences in float32 (float64
+        for float64 inputs) whatever the compute dtype, squares accumulated in float64."""
         perm = {**self.perm, **(override or {})}
         return sum(self._site_cost(s, perm, idx) for s in (sites or self.spec.sites))
 

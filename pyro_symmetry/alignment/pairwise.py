@@ -111,9 +111,9 @@ def align(
     compute_dtype : torch.dtype, optional
         dtype of the similarity products (default float32, float64 for float64 inputs);
         assignment scores, acceptance tests and the objective are summed in float64, and
-        the objective is computed from the inputs in their own dtype. A dtype coarser
-        than the inputs (float16, bfloat16) only proposes steps: each is taken only if
-        the cost, computed from the inputs, drops.
+        the objective is computed from the inputs (differences in float32, or float64
+        for float64 inputs). A coarser compute dtype (float16, bfloat16) only proposes
+        steps: each is taken only if the cost, computed from the inputs, drops.
     progress : bool
         Show a progress bar over sweeps.
 
