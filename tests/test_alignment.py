@@ -386,3 +386,5 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         ps.align(mu, mu, spec, method="weights", max_sweeps=-1)
     with pytest.raises(ValueError, match="init"):
         ps.align(mu, mu, spec, method="weights", init="random")
+    with pytest.raises(TypeError, match=r"init\['fc1'\] must hold integer indices"):  # not truncated to [1, 0, 2, 3]
+        ps.align(mu, mu, spec, method="weights", init={"fc1": torch.tensor([1.9, 0.2, 2.0, 3.0])})

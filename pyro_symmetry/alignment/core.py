@@ -315,7 +315,12 @@ class _Engine:
             for g in self.names:
                 if g not in init:
                     raise SpecError(f"init is missing group {g!r}")
-            given = {g: torch.as_tensor(init[g], device=self.device).long() for g in self.names}
+            given = {g: torch.as_tensor(init[g], device=self.device) for g in self.names}
+            for g, p in given.items():
+                if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                    # .long() would truncate 1.9 to 1: a different element, silently
+                    raise TypeError(f"init[{g!r}] must hold integer indices, got dtype {p.dtype}")
+            given = {g: p.long() for g, p in given.items()}
             self.spec._check_element(given, "init")
             for g, p in given.items():
                 if p.dim() > 1 and p.shape[:-1] != (self.B,):

@@ -150,7 +150,7 @@ def align(
     ref = {s: (mu0[s], sd0[s] if wass else None) for s in spec.sites}
     tgt = {s: (mu1[s].unsqueeze(0), sd1[s].unsqueeze(0) if wass else None) for s in spec.sites}
     if isinstance(init, Mapping):
-        init = {k: torch.as_tensor(v).long() for k, v in init.items()}
+        init = {k: torch.as_tensor(v) for k, v in init.items()}
     sol = coordinate_descent(
         spec, ref, tgt, max_sweeps=max_sweeps, seed=seed, init=init, compute_dtype=compute_dtype, progress=progress
     )
