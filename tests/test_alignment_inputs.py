@@ -115,6 +115,10 @@ def test_guide_live_parameters_align_and_give_a_detached_barrier():
 
     res = ps.loss_barrier(loss, pairs, guide, num_points=3)
     assert seen == [True] * 3 and res.barrier == pytest.approx(0.0, abs=1e-5)
+    # a loss that returns a tensor built on parameters that require grad: its value, no warning
+    weight = torch.nn.Parameter(torch.tensor(2.0))
+    res = ps.loss_barrier(lambda q: weight * q["fc1.bias"][0].sum(), pairs, pairs, num_points=3)
+    assert res.barrier == 0.0 and res.losses[0] == 2 * float(pairs["fc1.bias"][0].detach().sum())
 
 
 def test_interpolate_is_differentiable_in_both_forms():

@@ -70,8 +70,9 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
     -----
     Differentiable: the result carries the autograd graph of the inputs' tensors (e.g.
     ``dict(net.named_parameters())`` or a guide's live parameters), so a loss at ``q_t``
-    can be differentiated with respect to ``q0`` and ``q1``; pass detached tensors when
-    no gradient is wanted. Meta-device or mixed-device inputs raise a ``ValueError``.
+    can be differentiated with respect to ``q0`` and ``q1`` (not ``t``, a number); pass
+    detached tensors when no gradient is wanted. Meta-device or mixed-device inputs
+    raise a ``ValueError``.
     """
     t = check_real("t", t)
     if not 0.0 <= t <= 1.0:
@@ -162,8 +163,10 @@ def loss_barrier(
 def _loss_value(loss_fn: Callable[[Any], float], q: Any, t: float) -> float:
     """``float(loss_fn(q))``, which must be one finite number."""
     value = loss_fn(q)
-    if torch.is_tensor(value) and value.numel() != 1:
-        raise ValueError(f"loss_fn must return one number, got a tensor of shape {tuple(value.shape)} at t={t:.3g}")
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"loss_fn must return one number, got a tensor of shape {tuple(value.shape)} at t={t:.3g}")
+        value = value.detach()  # a loss built on parameters that require grad: only its value counts
     try:
         value = float(value)
     except (TypeError, ValueError):
