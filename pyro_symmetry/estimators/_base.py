@@ -24,7 +24,7 @@ from typing import Any
 import pyro.distributions as dist
 import torch
 import torch.distributions as td
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 from .._validation import check_finite, check_spec
 from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
@@ -35,7 +35,7 @@ Value = torch.Tensor | Mapping[str, torch.Tensor]
 
 #: Bytes that one chunk of a batched evaluation may hold in permuted weight copies and
 #: their temporaries (read at call time: tests make it small to exercise chunk boundaries).
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 128 * 2**20
 
 
 def _row_index(own: torch.Size, out: torch.Size, device: torch.device) -> torch.Tensor:
@@ -426,7 +426,11 @@ class BaseDensity:
         for lo in range(0, rows, chunk):
             hi = min(rows, lo + chunk)
             if grad:  # recompute the chunk in the backward pass instead of keeping its copies
-                parts.append(checkpoint(piece, lo, hi, *tensors, use_reentrant=False, preserve_rng_state=False))
+                parts.append(
+                    torch.utils.checkpoint.checkpoint(
+                        piece, lo, hi, *tensors, use_reentrant=False, preserve_rng_state=False
+                    )
+                )
             else:
                 parts.append(piece(lo, hi))
         return torch.cat(parts).reshape(out)

@@ -30,9 +30,10 @@ elements and draws at once: the scores (one batched matrix product per site), th
 visit order, and each step, which is an inverse-CDF draw for all rows together from
 one uniform per row and step (``N x n`` uniforms instead of ``N x n x n`` Gumbels).
 The loop runs in NumPy on float64 copies (a NumPy call on a ``(K, n)`` array costs
-about a third of a torch call), with the probabilities of each row normalized once
-(``exp(score - row max)``); a step whose open options all underflow sends the group
-to a log-domain rerun that renormalizes at every step. The log-density of a given
+about a third of a torch call, and the loop reuses its buffers), with the probabilities
+of each row normalized once (``exp(score - row max)``, in torch); a step whose open
+options all underflow sends the group to a log-domain rerun that renormalizes at every
+step. The log-density of a given
 assignment is one masked log-sum-exp over the columns still open at each step
 (:func:`proposal_log_prob`), vectorized over steps.
 """
@@ -43,6 +44,7 @@ import math
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 from ..groups import decode_signed, encode_signed
 from ._base import BaseDensity, Marginals
@@ -114,41 +116,45 @@ def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
     return order, torch.where(flipped.unsqueeze(-1), v.roll(n, -1), v), flipped
 
 
-def _steps(V: np.ndarray, u: np.ndarray, forced: np.ndarray, stable: bool) -> tuple[np.ndarray, np.ndarray]:
+def _steps(A: np.ndarray, u: np.ndarray, forced: np.ndarray, stable: bool) -> tuple[np.ndarray, np.ndarray]:
     """The sequential draw: at step ``t`` every row picks an open option by inverse CDF.
 
-    ``V`` ``(n, N, O)`` scores in visit order, ``u`` ``(n, N)`` uniforms in ``(0, 1]``,
+    ``A`` ``(n, N, O)``: the probabilities relative to each row's best option
+    (``exp(V - max)``), or with ``stable`` the scores ``V`` themselves (then every step
+    renormalizes by the best open option). ``u`` ``(n, N)`` uniforms in ``(0, 1]``;
     ``forced`` ``(n, F)`` the options of rows ``< F`` (the identity). Returns the options
-    ``(n, N)`` and the log normalizers ``(n, N)`` (``stable``), or the open masses relative
-    to each row's best option (not ``stable``; below :data:`_TINY` means underflow).
+    ``(n, N)`` and per step the open mass (relative to the row's best option; below
+    :data:`_TINY` means underflow) or, with ``stable``, the log normalizer ``(n, N)``.
     """
-    n, N, O = V.shape
+    n, N, O = A.shape
     S, F = O // n, forced.shape[1]
     opened = np.ones((N, n))
+    flat_open, row_start = opened.reshape(-1), np.arange(N) * n
     chosen = np.empty((n, N), dtype=np.int64)
     norm = np.empty((n, N))
-    rows = np.arange(N)
-    if not stable:
-        with np.errstate(under="ignore"):
-            E = np.exp(V - V.max(2, keepdims=True))
-    closed = np.zeros((N, n))  # 0 open, -inf taken (log domain)
+    e, c, thr, below = np.empty((N, O)), np.empty((N, O)), np.empty((N, 1)), np.empty((N, O), dtype=bool)
+    closed = np.zeros((N, n))  # log domain: 0 open, -inf taken
     for t in range(n):
         if stable:
-            x = V[t] + (closed if S == 1 else np.tile(closed, S))
+            x = A[t] + (closed if S == 1 else np.tile(closed, S))
             m = x.max(1)
-            e = np.exp(x - m[:, None])
+            np.exp(x - m[:, None], out=e)
+        elif S == 1:
+            np.multiply(A[t], opened, out=e)
         else:
-            e = E[t] * opened if S == 1 else (E[t].reshape(N, S, n) * opened[:, None, :]).reshape(N, O)
-        c = np.cumsum(e, 1)
+            np.multiply(A[t].reshape(N, S, n), opened[:, None, :], out=e.reshape(N, S, n))
+        np.cumsum(e, 1, out=c)
         total = c[:, -1]
-        o = chosen[t]
         # The first option whose cumulative mass reaches u * total: it has positive mass.
-        np.sum(c < (u[t] * total)[:, None], axis=1, out=o)
+        np.multiply(u[t, :, None], total[:, None], out=thr)
+        np.less(c, thr, out=below)
+        o = chosen[t]
+        np.add.reduce(below, 1, out=o)
         o[:F] = forced[t]
         col = o if S == 1 else o % n
-        opened[rows, col] = 0.0
+        flat_open[row_start + col] = 0.0
         if stable:
-            closed[rows, col] = -np.inf
+            closed.reshape(-1)[row_start + col] = -np.inf
             norm[t] = m + np.log(total)
         else:
             norm[t] = total
@@ -160,23 +166,24 @@ def _draw(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group."""
     N, n, O = V.shape
-    Vn = V.detach().permute(1, 0, 2).cpu().numpy().copy()  # (n, N, O), contiguous steps
-    top = Vn.max(2)
-    if not np.isfinite(top).all():
+    top = V.amax(-1, keepdim=True)  # (N, n, 1)
+    if not bool(torch.isfinite(top).all()):
         raise ValueError(
             f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
             "parameters out of the floating-point range?)"
         )
-    un = u.detach().t().cpu().numpy()
-    fn = np.empty((n, 0), dtype=np.int64) if forced is None else forced.t().cpu().numpy()
-    chosen, norm = _steps(Vn, un, fn, stable=False)
+    steps = lambda x: x.permute(1, 0, 2).contiguous().cpu().numpy()  # noqa: E731  (n, N, O)
+    un = u.detach().t().contiguous().cpu().numpy()
+    fn = np.empty((n, 0), dtype=np.int64) if forced is None else forced.t().contiguous().cpu().numpy()
+    chosen, norm = _steps(steps((V - top).exp_()), un, fn, stable=False)
     if norm.min() < _TINY:
-        chosen, log_norm = _steps(Vn, un, fn, stable=True)
+        chosen, log_norm = _steps(steps(V), un, fn, stable=True)
+        log_norm = torch.from_numpy(log_norm.T).to(V.device)
     else:
-        log_norm = top + np.log(norm)
-    picked = np.take_along_axis(Vn, chosen[..., None], 2)[..., 0]
-    log_pi = torch.from_numpy((picked - log_norm).sum(0)).to(V.device)
-    return torch.from_numpy(chosen.T.copy()).to(V.device), log_pi
+        log_norm = top.squeeze(-1) + torch.from_numpy(norm.T).to(V.device).log()
+    chosen = torch.from_numpy(chosen.T).to(V.device)
+    log_pi = (V.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - log_norm).sum(-1)
+    return chosen.contiguous(), log_pi
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
