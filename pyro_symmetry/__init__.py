@@ -39,6 +39,7 @@ from .groups import (
 from .guides import *  # noqa: F403
 from .guides import __all__ as _guides_all
 from .posterior import gaussian_params, point_params
+from .posteriors import Posterior, as_posterior
 from .scaling import *  # noqa: F403
 from .scaling import __all__ as _scaling_all
 from .training import *  # noqa: F403
@@ -48,6 +49,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Axis",
+    "Posterior",
+    "as_posterior",
     "FlatLayout",
     "NeuronGroup",
     "PermutationSpec",

@@ -1,0 +1,8 @@
+"""What a posterior is: one object for every form (guides, (loc, scale) mappings, points,
+draws, MCMC, ArviZ trees), and predictions of any Pyro model at its draws."""
+
+from .core import Posterior
+from .predict import Predictions, predict
+from .reading import as_posterior
+
+__all__ = ["Posterior", "Predictions", "as_posterior", "predict"]
