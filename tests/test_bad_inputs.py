@@ -23,6 +23,26 @@ from torch import nn
 import pyro_symmetry as ps
 from pyro_symmetry.models import BayesianCNN, BayesianMLP
 
+pytestmark = pytest.mark.usefixtures("global_state_unchanged")
+
+
+# Test data comes from this generator, not torch's global RNG, so that the test's own code
+# leaves the global state alone (global_state_unchanged checks the library around it).
+_DATA = torch.Generator().manual_seed(0)
+
+
+def randn(*shape, **kwargs):
+    return torch.randn(*shape, generator=_DATA, **kwargs)
+
+
+def rand(*shape, **kwargs):
+    return torch.rand(*shape, generator=_DATA, **kwargs)
+
+
+def randint(low, high, size, **kwargs):
+    return torch.randint(low, high, size, generator=_DATA, **kwargs)
+
+
 D, M = ps.diagnostics, ps.diagnostics.metrics
 BAD = (TypeError, ValueError)  # SpecError is a ValueError
 nonfinite = st.sampled_from([math.nan, math.inf, -math.inf])
@@ -71,7 +91,7 @@ def moved_axis(spec, site, data):
 def reshaped(t, axis, delta):
     shape = list(t.shape)
     shape[axis] += delta
-    return torch.randn(shape, dtype=t.dtype)
+    return randn(shape, dtype=t.dtype)
 
 
 def fitted(guide_cls, model, x, y):
@@ -210,7 +230,7 @@ def test_apply_to_params_of_the_wrong_shape(hidden, data):
         del w[site]
     elif kind == "not a tensor":
         w[site] = w[site].tolist()
-    perm = spec.sample((3,)) if kind == "batch" else spec.sample()
+    perm = spec.sample((3,), generator=_DATA) if kind == "batch" else spec.sample(generator=_DATA)
     if kind == "batch":
         w[site] = w[site].expand((2,) + w[site].shape)
     with pytest.raises(ps.SpecError, match=names(repr(site))):
@@ -298,19 +318,20 @@ def test_mlp_spec(case, width):
 def test_from_module_unsupported_or_mismatched_layers(hidden, data):
     sizes = [3, *hidden, 2]
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers = layers[:-1]
-    i = data.draw(st.integers(0, len(hidden)), label="layer") * 2
-    if data.draw(st.booleans(), label="mismatch"):
-        layers[i] = nn.Linear(sizes[i // 2] + 1, sizes[i // 2 + 1])
-        pattern = f"'{i}'" if i else "no Linear"
-        if i == 0:  # the first layer's input width is free: break the next one instead
-            layers[2] = nn.Linear(sizes[1] + 1, sizes[2]) if len(layers) > 2 else layers[2]
-            pattern = "'2'" if len(layers) > 2 else None
-    else:
-        layers.insert(i + 1, nn.Bilinear(2, 2, 2))
-        pattern = f"'{i + 1}'"
+    with torch.random.fork_rng(devices=[]):  # nn.Linear's initialization draws from torch's RNG
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        layers = layers[:-1]
+        i = data.draw(st.integers(0, len(hidden)), label="layer") * 2
+        if data.draw(st.booleans(), label="mismatch"):
+            layers[i] = nn.Linear(sizes[i // 2] + 1, sizes[i // 2 + 1])
+            pattern = f"'{i}'" if i else "no Linear"
+            if i == 0:  # the first layer's input width is free: break the next one instead
+                layers[2] = nn.Linear(sizes[1] + 1, sizes[2]) if len(layers) > 2 else layers[2]
+                pattern = "'2'" if len(layers) > 2 else None
+        else:
+            layers.insert(i + 1, nn.Bilinear(2, 2, 2))
+            pattern = f"'{i + 1}'"
     if pattern is None:
         return
     with pytest.raises(ps.SpecError, match=names(pattern)):
@@ -338,7 +359,7 @@ def test_flat_layout_and_packing(hidden, data):
     if kind == "missing":
         del w[site]
     elif kind == "shape":
-        w[site] = torch.randn(tuple(s + 1 for s in w[site].shape))
+        w[site] = randn(tuple(s + 1 for s in w[site].shape))
     elif kind == "dtype":
         w[site] = w[site].double()
     else:
@@ -351,13 +372,13 @@ def test_flat_layout_and_packing(hidden, data):
 def test_apply_flat_and_from_flat(delta, kind):
     spec = BayesianMLP(3, [4], 2, activation="tanh").spec
     layout = ps.FlatLayout(spec.shapes)
-    idx = ps.flat_permutation(spec, spec.sample(), layout)
-    flat = torch.randn(layout.dim)
+    idx = ps.flat_permutation(spec, spec.sample(generator=_DATA), layout)
+    flat = randn(layout.dim)
     if kind == "length":
         with pytest.raises(ps.SpecError, match=names("length", layout.dim + delta)):
-            ps.apply_flat(torch.randn(layout.dim + delta), idx)
+            ps.apply_flat(randn(layout.dim + delta), idx)
         with pytest.raises(ps.SpecError, match=names("length", layout.dim + delta)):
-            layout.from_flat(torch.randn(layout.dim + delta))
+            layout.from_flat(randn(layout.dim + delta))
     elif kind == "float":
         with pytest.raises(ps.SpecError, match="index must be an integer"):
             ps.apply_flat(flat, idx.float())
@@ -376,14 +397,14 @@ def test_pushforward_bases(hidden, data):
     base = {k: dist.Normal(torch.zeros(s), 1.0).to_event(len(s)) for k, s in spec.shapes.items()}
     site = data.draw(st.sampled_from(spec.sites), label="site")
     kind = data.draw(st.sampled_from(["missing", "tensor", "log_prob missing", "batch"]), label="kind")
-    perm = spec.sample()
+    perm = spec.sample(generator=_DATA)
     if kind == "missing":
         del base[site]
     elif kind == "tensor":
         base[site] = torch.zeros(spec.shapes[site])
     elif kind == "batch":
         base[site] = dist.Normal(torch.zeros((2,) + spec.shapes[site]), 1.0).to_event(len(spec.shapes[site]))
-        perm = spec.sample((3,))
+        perm = spec.sample((3,), generator=_DATA)
     if kind == "log_prob missing":
         value = params_of(BayesianMLP(3, hidden, 2))
         del value[site]
@@ -401,23 +422,24 @@ def test_pushforward_flat_base(case):
     base = dist.Normal(torch.zeros(layout.dim + (case == "event shape")), 1.0).to_event(1)
     kw = {"no layout": {}, "event shape": {"layout": layout}, "layout type": {"layout": dict(spec.shapes)}}[case]
     with pytest.raises(BAD, match="layout"):
-        ps.Pushforward(base, spec, spec.sample(), **kw)
+        ps.Pushforward(base, spec, spec.sample(generator=_DATA), **kw)
 
 
 @given(case=st.sampled_from(["unfitted", "batched", "other widths", "not a guide"]), extra=st.integers(1, 3))
 @settings(max_examples=8)
+@pytest.mark.changes_global_state("torch_rng", "param_store")  # the test fits a guide
 def test_pushforward_guide(case, extra):
     model = BayesianMLP(3, [4], 2)
-    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    x, y = randn(6, 3), randint(0, 2, (6,))
     guide = AutoNormal(model) if case == "unfitted" else fitted(AutoNormal, model, x, y)
-    spec, perm, pattern = model.spec, model.spec.sample(), None
+    spec, perm, pattern = model.spec, model.spec.sample(generator=_DATA), None
     if case == "unfitted":
         pattern = "not fitted"
     elif case == "batched":
-        perm, pattern = spec.sample((extra,)), "unbatched"
+        perm, pattern = spec.sample((extra,), generator=_DATA), "unbatched"
     elif case == "other widths":
         spec = ps.mlp_spec(["fc1", "fc2"], [4 + extra])
-        perm, pattern = spec.sample(), names("'fc1'", 4 + extra)
+        perm, pattern = spec.sample(generator=_DATA), names("'fc1'", 4 + extra)
     else:
         guide, pattern = 3, "guide"
     with pytest.raises(BAD, match=pattern):
@@ -464,11 +486,11 @@ def test_bayesian_cnn_constructor(arg, value):
 @given(hidden=small_hidden, data=st.data())
 def test_model_forward_data(hidden, data):
     model = BayesianMLP(3, hidden, 2)
-    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    x, y = randn(5, 3), randint(0, 2, (5,))
     kind = data.draw(st.sampled_from(["features", "int x", "nan x", "1-d x", "y length", "label", "num_data"]))
     kw = {}
     if kind == "features":
-        x, pattern = torch.randn(5, 3 + data.draw(st.sampled_from([-2, -1, 1, 2]))), "x has shape"
+        x, pattern = randn(5, 3 + data.draw(st.sampled_from([-2, -1, 1, 2]))), "x has shape"
     elif kind == "int x":
         x, pattern = x.long(), "x must be a floating-point"
     elif kind == "nan x":
@@ -491,7 +513,7 @@ def test_cnn_forward_images(channels, data):
     shape = [5, 2, 4, 4]
     axis = data.draw(st.integers(1, 3), label="axis")
     shape[axis] += data.draw(st.sampled_from([-1, 1, 2]))
-    x = torch.randn(shape) if data.draw(st.booleans(), label="4-d") else torch.randn(shape[1:])
+    x = randn(shape) if data.draw(st.booleans(), label="4-d") else randn(shape[1:])
     with pytest.raises(ps.SpecError, match=names("x has shape", "(N, 2, 4, 4)")):
         model(x)
 
@@ -499,7 +521,7 @@ def test_cnn_forward_images(channels, data):
 @given(hidden=small_hidden, cnn=st.booleans(), data=st.data())
 def test_functional_params(hidden, cnn, data):
     model = BayesianCNN(1, (4, 4), list(hidden[:2]), 2) if cnn else BayesianMLP(3, hidden, 2)
-    x = torch.randn(5, 1, 4, 4) if cnn else torch.randn(5, 3)
+    x = randn(5, 1, 4, 4) if cnn else randn(5, 3)
     w = params_of(model)
     site = data.draw(st.sampled_from(model.site_names), label="site")
     kind = data.draw(st.sampled_from(["missing", "shape", "dtype", "batch"]), label="kind")
@@ -658,7 +680,7 @@ def test_align_samples(hidden, data):
     elif kind == "int":
         samples[site] = samples[site].long()
     elif kind == "batch":
-        samples[site] = torch.randn((3, 2) + model.spec.shapes[site])
+        samples[site] = randn((3, 2) + model.spec.shapes[site])
     elif kind == "event":
         samples[site] = reshaped(samples[site], 2 + moved_axis(model.spec, site, data), 1)
     else:
@@ -702,7 +724,7 @@ def test_loss_barrier(case, num_points, bad, size):
 )
 def test_predictive_losses(case, data):
     model = BayesianMLP(3, [4], 2)
-    x, y = torch.randn(6, 3), torch.randint(0, 2, (6,))
+    x, y = randn(6, 3), randint(0, 2, (6,))
     kw, make = {}, ps.gaussian_nll_loss
     if case == "rows":
         y, pattern = y[: data.draw(st.integers(1, 5))], "rows"
@@ -716,7 +738,7 @@ def test_predictive_losses(case, data):
         kw, pattern = {"seed": data.draw(st.text(min_size=1, max_size=2))}, "seed"
     elif case == "obs_scale":
         model = BayesianMLP(3, [4], 1, likelihood="regression")
-        y, pattern = torch.randn(6), "obs_scale"
+        y, pattern = randn(6), "obs_scale"
         kw = {"obs_scale": data.draw(st.one_of(st.floats(max_value=0.0), nonfinite))}
     else:
         x, pattern = x.tolist(), "x must be a torch.Tensor"
@@ -736,7 +758,7 @@ def test_flip_signs_and_rescale(hidden, data):
         call = lambda: ps.flip_signs(params_of(tanh), tanh.spec, {g: signs})  # noqa: E731
         pattern = names(f"signs[{g!r}]", "+1/-1")
     elif kind == "sign on relu":
-        call = lambda: ps.flip_signs(params_of(relu), relu.spec, {g: torch.rand(n) < 0.5})  # noqa: E731
+        call = lambda: ps.flip_signs(params_of(relu), relu.spec, {g: rand(n) < 0.5})  # noqa: E731
         pattern = names(f"signs[{g!r}]", "activation_symmetry='scale'")
     elif kind == "scale on tanh":
         call = lambda: ps.rescale(params_of(tanh), tanh.spec, {g: torch.zeros(n)})  # noqa: E731
@@ -766,7 +788,7 @@ def test_min_mass_and_canonicalize_weights(hidden, data):
     elif kind == "shape":
         w[site] = reshaped(w[site], 1 + moved_axis(model.spec, site, data), 1)
     else:
-        w[site] = torch.randn((3,) + model.spec.shapes[site])
+        w[site] = randn((3,) + model.spec.shapes[site])
     call = data.draw(st.sampled_from(["min_mass", "canonicalize sort", "canonicalize align"]), label="entry point")
     fn = {
         "min_mass": lambda: ps.min_mass(w, model.spec),
@@ -871,7 +893,7 @@ def test_mmd_sample_dicts(hidden, data):
     if data.draw(st.booleans(), label="drop"):
         del y[site]
     else:
-        y[site] = torch.randn((6,) + tuple(s + 1 for s in model.spec.shapes[site]))
+        y[site] = randn((6,) + tuple(s + 1 for s in model.spec.shapes[site]))
     with pytest.raises(ps.SpecError, match=names(repr(site))):
         D.mmd(x, y, num_permutations=10, symmetry_aware=data.draw(st.booleans()), spec=model.spec)
 
@@ -903,17 +925,17 @@ def test_metrics(fn, data):
 
 @given(case=st.sampled_from(["num_bins", "tpr", "nan score", "ood classes"]), data=st.data())
 def test_metric_options(case, data):
-    probs = torch.randn(2, 5, 3).softmax(-1)
+    probs = randn(2, 5, 3).softmax(-1)
     labels = torch.tensor([0, 1, 2, 0, 1])
     if case == "num_bins":
         call, pattern = lambda: M.expected_calibration_error(probs, labels, data.draw(bad_count(1))), "num_bins"
     elif case == "tpr":
         tpr = data.draw(st.one_of(st.floats(max_value=0.0), st.floats(1.0, 5.0, exclude_min=True), nonfinite))
-        call, pattern = lambda: M.fpr_at_tpr(torch.rand(5), torch.rand(4), tpr), "tpr"
+        call, pattern = lambda: M.fpr_at_tpr(rand(5), rand(4), tpr), "tpr"
     elif case == "nan score":
-        call, pattern = lambda: M.aupr(torch.rand(5), poke(torch.rand(4), data, math.nan)), "scores_out"
+        call, pattern = lambda: M.aupr(rand(5), poke(rand(4), data, math.nan)), "scores_out"
     else:
-        ood = torch.randn(2, 4, data.draw(st.sampled_from([2, 4]))).softmax(-1)
+        ood = randn(2, 4, data.draw(st.sampled_from([2, 4]))).softmax(-1)
         call, pattern = lambda: M.evaluate(probs, labels, ood), "classes"
     with pytest.raises(BAD, match=pattern):
         call()
@@ -1013,7 +1035,7 @@ def test_train_runs_options(option, data):
         label=option,
     )
     kw[option] = value
-    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    x, y = randn(5, 3), randint(0, 2, (5,))
     with pytest.raises(BAD, match=option):
         ps.train_runs(data=(x, y), progress=False, vectorize=False, **kw)
 
@@ -1021,7 +1043,7 @@ def test_train_runs_options(option, data):
 @given(data=st.data())
 @settings(max_examples=8)
 def test_train_runs_data_and_divergence(data):
-    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    x, y = randn(5, 3), randint(0, 2, (5,))
     if data.draw(st.booleans(), label="nan data"):
         x = poke(x, data, data.draw(nonfinite))
         with pytest.raises(ValueError, match=names("data[0]", "NaN or Inf")):

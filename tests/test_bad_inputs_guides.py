@@ -22,6 +22,8 @@ import pyro_symmetry as ps
 from pyro_symmetry.estimators import METHODS
 from pyro_symmetry.models import BayesianMLP
 
+pytestmark = pytest.mark.usefixtures("global_state_unchanged")
+
 MODEL = BayesianMLP(2, [3], 1, likelihood="regression")
 SITES = list(MODEL.spec.sites)
 X = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
@@ -180,6 +182,7 @@ def test_group_too_large_for_exact(max_order, width):
 
 
 @given(widths=st.sampled_from([[12, 12], [9, 10, 11], [2, 3]]))
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_guide_refuses_exact_and_permanent_at_set_up(widths):
     pyro.clear_param_store()  # guides of one class share parameter names across examples
     model = BayesianMLP(2, widths, 1, likelihood="regression")
@@ -269,6 +272,7 @@ def test_nan_inf_values_name_the_site(site, bad, fn):
         q_sym.log_prob(w)
 
 
+@pytest.mark.changes_global_state("torch_rng", "param_store")  # the test calls and fits guides
 def test_nan_parameters_of_a_fitted_guide():
     guide = ps.AutoSymmetrizedNormal(MODEL)
     guide(X, Y)
@@ -306,6 +310,7 @@ def test_q_shape_not_matching_the_spec(site, extra):
 
 
 @given(size=st.integers(1, 6), axis=st.sampled_from([0, 1]))
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_spec_not_matching_the_model_names_site_axis_and_size(size, axis):
     actual = MODEL.spec.shapes["fc1.weight"][axis]
     assume(size != actual)
@@ -318,6 +323,7 @@ def test_spec_not_matching_the_model_names_site_axis_and_size(size, axis):
 
 
 @given(name=st.text(alphabet="abcxyz._", min_size=1, max_size=8).filter(lambda s: s not in SITES))
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_spec_site_missing_from_the_model(name):
     pyro.clear_param_store()
     spec = ps.PermutationSpec({"h": ps.NeuronGroup(3, incoming=[(name, 0)])}, {name: (3, 2)})
@@ -349,6 +355,7 @@ class _NonInvariant(BayesianMLP):
 
 
 @given(where=st.sampled_from(["prior", "likelihood"]), row=st.integers(0, 2), shift=st.floats(1.0, 5.0))
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_non_invariant_model_names_the_site(where, row, shift):
     pyro.clear_param_store()
     model = _NonInvariant(where, row, shift)
@@ -386,6 +393,7 @@ def test_non_finite_log_density_in_the_invariance_check():
     ],
     ids=["normal", "meanfield", "symmetrize", "mixture"],
 )
+@pytest.mark.changes_global_state("torch_rng", "param_store")  # the test calls and fits guides
 def test_unfitted_guides(make):
     guide = make()
     name = type(guide).__name__
@@ -441,6 +449,7 @@ def test_q_sites_in_mixed_dtypes(site):
     assert f"q[{site!r}]" in str(err.value) and "torch.float64" in str(err.value)
 
 
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_flat_value_dtype_and_guide_data_dtype():
     layout = ps.FlatLayout(MODEL.spec.shapes)
     flat = dist.Normal(torch.zeros(layout.dim), torch.ones(layout.dim)).to_event(1)
@@ -478,6 +487,7 @@ GUIDE_MAKERS = {
 
 @pytest.mark.parametrize("n_event", [0, 1])
 @pytest.mark.parametrize("make", sorted(GUIDE_MAKERS))
+@pytest.mark.changes_global_state("torch_rng", "param_store")  # the test calls and fits guides
 def test_prior_without_to_event_names_the_site(make, n_event):
     spec = ps.mlp_spec(["fc1", "fc2"], [3], activation_symmetry="sign")
     model = _model_without_to_event(n_event)
@@ -489,6 +499,7 @@ def test_prior_without_to_event_names_the_site(make, n_event):
 
 
 @pytest.mark.parametrize("make", sorted(GUIDE_MAKERS))
+@pytest.mark.changes_global_state("torch_rng")  # the test calls guides
 def test_a_failed_set_up_is_undone_and_checked_again(make):
     """A guide whose set-up failed (here: a non-invariant model) must not train on its
     next call as if set up: it raises again, and leaves no parameters behind."""
