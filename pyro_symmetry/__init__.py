@@ -39,7 +39,7 @@ from .groups import (
 from .guides import *  # noqa: F403
 from .guides import __all__ as _guides_all
 from .posterior import gaussian_params, point_params
-from .posteriors import Posterior, as_posterior
+from .posteriors import ModelLoss, Posterior, as_posterior, error_loss, nll_loss
 from .scaling import *  # noqa: F403
 from .scaling import __all__ as _scaling_all
 from .training import *  # noqa: F403
@@ -49,8 +49,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Axis",
+    "ModelLoss",
     "Posterior",
     "as_posterior",
+    "error_loss",
+    "nll_loss",
     "FlatLayout",
     "NeuronGroup",
     "PermutationSpec",

@@ -2,7 +2,8 @@
 draws, MCMC, ArviZ trees), and predictions of any Pyro model at its draws."""
 
 from .core import Posterior
+from .losses import ModelLoss, error_loss, nll_loss
 from .predict import Predictions, predict
 from .reading import as_posterior
 
-__all__ = ["Posterior", "Predictions", "as_posterior", "predict"]
+__all__ = ["ModelLoss", "Posterior", "Predictions", "as_posterior", "error_loss", "nll_loss", "predict"]
