@@ -14,6 +14,7 @@ from strategies import group_element, mlp_architectures, mlp_params, seeds
 from torch import nn
 
 import pyro_symmetry as ps
+from pyro_symmetry.alignment import core
 from pyro_symmetry.models import BayesianMLP
 
 symmetries = st.sampled_from(["none", "sign", "scale"])
@@ -267,9 +268,12 @@ def test_align_with_itself_is_the_identity(arch, sym, method, seed):
     assert res.objective == [0.0, 0.0] and res.converged
 
 
+@example(arch=(1, (3, 3), 2), sym="none", method="weights", seed=8)  # the identity start broke it
 @given(arch=mlp_architectures(), sym=symmetries, method=methods, seed=seeds)
 def test_alignment_is_equivariant(arch, sym, method, seed):
-    """``align(q0, h.q1)`` returns ``g h^{-1}`` where ``g = align(q0, q1)``."""
+    """``align(q0, h.q1)`` returns ``g h^{-1}`` where ``g = align(q0, q1)``, with the same
+    objective trajectory; the one exception is a descent from the greedy start that ends
+    above the identity's cost, which is redone from the identity (a privileged element)."""
     sizes, spec = _mlp(arch, sym)
     mu0, sd0 = _gaussian(sizes, seed)
     mu1, sd1 = _gaussian(sizes, seed + 1)
@@ -279,10 +283,18 @@ def test_alignment_is_equivariant(arch, sym, method, seed):
     h = group_element(spec, seed + 2)
     q1 = _act(spec, mu1, sd1, ident) if wass else mu1
     q1h = _act(spec, mu1, sd1, h) if wass else spec.apply(mu1, h)
-    a = ps.align(q0, q1, spec, method=method, seed=seed)
-    b = ps.align(q0, q1h, spec, method=method, seed=seed)
-    assert _equal_perm(b.permutation, spec.compose(a.permutation, spec.inverse(h)))
-    assert b.objective == pytest.approx(a.objective, rel=1e-9, abs=1e-12)
+    fallbacks = []
+    merge = getattr(core, "_merge", None)
+    with pytest.MonkeyPatch.context() as mp:
+        spy = lambda sol, sub, idx: fallbacks.append(len(idx)) or merge(sol, sub, idx)  # noqa: E731
+        mp.setattr(core, "_merge", spy, raising=False)
+        a = ps.align(q0, q1, spec, method=method, seed=seed)
+        b = ps.align(q0, q1h, spec, method=method, seed=seed)
+    for res, q in ((a, q1), (b, q1h)):
+        assert res.objective[-1] <= _direct_cost(q0, q) * (1 + 1e-12)
+    if not fallbacks:
+        assert _equal_perm(b.permutation, spec.compose(a.permutation, spec.inverse(h)))
+        assert b.objective == pytest.approx(a.objective, rel=1e-9, abs=1e-12)
 
 
 def test_sign_flips_are_needed_for_tanh_and_can_be_disabled():

@@ -348,15 +348,7 @@ class _Engine:
                 self.solved[g][:] = True
             self.solve_group(g, None, force=True, terms=ready)
             done.add(g)
-        # Start each target from the better of identity and greedy: coordinate descent never
-        # increases the cost, so the result is never worse than the identity (align(q, q) and
-        # re-aligning an aligned sample stay put).
-        revert = self.objective() > identity_cost
-        if bool(revert.any()):
-            for g in self.names:
-                self.perm[g][revert] = torch.arange(self.perm[g].shape[-1], device=self.device)
-                self.version[g][revert] += 1
-                self.solved[g][revert] = False
+        self.identity_cost = identity_cost
 
     def run(self, max_sweeps: int, seed: int | None, progress: bool = False) -> Solution:
         gen = torch.Generator()
@@ -425,4 +417,33 @@ def coordinate_descent(
         raise SpecError("the spec has no neuron groups: there is nothing to align")
     engine = _Engine(spec, ref, tgt, compute_dtype, rtol)
     engine.initialize(init)
-    return engine.run(max_sweeps, seed, progress)
+    sol = engine.run(max_sweeps, seed, progress)
+    if isinstance(init, str) and init == "greedy":
+        # The greedy start is equivariant (align(q0, h.q1) = align(q0, q1) h^{-1}) but may
+        # lead to a worse result than not aligning at all; a target whose descent ends above
+        # its identity cost is descended again from the identity, so the result is never
+        # worse than the identity (align(q, q) and re-aligning an aligned sample stay put).
+        worse = (sol.objective[:, -1] > engine.identity_cost).nonzero().squeeze(-1)
+        if worse.numel():
+            sub = {s: tuple(None if t is None else t.index_select(0, worse) for t in ch) for s, ch in tgt.items()}
+            opts = {"max_sweeps": max_sweeps, "seed": seed, "compute_dtype": compute_dtype, "rtol": rtol}
+            again = coordinate_descent(spec, ref, sub, init="identity", **opts)
+            sol = _merge(sol, again, worse)
+    return sol
+
+
+def _merge(sol: Solution, sub: Solution, idx: torch.Tensor) -> Solution:
+    """``sol`` with the targets ``idx`` replaced by ``sub``'s (objectives padded with their last value)."""
+    sweeps = max(sol.sweeps, sub.sweeps)
+
+    def pad(obj: torch.Tensor) -> torch.Tensor:
+        return torch.cat([obj, obj[:, -1:].expand(-1, sweeps + 1 - obj.shape[1])], 1)
+
+    objective = pad(sol.objective)
+    objective[idx] = pad(sub.objective)
+    converged = sol.converged.clone()
+    converged[idx] = sub.converged
+    perm = {g: p.clone() for g, p in sol.perm.items()}
+    for g, p in perm.items():
+        p[idx] = sub.perm[g]
+    return Solution(perm, objective, converged, sweeps)

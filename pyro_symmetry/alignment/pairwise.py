@@ -106,8 +106,10 @@ def align(
         Use the sign-flip symmetry of odd activations (``False``: plain permutations).
     init : {"greedy", "identity"} or mapping ``group -> LongTensor (n,)``
         ``"greedy"`` matches groups input-to-output on their incoming weights first
-        (equivariant: ``align(q0, h.q1)`` gives ``g h^{-1}``); ``"identity"`` starts
-        where Git Re-Basin does.
+        (equivariant: ``align(q0, h.q1)`` gives ``g h^{-1}``); a descent from it that ends
+        above the identity's cost is redone from the identity, so the result is never
+        worse than not aligning (that case alone is not equivariant). ``"identity"``
+        starts where Git Re-Basin does.
     compute_dtype : torch.dtype, optional
         dtype of the similarity products (default float32, float64 for float64 inputs);
         assignment scores, acceptance tests and the objective are summed in float64, and
