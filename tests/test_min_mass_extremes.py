@@ -14,8 +14,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy.optimize import minimize
-from strategies import model_params
+from strategies import mlp_architectures, model_params, seeds
 from test_scaling import random_log_scales, rel_err
 
 import pyro_symmetry as ps
@@ -109,6 +111,27 @@ def test_min_mass_is_scale_equivariant(scale, dtype):
     exact_after = ps.mass({k: v.double() for k, v in res.params.items()}, spec)
     torch.testing.assert_close(res.mass_before, exact_before, rtol=MASS_RTOL[dtype], atol=0)
     torch.testing.assert_close(res.mass_after, exact_after, rtol=MASS_RTOL[dtype], atol=0)
+    torch.testing.assert_close(res.mass_after / scale**2, ref.mass_after, rtol=MASS_RTOL[dtype], atol=0)
+
+
+@given(
+    arch=mlp_architectures(),
+    seed=seeds,
+    exponent=st.floats(-25.0, 20.0),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_scale_equivariance_property(arch, seed, exponent, dtype):
+    """Any architecture, any scale ``10**exponent`` in ``[1e-25, 1e20]``, either dtype."""
+    n_in, hidden, n_out = arch
+    model = BayesianMLP(n_in, hidden, n_out)
+    spec = model.spec
+    base = ps.rescale(model_params(model, (2,), seed=seed), spec, random_log_scales(spec, seed + 1, (2,), 1.0))
+    scale = 10.0**exponent
+    ref = ps.min_mass(base, spec)
+    res = ps.min_mass({k: (scale * v).to(dtype) for k, v in base.items()}, spec)
+    assert res.converged.all() and not any(d.any() for d in res.dead.values())
+    for g in ref.log_scales:
+        torch.testing.assert_close(res.log_scales[g].double(), ref.log_scales[g], atol=U_TOL[dtype], rtol=0)
     torch.testing.assert_close(res.mass_after / scale**2, ref.mass_after, rtol=MASS_RTOL[dtype], atol=0)
 
 

@@ -345,20 +345,21 @@ def _scaled_problem(
     spec: PermutationSpec,
     groups: list[str],
     dtype: torch.dtype,
-) -> tuple[Problem, torch.Tensor | None]:
+) -> tuple[Problem, torch.Tensor | None, torch.Tensor]:
     """The coefficients in ``dtype``, each sample scaled by a power of two if its mass at
-    ``u = 0`` is outside the safe range: ``(problem, shift or None)``."""
+    ``u = 0`` is outside the safe range: ``(problem, shift or None, mass of the problem at u = 0)``."""
     prob = build_problem(xs, objective, spec, groups, dtype)
     lo, hi = _SAFE_TOTAL[dtype]
     total = prob.total()
     if bool(((total >= lo) & (total <= hi)).all()):
-        return prob, None
+        return prob, None, total
     big = None
     for s in objective:
         m = xs[s].abs().flatten(1).amax(-1)
         big = m if big is None else torch.maximum(big, m.to(big.dtype))
     shift = torch.frexp(big.double()).exponent.masked_fill(big == 0, 0)
-    return build_problem(xs, objective, spec, groups, dtype, shift), shift
+    prob = build_problem(xs, objective, spec, groups, dtype, shift)
+    return prob, shift, prob.total()
 
 
 def _dead_neurons(
@@ -409,13 +410,13 @@ def _solve_chunk(
     attempts = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
     for dt in attempts:
         xs_obj = {s: xs[s] for s in objective}
-        prob, shift = _scaled_problem(xs_obj, objective, spec, groups, dt)
+        prob, shift, total = _scaled_problem(xs_obj, objective, spec, groups, dt)
         dead, lost = _dead_neurons(prob, xs_obj, objective, spec, groups)
         if lost:
             continue
         u, res, its, ok = solve(prob, dead, tol, max_iters, relax)
         if ok:
-            before = prob.total().double()
+            before = total.double()
             if shift is not None:
                 before = torch.ldexp(before, 2 * shift.to(before.device))
             return u, dead, res, its, before, dt == dtype and shift is None
