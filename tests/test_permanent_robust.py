@@ -319,3 +319,61 @@ def test_permanent_gradient_far_from_q_matches_exact():
     for gp, ge in zip(*grads, strict=True):
         assert torch.isfinite(gp).all() and ge.abs().max() > 0
         assert torch.allclose(gp, ge, rtol=1e-9, atol=1e-6 * float(ge.abs().max()))
+
+
+# ---------------------------------------------------------------- extreme magnitudes
+@pytest.mark.parametrize("magnitude", [1e15, 1e30, 1e100])
+def test_log_permanent_huge_entries_to_relative_precision(magnitude):
+    # beyond 1/eps the scaled entries a - u - v are pure rounding: the result must still be the
+    # heaviest assignment's weight to float64's relative precision, never NaN
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(3, 6, 6, generator=g, dtype=torch.float64) * magnitude
+    a.requires_grad_(True)
+    out = log_permanent(a)
+    ref = brute_log_perm(a.detach())
+    assert torch.all((out.detach() - ref).abs() <= 1e-13 * ref.abs())
+    (grad,) = torch.autograd.grad(out.sum(), a)
+    assert torch.isfinite(grad).all() and torch.allclose(grad.sum(-1), torch.ones(3, 6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("w_scale", "q_scale"), [(1e20, 1.0), (1.0, 1e-20), (1e10, 1e-6)])
+def test_float32_log_q_overflow_is_evaluated_in_float64(w_scale, q_scale):
+    # (w - loc) / scale above ~1e19 overflows float32's square: every log q(g^-1 w) was -inf and the
+    # exact ratio NaN; it must be the float64 ratio, rounded to float32
+    model = BayesianMLP(2, [3], 2)
+    q = _narrow_q(model, torch.float32, scale=q_scale)
+    w = _points(q, 2, w_scale, seed=6)
+    base = BaseDensity(q, model.spec)
+    q64, w64 = _double(q, w)
+    base64 = BaseDensity(q64, model.spec)
+    ref = exact_log_ratio(base64, w64)
+    scale = base64.log_prob(w64).abs()  # the magnitude whose float32 rounding bounds the ratio's error
+    beyond = torch.isinf(ref.float())  # a ratio beyond float32's range rounds to +-inf
+    for ratio in (exact_log_ratio(base, w), permanent_log_ratio(base, w)):
+        assert ratio.dtype == torch.float32 and not torch.isnan(ratio).any()
+        assert torch.equal(ratio[beyond], ref.float()[beyond])
+        assert bool(((ratio.double() - ref).abs() <= 4 * EPS32 * scale)[~beyond].all())
+    assert torch.allclose(permanent_log_ratio(base64, w64), ref, rtol=0, atol=1e-12 * float(scale.max()))
+
+
+def test_undefined_ratios_raise():
+    model = BayesianMLP(2, [3], 2)
+    tiny = {
+        k: (torch.zeros(s, dtype=torch.float64), torch.full(s, 1e-200, dtype=torch.float64))
+        for k, s in model.spec.shapes.items()
+    }
+    base = BaseDensity(tiny, model.spec)
+    w = {k: torch.ones(2, *s, dtype=torch.float64) for k, s in model.spec.shapes.items()}  # z = 1e200
+    with pytest.raises(ValueError, match=r"group 'fc1' are not finite in float64 at draw \(0,\)"):
+        permanent_log_ratio(base, w)
+    with pytest.raises(ValueError, match=r"log q\(w\) is not finite at draw \(0,\)"):
+        exact_log_ratio(base, w)
+    # outside a bounded support: q(g^-1 w) = 0 for every g, 0/0
+    layout = ps.FlatLayout(model.spec.shapes)
+    ones = torch.ones(layout.dim, dtype=torch.float64)
+    box = BaseDensity(dist.Uniform(-ones, ones, validate_args=False).to_event(1), model.spec, layout)
+    v = torch.zeros(2, layout.dim, dtype=torch.float64)
+    v[1, 0] = 5.0
+    with pytest.raises(ValueError, match=r"draw \(1,\).*outside q's support"):
+        exact_log_ratio(box, v)
+    assert torch.isfinite(exact_log_ratio(box, v[:1])).all()

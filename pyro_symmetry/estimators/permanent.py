@@ -138,28 +138,43 @@ def _assignment_scaling(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     return u, v, ok, cols
 
 
-def _sinkhorn(
-    a: torch.Tensor, u: torch.Tensor, v: torch.Tensor, cols: torch.Tensor, iters: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-domain Sinkhorn sweeps from ``(u, v)``; end on a column step, so the columns of
-    ``M = exp(a - u - v)`` sum to one and every term of Glynn's sum is at most one.
+def _scaled_log_matrix(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``log perm(exp a) = offset + log perm(exp s)`` with ``s <= 0`` and zeros on a permutation.
+
+    ``offset`` ``(B,)`` is the weight of the heaviest assignment and ``s = a - u - v`` its
+    dual-scaled matrix; the rounding of the subtraction (``eps |a|``, which is all a
+    float64 result can resolve at that magnitude) is kept from pushing ``s`` above zero,
+    so ``perm(exp s)`` lies in ``[1, n!]`` for any finite ``a``. ``ok`` marks the matrices
+    with a perfect matching (elsewhere ``s`` is zero and ``offset`` is ``-inf``).
+    """
+    u, v, ok, cols = _assignment_scaling(a)
+    s = (a - u.unsqueeze(-1) - v.unsqueeze(-2)).clamp(max=0.0)
+    s = s.scatter(-1, cols.unsqueeze(-1), 0.0)
+    s = torch.where(ok[:, None, None], s, torch.zeros_like(s))
+    offset = a.gather(-1, cols.unsqueeze(-1)).squeeze(-1).sum(-1).masked_fill(~ok, -math.inf)
+    return offset, s, ok
+
+
+def _sinkhorn(s: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-domain Sinkhorn sweeps on ``s`` from ``(u, v)``; end on a column step, so the
+    columns of ``M = exp(s - u - v)`` sum to one and every term of Glynn's sum is at most one.
 
     A matrix is done once every log row sum is within ``_SINKHORN_TOL`` of zero, or once
-    its heaviest assignment ``cols`` alone certifies ``perm(M) >= n!/n^n`` (the least
-    permanent of a doubly stochastic matrix): nearly a permutation matrix, which the
-    sweeps would approach only slowly. At most ``iters`` sweeps.
+    its heaviest assignment (the zeros of ``s``, :func:`_scaled_log_matrix`) alone
+    certifies ``perm(M) >= n!/n^n`` (the least permanent of a doubly stochastic matrix):
+    nearly a permutation matrix, which the sweeps would approach only slowly. At most
+    ``iters`` sweeps.
     """
-    n = a.shape[-1]
+    n = s.shape[-1]
     floor = math.lgamma(n + 1) - n * math.log(n)
-    on_assignment = a.gather(-1, cols.unsqueeze(-1)).squeeze(-1)  # (B, n)
     for _ in range(iters):
-        v = torch.logsumexp(a - u.unsqueeze(-1), dim=-2)
-        r = torch.logsumexp(a - u.unsqueeze(-1) - v.unsqueeze(-2), dim=-1)
-        certified = (on_assignment - u - v.gather(-1, cols)).sum(-1) >= floor
+        v = torch.logsumexp(s - u.unsqueeze(-1), dim=-2)
+        r = torch.logsumexp(s - u.unsqueeze(-1) - v.unsqueeze(-2), dim=-1)
+        certified = -(u.sum(-1) + v.sum(-1)) >= floor  # the assignment's product in M
         if bool(((r.abs().amax(-1) <= _SINKHORN_TOL) | certified).all()):
             break
         u = u + r
-    v = torch.logsumexp(a - u.unsqueeze(-1), dim=-2)
+    v = torch.logsumexp(s - u.unsqueeze(-1), dim=-2)
     return u, v
 
 
@@ -241,20 +256,18 @@ def log_permanent(log_a: torch.Tensor, sinkhorn_iters: int = 100) -> torch.Tenso
     if a.shape[0] == 0 or n == 0:
         return a.new_zeros(batch).to(log_a.dtype)
     with torch.no_grad():
-        # The scalings only condition the sum: any u, v give an exact identity, so no gradient.
-        u0, v0, ok, cols = _assignment_scaling(a.detach())
-    a = torch.where(ok[:, None, None], a, torch.zeros_like(a))  # no perfect matching: -inf below
-    with torch.no_grad():
-        u, v = _sinkhorn(a.detach(), u0, v0, cols, sinkhorn_iters)
-    total = _glynn(torch.exp(a - u.unsqueeze(-1) - v.unsqueeze(-2)))
-    out = torch.log(total) + u.sum(-1) + v.sum(-1)
+        # The scalings only condition the sum (any u, v give an exact identity), so no gradient.
+        offset, s, ok = _scaled_log_matrix(a.detach())
+        u, v = _sinkhorn(s, s.new_zeros(s.shape[:-1]), s.new_zeros(s.shape[:-1]), sinkhorn_iters)
+    live = torch.where(torch.isneginf(a), torch.zeros_like(a), a)
+    s = s + (live - live.detach())  # the scaled values, with a's gradient (d s / d a = 1)
+    total = _glynn(torch.exp(s - u.unsqueeze(-1) - v.unsqueeze(-2)))
+    out = torch.log(total) + (offset + u.sum(-1) + v.sum(-1))
     with torch.no_grad():
         redo = (ok & ~(total >= _conditioning_floor(n))).nonzero().squeeze(-1)  # NaN included
     if redo.numel():
         # Exact on the assignment-scaled matrix: perm in [1, n!], only nonnegative additions.
-        u0, v0 = u0[redo], v0[redo]
-        m0 = torch.exp(a[redo] - u0.unsqueeze(-1) - v0.unsqueeze(-2))
-        out = out.index_put((redo,), torch.log(dp_permanent(m0)) + u0.sum(-1) + v0.sum(-1))
+        out = out.index_put((redo,), torch.log(dp_permanent(torch.exp(s[redo]))) + offset[redo])
     out = out.masked_fill(~ok, -math.inf)
     return out.reshape(batch).to(log_a.dtype)
 
@@ -292,7 +305,15 @@ def permanent_log_ratio(base: BaseDensity, value) -> torch.Tensor:
 
     Returns
     -------
-    Tensor ``(*batch,)``: one permanent per group and batch entry, summed over groups.
+    Tensor ``(*batch,)``: one permanent per group and batch entry, summed over groups,
+    computed in float64 and returned in the value's dtype. Correct for any finite
+    value, near ``q`` or far from it (see :func:`log_permanent`).
+
+    Raises
+    ------
+    ValueError
+        A factor log-density is not finite in float64 (``|w - loc| / scale`` beyond
+        about ``1e154``): the ratio is then undefined.
     """
     check_decoupled(base)
     ref = base.reference(value)
@@ -301,6 +322,14 @@ def permanent_log_ratio(base: BaseDensity, value) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=ref.device)
     for g in base.spec.groups:
         a = neuron_log_factors(sites, marg, base.spec, g, dtype=torch.float64)  # (*batch, n, S, n)
+        with torch.no_grad():
+            bad = ~torch.isfinite(a)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"the factor log-densities of group {g!r} are not finite in float64 at draw "
+                    f"{tuple(bad.nonzero()[0].tolist()[:-3])} of the value (|w - loc| / scale beyond about 1e154): "
+                    "log q_sym(w) - log q(w) is undefined there"
+                )
         diag = a[..., 0, :].diagonal(dim1=-2, dim2=-1).sum(-1)
         total = total + log_permanent(torch.logsumexp(a, dim=-2)) - diag
     return (total - base.spec.log_order).to(ref.dtype)
