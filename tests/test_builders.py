@@ -24,6 +24,8 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
 
 
 def _check_invariance(net: nn.Module, spec: ps.PermutationSpec, x: torch.Tensor, seed: int) -> None:
+    """A drawn (signed) element, and a positive rescaling of the groups that have one, keep
+    the function; the element really moves something."""
     state = net.state_dict()
     perm = spec.sample(generator=torch.Generator().manual_seed(seed))
     moved = spec.apply(state, perm)
@@ -32,10 +34,14 @@ def _check_invariance(net: nn.Module, spec: ps.PermutationSpec, x: torch.Tensor,
     with torch.no_grad():
         y0, y1 = net(x), net2(x)
     assert torch.allclose(y0, y1, atol=1e-10, rtol=1e-10)
-    # and the permutation really moved something (when it is not the identity)
     moved_any = any(not torch.equal(state[k], moved[k]) for k in spec.sites)
     is_identity = all(torch.equal(p, torch.arange(p.shape[-1])) for p in perm.values())
     assert moved_any or is_identity
+    scales = {k: torch.randn(g.size, dtype=torch.float64) for k, g in spec.groups.items() if g.scalable}
+    if scales:
+        net2.load_state_dict(spec.rescale(state, scales))
+        with torch.no_grad():
+            assert torch.allclose(net(x), net2(x), atol=1e-10, rtol=1e-9)
 
 
 @given(
@@ -65,11 +71,21 @@ def test_cnn_with_batchnorm_invariance(c1, c2, h, seed, act, pool):
     )
     _randomize(net, seed)
     spec = ps.PermutationSpec.from_module(net)
-    assert list(spec.groups) == ["0", "4", "9"]
-    assert spec.sizes == {"0": c1, "4": c2, "9": h}
-    # BatchNorm parameters and buffers follow the channels
-    assert {a.site for a in spec.groups["0"].incoming} >= {"1.weight", "1.bias", "1.running_mean", "1.running_var"}
-    assert all(g.activation_symmetry == "none" for g in spec.groups.values())  # norms remove scale/sign
+    # the symmetry is decided by what follows the norm
+    relu = act is nn.ReLU
+    first = "scale" if relu else ("sign" if pool == "avg" else "none")
+    expected = {"0": first, "4": "scale" if relu else "sign", "9": "scale" if relu else "sign"}
+    sizes = {"0": c1, "4": c2, "9": h}
+    expected = {k: v for k, v in expected.items() if sizes[k] > 1 or v != "none"}  # one unit, nothing to flip
+    assert {k: g.activation_symmetry for k, g in spec.groups.items()} == expected
+    assert spec.sizes == {k: sizes[k] for k in expected}
+    # BatchNorm parameters and running statistics follow the channels: the affine weight and
+    # bias carry the channel's scale (incoming), the conv rows before it and the statistics
+    # are only permuted (passive).
+    if "0" in spec.groups:
+        g0 = spec.groups["0"]
+        assert {a.site for a in g0.incoming} == {"1.weight", "1.bias"}
+        assert {a.site for a in g0.passive} >= {"0.weight", "0.bias", "1.running_mean", "1.running_var"}
     x = torch.randn(4, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     _check_invariance(net, spec, x, seed)
 
@@ -94,7 +110,7 @@ def test_conv_flatten_linear_blocks(c, seed, act):
         ((nn.ReLU(),), "scale"),
         ((nn.Tanh(),), "sign"),
         ((nn.GELU(),), "none"),
-        ((nn.Tanh(), nn.MaxPool1d(1)), "none"),
+        ((nn.Tanh(), nn.Unflatten(1, (4, 1)), nn.MaxPool1d(1), nn.Flatten()), "none"),
         ((nn.ReLU(), nn.Dropout(0.1)), "scale"),
         ((), "scale"),
     ],
@@ -166,10 +182,10 @@ def test_tie_errors():
         spec.tie(["stream_in", "nope"])
 
 
-def test_from_module_rejects_unknown_layers():
+def test_from_module_refuses_forwards_that_fail_naming_the_module():
     with pytest.raises(ps.SpecError, match=r"module '1' \(Embedding\)"):
         ps.PermutationSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.Embedding(4, 4)))
-    with pytest.raises(ps.SpecError, match="reads 4 features from group '0' but expects 5"):
+    with pytest.raises(ps.SpecError, match=r"module '2' \(Linear\).*shapes cannot be multiplied"):
         ps.PermutationSpec.from_module(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(5, 2)))
     with pytest.raises(ps.SpecError, match="no Linear or Conv layer"):
         ps.PermutationSpec.from_module(nn.Sequential(nn.ReLU()))
@@ -233,7 +249,10 @@ def test_hardtanh_is_odd_only_when_symmetric():
     assert ps.models.activation_symmetry(nn.ReLU6()) == "none"
 
 
-def test_residual_and_shared_layers_are_refused_not_misread():
+def test_residual_and_shared_layers_are_read_from_the_executed_forward():
+    """A skip connection ties the stream (fc1's rows with fc2's rows and columns); a layer
+    called twice on its own output cannot be permuted; a scan along the channels fixes them."""
+
     class Skip(nn.Module):
         def __init__(self):
             super().__init__()
@@ -243,8 +262,14 @@ def test_residual_and_shared_layers_are_refused_not_misread():
             h = torch.relu(self.fc1(x))
             return self.out(h + self.fc2(h))
 
-    with pytest.raises(ps.SpecError, match="not a chain of layers: call_function 'add'.*PermutationSpec.tie"):
-        ps.PermutationSpec.from_module(Skip())
+    net = _randomize(Skip(), 0)
+    spec = ps.PermutationSpec.from_module(net)
+    assert list(spec.groups) == ["fc1"] and spec.groups["fc1"].scalable
+    assert {(a.site, a.axis) for a in spec.groups["fc1"].axes} == {
+        ("fc1.weight", -2), ("fc1.bias", -1), ("fc2.weight", -2), ("fc2.weight", -1), ("fc2.bias", -1),
+        ("out.weight", -1),
+    }  # fmt: skip
+    _check_invariance(net, spec, torch.randn(5, 3, dtype=torch.float64), 1)
 
     class Shared(nn.Module):
         def __init__(self):
@@ -254,25 +279,36 @@ def test_residual_and_shared_layers_are_refused_not_misread():
         def forward(self, x):
             return self.fc2(self.fc1(torch.relu(self.fc1(x))))
 
-    with pytest.raises(ps.SpecError, match="module 'fc1' is called twice"):
-        ps.PermutationSpec.from_module(Shared())
+    assert ps.PermutationSpec.from_module(Shared()).groups == {}
 
-    class Unknown(nn.Module):
+    class Scan(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.fc3(torch.relu(self.fc2(torch.cumsum(self.fc1(x), -1))))
+
+    assert list(ps.PermutationSpec.from_module(Scan()).groups) == ["fc2"]
+
+
+def test_unknown_operations_are_refused_naming_them():
+    class Spectral(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 1)
 
         def forward(self, x):
-            return self.fc2(torch.cumsum(self.fc1(x), -1))
+            h = self.fc1(x)
+            return self.fc2(h + torch.fft.fft(h).real)
 
-    with pytest.raises(ps.SpecError, match="cannot infer the symmetry of the operation 'cumsum'"):
-        ps.PermutationSpec.from_module(Unknown())
+    with pytest.raises(ps.SpecError, match=r"cannot read operation 'fft_fft' in module '<root>' \(Spectral\)"):
+        ps.PermutationSpec.from_module(Spectral())
 
 
-def test_untraceable_pyro_module_is_conservative_and_can_be_overridden():
-    """A PyroModule whose forward holds Pyro statements cannot be traced: its leaves are
-    read in registration order, and a gap with no activation module (here a functional
-    tanh) gets no activation symmetry rather than a wrong one. Callable priors are fine."""
+def test_pyro_module_is_read_from_its_executed_forward_and_can_be_overridden():
+    """A PyroModule whose forward holds Pyro statements and a functional tanh: the executed
+    forward is recorded, so the tanh's sign symmetry is found. Callable priors are fine."""
     import pyro
     import pyro.distributions as dist
     from pyro.nn import PyroModule, PyroSample
@@ -292,13 +328,15 @@ def test_untraceable_pyro_module_is_conservative_and_can_be_overridden():
 
     net = Net()
     spec = ps.PermutationSpec.from_module(net)
-    assert spec.groups["fc1"].activation_symmetry == "none"
+    assert spec.groups["fc1"].activation_symmetry == "sign"
     assert spec.shapes["fc1.weight"] == (4, 3) and spec.shapes["fc1.bias"] == (4,)
     spec.check(net, torch.randn(2, 3))
-    declared = ps.PermutationSpec.from_module(net, activation_symmetry={"fc1": "sign"})
-    assert declared.groups["fc1"].signed
+    declared = ps.PermutationSpec.from_module(net, activation_symmetry={"fc1": "none"})
+    assert not declared.groups["fc1"].signed
     with pytest.raises(ps.SpecError, match=r"activation_symmetry names groups \['fc9'\]"):
         ps.PermutationSpec.from_module(net, activation_symmetry={"fc9": "sign"})
+    with pytest.raises(ps.SpecError, match="group 'fc1' of the spec changes the model"):
+        ps.PermutationSpec.from_module(net, activation_symmetry={"fc1": "scale"})
     model = ps.models.BayesianMLP(3, [4], 2)
     assert ps.PermutationSpec.from_module(model) is model.spec
 

@@ -9,7 +9,6 @@ from typing import Any
 from torch import nn
 
 from .._validation import check_int
-from ._chain import BOTH, LAYERS, NONE, NORMS, execution_steps, pointwise_kind
 from .spec import Axis, NeuronGroup, PermutationSpec, SpecError
 
 __all__ = ["mlp_spec", "model_site_shapes", "spec_from_module"]
@@ -72,170 +71,71 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _layer_shapes(name: str, m: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Weight and bias shapes of a layer from its attributes (also when they are priors)."""
-    p = _prefix(name)
-    if isinstance(m, nn.Linear):
-        w = (m.out_features, m.in_features)
-    else:
-        w = (m.out_channels, m.in_channels // m.groups, *m.kernel_size)
-    return {f"{p}weight": w, **({f"{p}bias": (w[0],)} if _has_bias(m) else {})}
-
-
-def _has_bias(m: nn.Module) -> bool:
-    return "bias" in getattr(m, "_pyro_samples", {}) or getattr(m, "bias", None) is not None
-
-
 def spec_from_module(
-    module: nn.Module, *, activation_symmetry: str | Mapping[str, str] | None = None
+    module: nn.Module,
+    *,
+    example_inputs: Any = None,
+    activation_symmetry: str | Mapping[str, str] | None = None,
+    use_spec_attribute: bool = True,
 ) -> PermutationSpec:
-    """Spec of a chain of ``Linear``/``Conv1d``/``Conv2d`` layers.
+    """The symmetry group of a module, read from the forward it executes.
 
-    The chain is read in execution order from a ``torch.fx`` trace of the module
-    (``nn.Sequential``, or any module whose ``forward`` is traceable: functional
-    activations such as ``torch.tanh`` or ``F.relu`` are then recognized, and a
-    residual connection is refused). A module that cannot be traced (e.g. a
-    ``PyroModule`` whose ``forward`` holds Pyro statements) is read in the
-    registration order of its leaf modules, which must be the forward order.
-    Between two layers only pointwise activations, pooling, dropout, flatten and
-    BatchNorm/LayerNorm are allowed; norm parameters and running statistics follow
-    their channels. A ``Flatten`` from conv channels to a ``Linear`` makes each
-    channel a block of ``in_features // channels`` columns. The output layer's
-    neurons are not permuted.
+    The forward is run once on ``example_inputs`` (eval mode, Pyro sample sites under a
+    trace, the caller's RNGs and param store untouched) and every torch operation it executes
+    is recorded, so residual connections, shared layers, Pyro statements and data-dependent
+    control flow are read as they ran. Every dim of every tensor is labelled: fixed (batch,
+    spatial, sequence, inputs, the network's outputs) or a space of interchangeable channels
+    created by a layer's output (a ``Linear``'s rows, a conv's output channels, an embedding
+    dim, a parameter used directly such as a class token). Spaces that meet (both sides of
+    ``+``, a layer's columns and its input, ``q @ k.T`` over head dims, norm parameters) share
+    one permutation; reshapes into ``(heads, dims)``, GroupNorm groups, grouped convolutions
+    and ``nn.MultiheadAttention`` give nested groups (units permuted within each block);
+    slices and ``cat`` along channels give groups acting on axis slices. A space that reaches
+    a fixed dim is fixed. Each group's ``activation_symmetry`` is what every operation on its
+    scaled entries keeps (``"scale"``: ReLU, max pooling and linear ops; ``"sign"``: tanh,
+    sin, erf; ``"none"``: GELU, SiLU, softmax ...); the rows of a layer feeding a
+    BatchNorm/LayerNorm/GroupNorm/RMSNorm and the running statistics are ``passive`` (only
+    permuted), the norm's affine weight and bias ``incoming``.
 
-    Each group's ``activation_symmetry`` is inferred from the operations between
-    its layer and the next: ``"scale"`` if they are all positively homogeneous
-    (ReLU, max pooling), ``"sign"`` if all odd (tanh, sin, erf, average pooling),
-    else ``"none"`` (any norm layer removes both). When the order is only known
-    from registration (an untraceable module that is not made of ``nn.Sequential``
-    containers), a gap between two layers with no activation module registered in
-    it may hide a functional activation, so such a group gets ``"none"``: its
-    permutations are still exact, and ``activation_symmetry=`` declares more.
-
-    A module with a ``spec`` attribute that is a ``PermutationSpec`` (the models of
-    :mod:`pyro_symmetry.models`) returns it.
-
-    Residual networks are not chains: build the per-layer spec by hand or with
-    this function on each branch and tie the groups of one residual stream with
-    :meth:`PermutationSpec.tie`.
+    The spec is then verified: the module, with fresh random parameters, must give the same
+    outputs (and likelihood) after its parameters are moved by elements that move every
+    neuron and rescaled for groups with a scaling symmetry (a relative tolerance of
+    ``sqrt(eps)`` of the dtype). A module with a ``spec`` attribute that is a
+    :class:`PermutationSpec` (the models of :mod:`pyro_symmetry.models`) returns it.
 
     Parameters
     ----------
     module : nn.Module
+    example_inputs : Tensor or tuple of Tensors, optional
+        Inputs the forward accepts (a model taking ``(x, y)`` gets ``x`` only). By default they
+        are built from the first layer that reads the input: ``(2, in_features)`` for a
+        ``Linear``, ``(2, C, s, s)`` for a few sizes ``s`` for a conv, integer tokens ``(2, T)``
+        for an ``Embedding``.
     activation_symmetry : {"none", "sign", "scale"} or mapping group -> str, optional
-        Overrides the inferred symmetry of every group (a str) or of the named ones.
+        Overrides the inferred symmetry of every group (a str) or of the named ones; the
+        result is verified like the inferred one.
+    use_spec_attribute : bool
+        Return ``module.spec`` when it is a :class:`PermutationSpec` (default).
 
     Raises
     ------
     SpecError
-        If a step of the chain is not a supported layer or operation (naming it), or
-        the module is not a chain (a residual connection, a layer called twice).
+        If the forward fails on the inputs (naming the module that was running), an operation
+        of the forward is unknown (naming it and its module), or the verification finds a
+        group that changes the function (naming it).
     """
+    from ._fromgraph import spec_from_graph
+    from ._verify import verify_module
+
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     own = getattr(module, "spec", None)
-    if isinstance(own, PermutationSpec):
+    if use_spec_attribute and isinstance(own, PermutationSpec):
         return _override(own, activation_symmetry)
-    steps, exact_order = execution_steps(module)
-    groups: dict[str, dict[str, Any]] = {}
-    current: str | None = None
-    last_layer: str | None = None
-    for name, m in steps:
-        if isinstance(m, frozenset):  # a functional operation
-            if current is not None:
-                groups[current]["sym"] &= m
-                groups[current]["seen"] = True
-            continue
-        p = _prefix(name)
-        kind = pointwise_kind(m)
-        if isinstance(m, LAYERS):
-            size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-            if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups != 1:
-                raise SpecError(f"layer {name!r}: grouped convolutions (groups={m.groups}) are not supported")
-            if current is not None:
-                g = groups[current]
-                inner = 1
-                if isinstance(m, nn.Linear) and g["conv"]:
-                    if m.in_features % g["size"]:
-                        raise SpecError(
-                            f"layer {name!r} has in_features={m.in_features}, not a multiple of the "
-                            f"{g['size']} channels of group {current!r}"
-                        )
-                    inner = m.in_features // g["size"]
-                elif (m.in_features if isinstance(m, nn.Linear) else m.in_channels) != g["size"]:
-                    raise SpecError(
-                        f"layer {name!r} reads {g['size']} features from group {current!r} but expects "
-                        f"{m.in_features if isinstance(m, nn.Linear) else m.in_channels}"
-                    )
-                g["outgoing"].append(Axis(f"{p}weight", 1, inner))
-            incoming = [Axis(f"{p}weight", 0)]
-            if _has_bias(m):
-                incoming.append(Axis(f"{p}bias", 0))
-            groups[name] = dict(
-                size=size,
-                incoming=incoming,
-                outgoing=[],
-                sym=set(BOTH),
-                conv=not isinstance(m, nn.Linear),
-                seen=exact_order,
-                layer=m,
-            )
-            current = last_layer = name
-        elif isinstance(m, NORMS):
-            if current is None:
-                continue  # input normalization: not a hidden group
-            g = groups[current]
-            if isinstance(m, nn.LayerNorm):
-                if m.normalized_shape[0] != g["size"]:
-                    raise SpecError(
-                        f"LayerNorm {name!r} normalizes shape {tuple(m.normalized_shape)}, but group "
-                        f"{current!r} has {g['size']} features on its leading normalized axis"
-                    )
-            elif isinstance(m, nn.GroupNorm):
-                if m.num_groups != 1 and m.num_groups != g["size"]:
-                    raise SpecError(
-                        f"GroupNorm {name!r} with {m.num_groups} groups mixes channels of group "
-                        f"{current!r} non-equivariantly; only num_groups 1 or C are supported"
-                    )
-            elif m.num_features != g["size"]:
-                raise SpecError(
-                    f"{type(m).__name__} {name!r} has {m.num_features} features but group {current!r} has {g['size']}"
-                )
-            for pname, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                if t is not None and t.dim() >= 1:
-                    g["incoming"].append(Axis(f"{p}{pname}", 0))
-            g["sym"] &= NONE
-            g["seen"] = True
-        elif kind is not None:
-            if current is not None:
-                groups[current]["sym"] &= kind
-                groups[current]["seen"] = True
-        elif any(True for _ in m.parameters(recurse=False)):
-            raise SpecError(
-                f"cannot infer the symmetry of module {name!r} ({type(m).__name__}); build the "
-                "PermutationSpec by hand with NeuronGroup(...)"
-            )
-        else:
-            raise SpecError(
-                f"module {name!r} ({type(m).__name__}) is not a known pointwise operation; build the "
-                "PermutationSpec by hand, or wrap custom activations in a supported module"
-            )
-    if last_layer is None:
-        raise SpecError(f"module {type(module).__name__} has no Linear or Conv layer")
-    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    for k, g in groups.items():
-        shapes.update(_layer_shapes(k, g["layer"]))
-    shapes.update(_pyro_sample_shapes(module))
-    del groups[last_layer]  # output neurons are not interchangeable
-    out = {}
-    for k, g in groups.items():
-        sym = (
-            "none"
-            if not g["seen"]
-            else ("scale" if "scale" in g["sym"] else ("sign" if "sign" in g["sym"] else "none"))
-        )
-        out[k] = NeuronGroup(g["size"], tuple(g["incoming"]), tuple(g["outgoing"]), sym)
-    return _override(PermutationSpec(out, shapes), activation_symmetry)
+    spec, inputs, _ = spec_from_graph(module, example_inputs)
+    spec = _override(spec, activation_symmetry)
+    verify_module(spec, module, inputs)
+    return spec
 
 
 def _override(spec: PermutationSpec, activation_symmetry: str | Mapping[str, str] | None) -> PermutationSpec:
