@@ -77,9 +77,12 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
     SpecError
         No spec; at set-up, a spec site that is not a real-valued latent site of the
         model or whose shape does not match (naming site, axis and size), a group too
-        large for ``"exact"``/``"permanent"``, a model whose prior or likelihood is
-        not invariant (naming the site); an unfitted guide asked for
-        ``median``/``quantiles``/``sample_posterior``/``symmetrized``.
+        large for ``"exact"``/``"permanent"``, a prior whose event shape does not
+        cover the site's shape (naming the site and the ``.to_event(n)`` to add), a
+        model whose prior or likelihood is not invariant (naming the site); an
+        unfitted guide asked for ``median``/``quantiles``/``sample_posterior``/
+        ``symmetrized``. A set-up that fails is undone (no parameters left in the
+        param store), so the next call sets up and checks again.
     ValueError, TypeError
         ``num_permutations`` not an int ``>= 1``, unknown ``estimator``/``gradient``,
         ``init_scale`` or ``beta`` out of range.
