@@ -107,8 +107,11 @@ class _Engine:
         # Products in the compute dtype, their sums in float64 (no copy when the dtype matches).
         self.tgt_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in tgt.items()}
         self.ref_c = {s: [t.to(self.cdt) for t in ch if t is not None] for s, ch in ref.items()}
-        self.tgt_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in tgt.items()}
-        self.ref_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in ref.items()}
+        if self.cdt == kdt:  # one copy of half-precision inputs, not two
+            self.tgt_in, self.ref_in = self.tgt_c, self.ref_c
+        else:
+            self.tgt_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in tgt.items()}
+            self.ref_in = {s: [t.to(kdt) for t in ch if t is not None] for s, ch in ref.items()}
         # Similarities coarser than the costs (float16/bfloat16 products) only propose steps:
         # each one is then checked with the cost itself.
         cost_eps = torch.finfo(kdt).eps
