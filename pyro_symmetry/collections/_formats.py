@@ -278,7 +278,7 @@ class MemorySource:
             for k, v in part.items():
                 h.update(k.encode())
                 h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
-                h.update(v.detach().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+                h.update(v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
         return h.hexdigest()
 
 

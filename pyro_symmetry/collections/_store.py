@@ -38,13 +38,15 @@ _FORMAT = "pyro_symmetry.collections/1"
 
 
 def write_atomic(out_dir: str | os.PathLike, name: str, data: bytes) -> None:
-    """Write ``data`` to ``out_dir/name`` through a temporary file and ``os.replace``."""
+    """Write ``data`` to ``out_dir/name`` through a temporary file and ``os.replace``.
+
+    No ``fsync``: a file that a machine crash leaves short of its bytes no longer has the
+    sha256 its manifest record holds, so a re-run redoes it.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, os.path.join(out_dir, name))
     except BaseException:
         try:

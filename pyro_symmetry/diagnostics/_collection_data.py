@@ -11,6 +11,7 @@ variances (:func:`posterior_moments`) are dask reductions.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -76,12 +77,42 @@ def chain_groups(collection: Collection, chains: Any = None) -> list[list[int]]:
     return groups
 
 
-def _load_site(collection: Collection, index: int, site: str) -> np.ndarray:
-    """One site of one checkpoint (memory-mapped; only the entries used are read)."""
-    ck = collection.load(index, mmap=True, finite=False)
-    if ck is None:  # on_error="skip" and the file went bad after validation
-        raise CheckpointError(collection.names[index], collection.errors[collection.names[index]])
-    return ck.params[site].numpy()
+class _SiteArray:
+    """One site of every checkpoint as a lazy ``(chain, draw, *site_shape)`` array for
+    ``dask.array.from_array``: indexing reads only the checkpoints and entries asked for (the
+    file memory-mapped), so slices of the dask array read slices of the files."""
+
+    def __init__(self, collection: Collection, site: str, groups: list[list[int]]) -> None:
+        sig = collection.signature
+        self.collection, self.site, self.groups = collection, site, groups
+        self.shape = (len(groups), len(groups[0]), *sig.shapes[site])
+        self.dtype = torch.empty((), dtype=sig.dtypes[site]).numpy().dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        chains = range(self.shape[0])[key[0]]
+        draws = range(self.shape[1])[key[1]]
+        rest = key[2:]
+        out = []
+        for c in np.atleast_1d(chains):
+            row = []
+            for d in np.atleast_1d(draws):
+                index = self.groups[int(c)][int(d)]
+                ck = self.collection.load(index, mmap=True, finite=False)
+                if ck is None:  # on_error="skip" and the file went bad after validation
+                    name = self.collection.names[index]
+                    raise CheckpointError(name, self.collection.errors[name])
+                row.append(np.array(ck.params[self.site].numpy()[rest]))  # a copy: the file can be closed
+                del ck
+            out.append(np.stack(row) if row else np.empty((0,) + self.shape[2:], self.dtype))
+        arr = np.stack(out)
+        if isinstance(key[1], int | np.integer):
+            arr = arr[:, 0]
+        if isinstance(key[0], int | np.integer):
+            arr = arr[0]
+        return arr
 
 
 def to_inference_data(collection: Collection, *, chains: Any = None, sites: Sequence[str] | None = None) -> Any:
@@ -103,7 +134,6 @@ def to_inference_data(collection: Collection, *, chains: Any = None, sites: Sequ
         with one chunk per checkpoint, read when computed; coordinate ``checkpoint``
         ``(chain, draw)`` names each draw's file.
     """
-    import dask
     import dask.array as da
     import xarray as xr
 
@@ -116,14 +146,13 @@ def to_inference_data(collection: Collection, *, chains: Any = None, sites: Sequ
     groups = chain_groups(collection, chains)
     num_chains, num_draws = len(groups), len(groups[0])
     dims = site_dims({s: sig.shapes[s] for s in sites}, collection.spec)
-    load = dask.delayed(_load_site, pure=True)
     data = {}
     for s in sites:
-        dtype = torch.empty((), dtype=sig.dtypes[s]).numpy().dtype
-        rows = [
-            da.stack([da.from_delayed(load(collection, i, s), sig.shapes[s], dtype=dtype) for i in g]) for g in groups
-        ]
-        data[s] = (("chain", "draw", *dims[s]), da.stack(rows))
+        lazy = _SiteArray(collection, s, groups)
+        meta = np.empty((0,) * lazy.ndim, lazy.dtype)
+        name = f"collection-{s}-{uuid.uuid4().hex}"  # a unique key: the array reads files, not values
+        arr = da.from_array(lazy, chunks=(1, 1, *sig.shapes[s]), lock=False, meta=meta, name=name)
+        data[s] = (("chain", "draw", *dims[s]), arr)
     names = np.array([[collection.names[i] for i in g] for g in groups], dtype=object)
     coords = {"chain": np.arange(num_chains), "draw": np.arange(num_draws), "checkpoint": (("chain", "draw"), names)}
     attrs = {"source": "pyro_symmetry.collections", "spec": repr(collection.spec), "num_checkpoints": len(collection)}
@@ -131,9 +160,9 @@ def to_inference_data(collection: Collection, *, chains: Any = None, sites: Sequ
     return xr.DataTree.from_dict({"posterior": posterior})
 
 
-def _posterior(data: Any, chains: Any) -> Any:
+def _posterior(data: Any, chains: Any, sites: Sequence[str] | None = None) -> Any:
     if isinstance(data, Collection):
-        data = to_inference_data(data, chains=chains)
+        data = to_inference_data(data, chains=chains, sites=sites)
     elif chains is not None:
         raise ValueError("chains= applies to a Collection; a DataTree already has its chains")
     if hasattr(data, "children") and "posterior" in data.children:
@@ -185,7 +214,7 @@ def rhat_ess(
     from ._layout import layer_of
     from ._rank import degenerate, ess_bulk, rhat_rank
 
-    ds = _posterior(data, chains)
+    ds = _posterior(data, chains, var_names)
     names = list(ds.data_vars) if var_names is None else list(var_names)
     missing = [v for v in names if v not in ds.data_vars]
     if missing:
@@ -199,15 +228,19 @@ def rhat_ess(
     bar = tqdm(total=total, desc="R-hat/ESS", unit="weight", disable=not progress)
     for v in names:
         arr = ds[v].transpose("chain", "draw", ...)
-        shape = arr.shape[2:]
-        flat = arr.data.reshape(num_chains, num_draws, -1)
-        n = flat.shape[-1]
+        shape = tuple(arr.shape[2:])
+        n = math.prod(shape)
         r, e, dg = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
-        for a, b in _blocks(n, width):
-            x = np.asarray(flat[:, :, a:b], dtype=float)  # computes a dask block
-            _check_finite(x, v, a, ds)
-            r[a:b], e[a:b], dg[a:b] = rhat_rank(x), ess_bulk(x), degenerate(x)
-            bar.update(b - a)
+        # Blocks of whole rows of the first site axis: rectangular slices, which a lazily
+        # loaded array reads as slices of the files (a flat reshape would read whole sites).
+        rows, per_row = (shape[0], n // shape[0]) if shape and shape[0] else (1, n)
+        for a, b in _blocks(rows, max(1, width // max(1, per_row))):
+            block = arr.data[:, :, a:b] if shape else arr.data
+            x = np.asarray(block, dtype=float).reshape(num_chains, num_draws, -1)  # computes a dask block
+            lo, hi = a * per_row, b * per_row
+            _check_finite(x, v, lo, ds)
+            r[lo:hi], e[lo:hi], dg[lo:hi] = rhat_rank(x), ess_bulk(x), degenerate(x)
+            bar.update(hi - lo)
         rhat[v], degen[v] = r.reshape(shape), dg.reshape(shape)
         ess[v] = np.where(degen[v], np.nan, e.reshape(shape))
     bar.close()
