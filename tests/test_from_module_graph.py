@@ -180,3 +180,212 @@ def _check_drawn_element(make, inputs, spec, seed, dtype):
     torch.testing.assert_close(y1, y0, atol=tol * (1 + float(y0.abs().max())), rtol=tol)
     if any(not torch.equal(p, torch.arange(p.shape[-1]).expand_as(p)) for p in g.values()):
         assert any(not torch.equal(state[k], moved[k]) for k in spec.sites)
+
+
+# ---------------------------------------------------------------------------------- structure
+def _spans(spec: ps.PermutationSpec) -> set[tuple]:
+    """Every (group, site, axis, start, unit shape, inner, role) of a spec, by site action. A
+    parent of nested groups has no sign or scale of its own: only whether its span is passive
+    matters (its nested group's flips follow it)."""
+    out = set()
+    for site in spec.sites:
+        for s in spec.action(site).spans:
+            role = (s.role == "passive") if spec.children(s.group) else s.role
+            out.add((s.group, s.site, s.axis, s.start, s.shape, s.inner, role))
+    return out
+
+
+def test_multihead_attention_gives_the_hand_built_heads_and_dims():
+    """``nn.MultiheadAttention`` alone: heads over the q, k and v slices of the fused
+    in-projection and the out-projection's columns, q/k dims and v dims nested and signed:
+    the same spans and roles as the hand-built spec of the v2 data model tests."""
+    from test_groups_structured import attention_spec
+
+    E, H = 6, 2
+    mha = nn.MultiheadAttention(E, H)
+    spec = ps.PermutationSpec.from_module(mha)
+    shapes = {k: tuple(v.shape) for k, v in mha.state_dict().items()}
+    assert _spans(spec) == _spans(attention_spec(E, H).with_shapes(shapes))
+    assert spec.log_order == pytest.approx(lg(H) + 2 * H * signed(E // H))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: ps.models.BayesianMLP(3, [4, 5], 2, activation="tanh"),
+        lambda: ps.models.BayesianMLP(3, [4], 1, activation="relu", likelihood="regression", obs_scale=None),
+        lambda: ps.models.BayesianCNN(1, (8, 8), [3, 2], 4, activation="tanh"),
+    ],
+)
+def test_models_carry_the_spec_the_analysis_finds(model):
+    model = model()
+    assert ps.PermutationSpec.from_module(model) is model.spec
+    read = ps.PermutationSpec.from_module(model, use_spec_attribute=False)
+    assert read.sizes == model.spec.sizes
+    assert {k: g.activation_symmetry for k, g in read.groups.items()} == {
+        k: g.activation_symmetry for k, g in model.spec.groups.items()
+    }
+    assert _spans(read) == _spans(model.spec)
+
+
+def test_fused_qkv_split_by_reshape_and_unbind_ties_the_v_dims_to_the_qk_dims():
+    """timm's ``qkv.reshape(B, T, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)``: one reshape puts
+    q, k and v in one tensor whose per-head dims carry one atom, so the v dims share the q/k
+    dims' permutation (a subgroup of the full group; ``chunk`` along channels gives all of it)."""
+
+    class Timm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.qkv = nn.Linear(3, 8), nn.Linear(8, 24)
+            self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            B, T, E = h.shape
+            q, k, v = self.qkv(h).reshape(B, T, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+            h = h + self.proj(a.transpose(1, 2).reshape(B, T, E))
+            return self.out(h.mean(1))
+
+    spec = ps.PermutationSpec.from_module(Timm(), example_inputs=torch.randn(2, 5, 3))
+    assert spec.log_order == pytest.approx(lg(8) + lg(2) + 2 * signed(4))
+
+
+def test_unread_positions_of_a_position_table_are_not_a_group():
+    """Tokens of length 5 read 5 of the 8 rows of the position table: the other rows are not
+    permuted (a longer input would read them)."""
+    net = AttentionTransformer(dim=8, heads=2, mlp=6, depth=1, max_len=8)
+    spec = ps.PermutationSpec.from_module(net)
+    assert spec.log_order == pytest.approx(lg(8) + attention_block(8, 2, 6))
+    assert all(ax.axis == -1 for g in spec.groups.values() for ax in g.axes if ax.site == "pos")
+
+
+# ---------------------------------------------------------------------------------- Pyro modules
+def test_tutorial_bnn_keeps_its_sign_symmetry_and_sites():
+    """The activation is registered before the layers: the executed forward still gives every
+    hidden layer its tanh sign flips; sites are the PyroSample names."""
+    net = TutorialBNN(1, 1, 5, 2)
+    spec = ps.PermutationSpec.from_module(net)
+    assert {k: g.activation_symmetry for k, g in spec.groups.items()} == {"layers.0": "sign", "layers.1": "sign"}
+    assert spec.shapes["layers.0.weight"] == (5, 1) and spec.shapes["layers.1.weight"] == (5, 5)
+    assert set(spec.sites) == {f"layers.{i}.{p}" for i in range(3) for p in ("weight", "bias")} - {"layers.2.bias"}
+    spec.check(net, torch.randn(4, 1))
+
+
+def test_residual_pyro_module_is_read_not_refused():
+    spec = ps.PermutationSpec.from_module(ResidualPyroBNN(3, 4, 6))
+    assert list(spec.groups) == ["fc_in", "fc1"]
+    stream = {(a.site, a.axis) for a in spec.groups["fc_in"].axes}
+    assert stream == {
+        ("fc_in.weight", -2), ("fc_in.bias", -1), ("fc2.weight", -2), ("fc2.bias", -1),
+        ("fc1.weight", -1), ("out.weight", -1),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- refusals
+def test_forwards_that_cannot_be_recorded_are_refused_naming_the_module():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.skip = nn.Linear(3, 4), nn.Linear(3, 4)
+
+        def forward(self, x, z):  # z cannot be built from the layers
+            return self.fc(x) + self.skip(z)
+
+    with pytest.raises(ps.SpecError, match=r"forward of TwoInputs failed .* module '<root>' \(TwoInputs\)"):
+        ps.PermutationSpec.from_module(TwoInputs())
+    spec = ps.PermutationSpec.from_module(TwoInputs(), example_inputs=(torch.randn(2, 3), torch.randn(2, 3)))
+    assert spec.groups == {}  # the sum is the output: nothing to permute
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(h + torch.special.bessel_j0(h))
+
+    with pytest.raises(ps.SpecError, match=r"cannot read operation 'special_bessel_j0' in module '<root>'"):
+        ps.PermutationSpec.from_module(Opaque())
+
+
+def test_example_inputs_for_sizes_the_builder_does_not_try():
+    net = ViT(image=40, patch=4, dim=8, depth=1, heads=2, mlp=6)
+    with pytest.raises(ps.SpecError, match="pos_embed|size|shape"):
+        ps.PermutationSpec.from_module(net)
+    spec = ps.PermutationSpec.from_module(net, example_inputs=torch.randn(2, 3, 40, 40))
+    assert spec.log_order == pytest.approx(lg(8) + attention_block(8, 2, 6))
+
+
+def test_no_side_effects_and_training_flags_restored():
+    from pyro_symmetry._state import snapshot
+
+    for net in (ResNet20(k=1, blocks=1).train(), TutorialBNN().train(), ViT().train()):
+        before = snapshot()
+        ps.PermutationSpec.from_module(net)
+        assert snapshot().diff(before) == []
+        assert all(m.training for m in net.modules())
+
+
+# ---------------------------------------------------------------------------------- spec.check
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.out = nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def _untied_residual_spec() -> ps.PermutationSpec:
+    G, A = ps.NeuronGroup, ps.Axis
+    return ps.PermutationSpec(
+        {
+            "stream_in": G(4, [A("inp.weight", 0), A("inp.bias", 0)], [A("fc1.weight", 1)]),
+            "hidden": G(5, [A("fc1.weight", 0), A("fc1.bias", 0)], [A("fc2.weight", 1)], "scale"),
+            "stream_out": G(4, [A("fc2.weight", 0), A("fc2.bias", 0)], [A("out.weight", 1)]),
+        }
+    )
+
+
+def test_check_fails_on_a_spec_that_changes_the_function_naming_the_group():
+    from pyro_symmetry.groups._verify import check_spec_against
+
+    net = _Residual()
+    untied = _untied_residual_spec()
+    with pytest.raises(ps.SpecError, match=r"group 'stream_in' of the spec changes the model.*output 0"):
+        check_spec_against(untied, net, torch.randn(3, 3))
+    tied = untied.tie(["stream_in", "stream_out"], name="stream")
+    check_spec_against(tied, net, torch.randn(3, 3))
+    check_spec_against(tied, net)  # inputs built from the first layer
+    read = ps.PermutationSpec.from_module(net)
+    assert {g.size for g in read.groups.values()} == {4, 5}
+    check_spec_against(read, net)
+
+
+def test_check_of_a_pyro_model_names_the_first_site_that_changes():
+    """A Pyro model: the likelihood changes under a broken spec (named: 'obs'), the prior under
+    a spec that moves a non-iid prior (named: the weight site)."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_symmetry.groups._verify import check_spec_against
+
+    def model(x, row_scales=None):
+        scale = torch.ones(4, 1) if row_scales is None else row_scales
+        w = pyro.sample("w", dist.Normal(0.0, scale.expand(4, 3)).to_event(2))
+        v = pyro.sample("v", dist.Normal(0.0, 1.0).expand([2, 4]).to_event(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(torch.tanh(x @ w.T) @ v.T, 1.0).to_event(1))
+
+    G, A = ps.NeuronGroup, ps.Axis
+    good = ps.PermutationSpec({"h": G(4, [A("w", -2)], [A("v", -1)], "sign")})
+    x = torch.randn(5, 3)
+    check_spec_against(good, model, x)
+    broken = ps.PermutationSpec({"h": G(4, [A("w", -2)], [], "sign")})
+    with pytest.raises(ps.SpecError, match=r"group 'h' .* site 'obs'"):
+        check_spec_against(broken, model, x)
+    with pytest.raises(ps.SpecError, match=r"site 'w' \(prior log-density"):
+        check_spec_against(good, model, x, torch.arange(1.0, 5.0).unsqueeze(-1))

@@ -395,7 +395,7 @@ def h_mha(ctx: Ctx, op: Op) -> None:
     the out-projection's columns). The inputs' channels are read by the in-projection's columns,
     the out-projection's rows write the output's."""
     m = op.module
-    name = op.kwargs.get("__name__", "attn")
+    name = op.kwargs.get("__name__", "")
     P = op.kwargs["__params__"]
     if "bias_k" in P or getattr(m, "add_zero_attn", False):
         raise SpecError(f"cannot read {op.describe()}: add_bias_kv/add_zero_attn are not supported")
@@ -403,7 +403,8 @@ def h_mha(ctx: Ctx, op: Op) -> None:
     E, H = m.embed_dim, m.num_heads
     d = E // H
     f = ctx.f
-    heads, qk, vv = f.new(H, f"{name}.heads"), f.new(d, f"{name}.qk"), f.new(d, f"{name}.v")
+    pre = f"{name}." if name else ""
+    heads, qk, vv = f.new(H, f"{pre}heads"), f.new(d, f"{pre}qk"), f.new(d, f"{pre}v")
     f.nested_in[qk] = f.nested_in[vv] = heads
     seg_qk, seg_v = f.new(E, state="prod", parts=(heads, qk)), f.new(E, state="prod", parts=(heads, vv))
     qkv = f.new(3 * E, state="sum", parts=(seg_qk, seg_qk, seg_v))

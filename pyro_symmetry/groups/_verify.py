@@ -144,22 +144,38 @@ def _pairs(a: tuple, b: tuple) -> Iterator[tuple[str, torch.Tensor, torch.Tensor
                     yield f"site {name!r} (parameter {j} of its distribution)", x, y
 
 
-def _moves(spec: PermutationSpec, gen: torch.Generator, device: Any) -> Iterator[tuple[str, dict, Callable]]:
-    """``(description, element or log-scales, apply)`` for every check."""
-    for i, g in enumerate(spec.moving_elements(device=device)):
-        yield ("a cyclic shift of every group (signs flipped)" if i == 0 else "a random element"), g, spec.apply
-    scalable = [k for k, g in spec.groups.items() if g.scalable]
-    if scalable:
-        u = {k: 2 * torch.rand(spec.groups[k].size, generator=gen, dtype=torch.float64) - 1 for k in scalable}
-        yield "a positive rescaling", u, spec.rescale
+def _moves(spec: PermutationSpec, gen: torch.Generator, device: Any, combine: bool) -> Iterator[tuple]:
+    """``(description, element, log-scales)`` to act with: the elements of
+    ``spec.moving_elements()`` (a cyclic shift of every group with its signs flipped, and a
+    seeded uniform element) and a random positive rescaling (log-scales uniform in [-1, 1]) of
+    the groups that have a scaling symmetry: after the shift when ``combine`` (one forward
+    less), else on its own."""
+    scales = {
+        k: (2 * torch.rand(g.size, generator=gen, dtype=torch.float64) - 1).to(device)
+        for k, g in spec.groups.items()
+        if g.scalable
+    }
+    elements = spec.moving_elements(device=device)
+    shift = "a cyclic shift of every group (signs flipped)"
+    if combine and scales:
+        yield shift + ", then a positive rescaling", elements[0], scales
+    else:
+        yield shift, elements[0], {}
+    yield "a random element", elements[1], {}
+    if scales and not combine:
+        yield "a positive rescaling", spec.identity(device=device), scales
 
 
-def _restrict(spec: PermutationSpec, move: dict, name: str, is_scale: bool) -> dict:
-    if is_scale:
-        return {name: move[name]} if name in move else {}
-    out = spec.identity()
-    out[name] = move[name]
-    return out
+def _act(spec: PermutationSpec, params: dict, element: dict, scales: dict) -> dict:
+    moved = spec.apply(params, element)
+    return spec.rescale(moved, scales) if scales else moved
+
+
+def _restrict(spec: PermutationSpec, element: dict, scales: dict, name: str) -> tuple[dict, dict]:
+    """The element and log-scales acting on group ``name`` only (its parent fixed)."""
+    out = spec.identity(device=element[name].device)
+    out[name] = element[name]
+    return out, ({name: scales[name]} if name in scales else {})
 
 
 def model_invariance(
@@ -186,16 +202,14 @@ def model_invariance(
     tol = tolerance(_dtype(params, run.args))
     gen = torch.Generator().manual_seed(1)
     device = next(iter(params.values())).device
-    for what, move, act in _moves(spec, gen, device):
-        is_scale = what == "a positive rescaling"
-        check = set() if is_scale else priors
-        diff = _differs(base, run(act(params, move), base[1]), check, tol)
+    for what, element, scales in _moves(spec, gen, device, combine=compare == "function"):
+        check = set() if scales else priors  # a prior is not scale invariant
+        diff = _differs(base, run(_act(spec, params, element, scales), base[1]), check, tol)
         if diff is None:
             continue
         for name in spec.groups:
-            if is_scale and name not in move:
-                continue
-            one = _differs(base, run(act(params, _restrict(spec, move, name, is_scale)), base[1]), check, tol)
+            g1, s1 = _restrict(spec, element, scales, name)
+            one = _differs(base, run(_act(spec, params, g1, s1), base[1]), check, tol)
             if one is not None:
                 raise SpecError(
                     f"group {name!r} of the spec changes the model: under {what} restricted to it, {one} "
@@ -233,13 +247,17 @@ def check_spec_against(spec: PermutationSpec, model: Callable, *args: Any, **kwa
     if not spec.groups:
         return
     with isolated(), torch.no_grad():
-        if not isinstance(model, nn.Module):
-            model_invariance(spec, _Runner(model, args, kwargs), {}, "model")
-            return
-        if not args and not kwargs:
+        if isinstance(model, nn.Module) and not args and not kwargs:
             from ._fromgraph import record_module
 
             args = record_module(model)[1]
+        if spec.shapes is None:
+            from .builders import model_site_shapes
+
+            spec = spec.with_shapes(model_site_shapes(model, *args, **kwargs))
+        if not isinstance(model, nn.Module):
+            model_invariance(spec, _Runner(model, args, kwargs), {}, "model")
+            return
         with eval_mode(model), _fastpath_off():
             state = test_state(model, torch.Generator().manual_seed(0))
             model_invariance(spec, _Runner(model, args, kwargs), state, "model")
