@@ -178,18 +178,26 @@ def test_stochastic_estimators_in_chunks_equal_unchunked(monkeypatch, kind, flat
             assert float(imp[i, j]) == pytest.approx(float(torch.logsumexp(logs, 0) - math.log(6)), abs=1e-9)
 
 
-@pytest.mark.parametrize("rows", [1, 3, None])
-def test_importance_blocks_split_the_elements_of_one_draw(monkeypatch, rows):
-    """A block smaller than K: the K elements of a draw are spread over several blocks."""
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 20, None])
+def test_importance_blocks(monkeypatch, rows):
+    """Blocks of elements x draws: part of one draw's K = 4 elements (1, 3 rows), whole draws
+    (4 rows: one draw, 9: two, 20: five, the last block partial), or everything at once."""
     model = _model("mlp-tanh")
     _, base = _base_of(model, False)
     torch.manual_seed(0)
-    w = base.sample((2,))
-    reference = importance_log_ratio(base, w, 7, 0.5, torch.Generator().manual_seed(0))
+    w = base.sample((6,))
+    reference = importance_log_ratio(base, w, 4, 0.5, torch.Generator().manual_seed(0))
+    ref_perm, ref_lp = plackett_luce_proposal(base, w, 4, 0.5, torch.Generator().manual_seed(0))
     extra = 3 * 2 * 3 * (2 * 8 + 32)  # the proposal's bytes per row (widest group, signed)
     _set_rows(monkeypatch, base, rows, extra=extra)
-    chunked = importance_log_ratio(base, w, 7, 0.5, torch.Generator().manual_seed(0))
+    chunked = importance_log_ratio(base, w, 4, 0.5, torch.Generator().manual_seed(0))
     assert torch.allclose(chunked, reference, rtol=1e-12, atol=1e-12)
+    perm, lp = plackett_luce_proposal(base, w, 4, 0.5, torch.Generator().manual_seed(0))
+    assert all(torch.equal(perm[g], ref_perm[g]) for g in perm)
+    assert torch.allclose(lp, ref_lp, rtol=1e-12, atol=1e-12)
+    for p in perm.values():  # slot 0 of every draw is the identity, and only slot 0
+        assert torch.equal(p[0], torch.arange(p.shape[-1]).expand_as(p[0]))
+        assert not (p[1:] == torch.arange(p.shape[-1])).all(-1).all()
 
 
 @pytest.mark.parametrize("method", ["contrastive", "importance"])
