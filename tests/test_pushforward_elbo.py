@@ -6,10 +6,12 @@ ELBO estimates of ``q`` and of ``g#q`` are equal (not only in expectation); with
 KL (``TraceMeanField_ELBO``), ``KL(g#q || p) = KL(q || p)`` too.
 """
 
+import warnings
+
 import pyro
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import (
     AutoDelta,
     AutoDiagonalNormal,
@@ -64,7 +66,7 @@ def _single_draw_elbo(elbo, model, guide, generator_state, seed, x, y, params=()
         generator_state[0].set_state(generator_state[1])
     value = -elbo.differentiable_loss(model, guide, x, y)
     grads = torch.autograd.grad(value, params, allow_unused=True) if params else ()
-    return float(value), grads
+    return float(value.detach()), grads
 
 
 def _moving_element(spec):
@@ -112,3 +114,50 @@ def test_mean_field_elbo_of_the_pushforward_equals_that_of_q(name):
         a, _ = _single_draw_elbo(TraceMeanField_ELBO(), model, guide, None, seed, x, y)
         b, _ = _single_draw_elbo(TraceMeanField_ELBO(), model, moved, None, seed, x, y)
         assert b == pytest.approx(a, rel=1e-5, abs=1e-3), (seed, a, b)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["AutoNormal", "AutoDelta", "AutoSymmetrizedMeanField", "Symmetrize(AutoDiagonalNormal)"],
+)
+def test_elbo_identity_with_vectorized_particles(name):
+    """Under an outer plate (vectorized particles) every particle draws its own w: the
+    moved sites must see that plate too (a hidden site drew one w for all particles)."""
+    model, guide, x, y = _fitted(name, "tanh")
+    moved = ps.pushforward_guide(guide, model.spec, _moving_element(model.spec))
+    gen = getattr(guide, "_generator", None)
+    state = None if gen is None else (gen, gen.get_state())
+    for elbo in (Trace_ELBO, TraceMeanField_ELBO):
+        for seed in range(2):
+            a, _ = _single_draw_elbo(elbo(**PARTICLES), model, guide, state, seed, x, y)
+            b, _ = _single_draw_elbo(elbo(**PARTICLES), model, moved, state, seed, x, y)
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-3), (elbo.__name__, seed, a, b)
+
+
+PARTICLES = dict(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+
+
+@pytest.mark.parametrize("name", ["AutoNormal", "AutoSymmetrizedMeanField", "Symmetrize(AutoDiagonalNormal)"])
+def test_parallel_predictive_draws_of_the_pushforward_are_the_moved_draws(name):
+    model, guide, x, y = _fitted(name, "tanh")
+    perm = _moving_element(model.spec)
+    moved = ps.pushforward_guide(guide, model.spec, perm)
+    sites = list(model.spec.sites)
+    pyro.set_rng_seed(5)
+    out0 = Predictive(model, guide=guide, num_samples=6, parallel=True, return_sites=sites)(x)
+    pyro.set_rng_seed(5)
+    out1 = Predictive(model, guide=moved, num_samples=6, parallel=True, return_sites=sites)(x)
+    expected = model.spec.apply({k: out0[k].reshape((6,) + model.spec.shapes[k]) for k in sites}, perm)
+    for k in sites:
+        v = out1[k].reshape((6,) + model.spec.shapes[k])
+        assert torch.equal(v, expected[k])
+        assert not torch.equal(v[0], v[1])  # one draw per sample, not one for all
+
+
+def test_the_pushforward_keeps_the_guides_site_order():
+    """TraceMeanField_ELBO checks that guide and model sites come in the same order."""
+    model, guide, x, y = _fitted("AutoSymmetrizedMeanField", "tanh")
+    moved = ps.pushforward_guide(guide, model.spec, _moving_element(model.spec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TraceMeanField_ELBO().loss(model, moved, x, y)

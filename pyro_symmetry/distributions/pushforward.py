@@ -11,10 +11,10 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
 import torch.distributions as td
 from pyro.distributions import TorchDistribution
+from pyro.poutine.messenger import Messenger
 from torch.distributions import constraints
 
 from .._validation import check_spec
@@ -243,6 +243,65 @@ def _kl_drawn(p: _Drawn, q: td.Distribution) -> torch.Tensor:
     return td.kl_divergence(p.fn, q)
 
 
+class _MoveSites(Messenger):
+    """Move the spec's sites of a guide by ``perm``, each at its own sample statement.
+
+    The guide's own draw of a model site is kept under the name ``"{site}_unmoved"`` as
+    an auxiliary site with its log-density masked out, so it still passes every outer
+    handler (the plates of vectorized particles and ``Predictive(parallel=True)`` expand
+    it), and the guide's code (a symmetry factor) sees the value it drew. Right after it,
+    the model site is emitted with the moved value and the density ``q`` gave the draw:
+    ``(g#q)(g.w) = q(w)``. A Normal stays a Normal with moved parameters, so
+    ``TraceMeanField_ELBO`` still finds its analytic KL.
+    """
+
+    def __init__(self, spec: PermutationSpec, perm: GroupElement) -> None:
+        super().__init__()
+        self.spec, self.perm, self._emitting = spec, perm, False
+        self.moved: dict[str, torch.Tensor] = {}
+
+    def _process_message(self, msg: dict) -> None:
+        if self._emitting or not _is_model_site(msg, self.spec.sites) or msg["is_observed"]:
+            return
+        name, infer, then = msg["name"], dict(msg["infer"]), msg["continuation"]
+        msg["name"] = f"{name}_unmoved"
+        msg["infer"] = {**infer, "is_auxiliary": True}
+        msg["mask"] = False  # its density is the moved site's
+
+        def emit(m: dict) -> None:  # after every handler is done with the draw
+            if then is not None:
+                then(m)
+            self._emit(name, infer, m["fn"], m["value"])
+
+        msg["continuation"] = emit
+
+    def _emit(self, name: str, infer: dict, fn: td.Distribution, value: torch.Tensor) -> None:
+        action = self.spec.action(name)
+        moved = action.apply(value, self.perm)
+        closed = _moved_normal(fn, action, self.perm)
+        if closed is not None:
+            site: td.Distribution = _Drawn(closed, moved)
+        else:
+            site = dist.Delta(moved, log_density=fn.log_prob(value), event_dim=fn.event_dim)
+        self._emitting = True
+        try:
+            self.moved[name] = pyro.sample(name, site, infer=infer)
+        finally:
+            self._emitting = False
+
+
+def _moved_normal(fn: td.Distribution, action: Any, perm: GroupElement) -> td.Distribution | None:
+    """``g#N(loc, scale)`` of one site: ``N(g.loc, |g|.scale)``, or ``None`` if ``fn`` is
+    not an (Independent) Normal."""
+    base, n = _unwrap_independent(fn)
+    if not isinstance(base, td.Normal):
+        return None
+    loc = action.apply(base.loc.expand(base.batch_shape), perm)
+    scale = action.apply(base.scale.expand(base.batch_shape), perm, unsigned=True)
+    moved = dist.Normal(loc, scale, validate_args=False)
+    return moved.to_event(n) if n else moved
+
+
 class PushforwardGuide:
     """A fitted guide ``q`` pushed forward by a group element: the guide of ``g#q``.
 
@@ -288,32 +347,14 @@ class PushforwardGuide:
             own = _own_batch_ndim(nodes[s])
             shapes[s] = tuple(fn.batch_shape[len(fn.batch_shape) - own :]) + tuple(fn.event_shape)
         # A spec whose groups do not match the model's site shapes is rejected here, naming them.
-        spec.with_shapes({**(spec.shapes or {}), **shapes})
+        spec = spec.with_shapes({**(spec.shapes or {}), **shapes})
         self.guide, self.spec, self.perm = guide, spec, dict(perm)
-        self._event_dims = {s: nodes[s]["fn"].event_dim for s in spec.sites}
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        sites = self.spec.sites
-        # The inner trace sees the sites the block hides from everyone else: their
-        # distributions carry (part of) the guide's density, which the moved sites keep.
-        with poutine.block(hide_fn=lambda msg: _is_model_site(msg, sites)), poutine.trace() as inner:
+        mover = _MoveSites(self.spec, self.perm)
+        with mover:
             values = self.guide(*args, **kwargs)
-        nodes = inner.trace.nodes
-        moved = self.spec.apply({s: values[s] for s in sites}, self.perm)
-        closed = Pushforward({s: nodes[s]["fn"] for s in sites}, self.spec, self.perm).simplify()
-        out = dict(values)
-        for s in [name for name in nodes if name in moved]:  # the guide's own site order
-            if isinstance(closed, dict):
-                # A Normal at the model's site (AutoSymmetrizedMeanField): keep the family,
-                # so that TraceMeanField_ELBO still finds its analytic KL.
-                fn: td.Distribution = _Drawn(closed[s], moved[s])
-            else:
-                # (g#q)(g.w) = q(w): the site's log-density at the draw moves with it (zero for
-                # AutoNormal's and AutoContinuous' Delta sites of real support).
-                log_density = nodes[s]["fn"].log_prob(nodes[s]["value"])
-                fn = dist.Delta(moved[s], log_density=log_density, event_dim=self._event_dims[s])
-            out[s] = pyro.sample(s, fn)
-        return out
+        return {**values, **mover.moved}
 
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         return self.spec.apply(self.guide.median(*args, **kwargs), self.perm)
