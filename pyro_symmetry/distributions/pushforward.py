@@ -305,10 +305,13 @@ def _moved_normal(fn: td.Distribution, action: Any, perm: GroupElement) -> td.Di
 class PushforwardGuide:
     """A fitted guide ``q`` pushed forward by a group element: the guide of ``g#q``.
 
-    Calling it runs ``q`` and re-emits the sites the spec acts on moved by ``g``, with
-    the log-density they had in ``q``: ``(g#q)(g.w) = q(w)`` since the action preserves
-    volume. Auxiliary sites (AutoNormal, the AutoContinuous family) and the symmetry
-    factor of a symmetrized guide are unchanged; a Normal placed at the model's site
+    Calling it runs ``q`` and emits each site the spec acts on moved by ``g`` (right
+    after ``q`` draws it, so outer plates and the site order are kept), with the
+    log-density it had in ``q``: ``(g#q)(g.w) = q(w)`` since the action preserves
+    volume. The draw of ``q`` stays in the trace as an auxiliary site
+    ``"{site}_unmoved"`` whose density is masked out. Auxiliary sites (AutoNormal, the
+    AutoContinuous family) and the symmetry factor of a symmetrized guide are
+    unchanged; a Normal placed at the model's site
     (:class:`~pyro_symmetry.AutoSymmetrizedMeanField`) stays a Normal, with permuted
     (and sign-flipped) parameters, so ``TraceMeanField_ELBO`` keeps its analytic KL. With
     a G-invariant model, ``ELBO(g#q) = ELBO(q)`` draw by draw on the same noise. It
