@@ -168,7 +168,7 @@ def _seed_of(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def _directions(kind: str, seed: int, start: int, stop: int, features: int, chunk: int = 4096) -> torch.Tensor:
+def _directions(kind: str, seed: int, start: int, stop: int, features: int, chunk: int = 256) -> torch.Tensor:
     """``(stop - start, F)`` spectral draws of flat coordinates ``[start, stop)``: N(0, 2) rows for
     the Gaussian kernel ``exp(-d^2 / l^2)``, standard Cauchy for the Laplace one (divided by ``l``
     later); drawn per fixed chunk of coordinates, so independent of how passes split them."""
@@ -186,20 +186,31 @@ def _directions(kind: str, seed: int, start: int, stop: int, features: int, chun
 
 
 def _rff_stats(proj: torch.Tensor, bias: torch.Tensor, grid: torch.Tensor, labels: torch.Tensor, n: int, m: int):
-    """``(table (1 + B, K), stderr (K,))`` of the feature-kernel unbiased ``MMD^2``."""
+    """``(table (1 + B, K), stderr (K,))`` of the feature-kernel unbiased ``MMD^2``.
+
+    With ``phi_f = sqrt(2) cos(w_f.x / l + b_f)`` (so ``E phi_f(x) phi_f(y) = k(x, y)``), the
+    statistic is the mean over features of the per-feature unbiased estimates
+    ``(Sx_f^2 - Qx_f) / (n (n - 1)) + (Sy_f^2 - Qy_f) / (m (m - 1)) - 2 Sx_f Sy_f / (n m)``
+    (``S``: sums of ``phi_f`` over a sample, ``Q``: sums of ``phi_f^2``); ``stderr`` is their
+    standard deviation over features of the observed labelling, over ``sqrt(F)``.
+    """
     a = labels.to(torch.float64)
     rows, errs = [], []
     num_f = proj.shape[1]
+    cx, cy, cxy = 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1)), 2.0 / (n * m)
     for bw in grid:
-        phi = math.sqrt(2.0) * torch.cos(proj / bw + bias)  # (N, F): k ~ mean_f phi_f(x) phi_f(y)
-        sx = a @ phi
+        phi = math.sqrt(2.0) * torch.cos(proj / bw + bias)  # (N, F)
+        sx = a @ phi  # (1 + B, F)
         sy = phi.sum(0) - sx
         sq = phi.square()
-        qx = a @ sq
-        qy = sq.sum(0) - qx
-        per = (sx.square() - qx) / (n * (n - 1)) + (sy.square() - qy) / (m * (m - 1)) - 2.0 * sx * sy / (n * m)
-        rows.append(per.mean(-1))  # (1 + B,): mean of F per-feature unbiased estimates
-        errs.append(per[0].std() / math.sqrt(num_f))
+        norms = sq.sum(1)  # (N,)
+        qx = a @ norms
+        qy = norms.sum() - qx
+        row = (cx * (sx.square().sum(-1) - qx) + cy * (sy.square().sum(-1) - qy) - cxy * (sx * sy).sum(-1)) / num_f
+        rows.append(row)
+        qx0 = a[0] @ sq  # (F,): per-feature sums of squares of the observed labelling
+        per = cx * (sx[0].square() - qx0) + cy * (sy[0].square() - (sq.sum(0) - qx0)) - cxy * sx[0] * sy[0]
+        errs.append(per.std() / math.sqrt(num_f))
     return torch.stack(rows, -1), torch.stack(errs)
 
 
