@@ -140,6 +140,7 @@ class _Recorder(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []
         self.stack: list[tuple[str, nn.Module]] = []
         self.quiet = 0
+        self.stale: set[int] = set()
         self.pending: list[tuple[str, nn.Module, Any, Any]] = []
 
     # ---------------------------------------------------------------- nodes
@@ -153,6 +154,11 @@ class _Recorder(TorchFunctionMode):
     def node_of(self, t: torch.Tensor) -> int:
         hit = self.by_id.get(id(t))
         if hit is not None and hit[0] is t:
+            if hit[1] in self.stale:
+                raise SpecError(
+                    f"in module {self.where()}, a tensor is read after an in-place operation on a view of it "
+                    "changed it; from_module cannot follow that: write the update out of place"
+                )
             return hit[1]
         named = self.names.get(id(t))
         if named is not None and named[0] is t:
@@ -195,8 +201,19 @@ class _Recorder(TorchFunctionMode):
         a, kw = in_refs
         if reflected and len(a) >= 2:
             a = (a[1], a[0], *a[2:])
+        self._mark_stale_base(args, outs)
         self.record(name, func, a, kw, out_struct, outs)
         return out
+
+    def _mark_stale_base(self, args: tuple, outs: list) -> None:
+        """An in-place op on a view also changes its base, which no record follows: the base's
+        node goes stale, and reading it again is refused rather than misread."""
+        if not args or not isinstance(args[0], torch.Tensor) or not any(t is args[0] for t in outs):
+            return
+        base = args[0]._base
+        hit = self.by_id.get(id(base)) if base is not None else None
+        if hit is not None and hit[0] is base:
+            self.stale.add(hit[1])
 
     def record(self, name: str, func: Any, args: tuple, kwargs: dict, out: Any, outs: list, module=None) -> None:
         in_nodes = [self.rec.nodes[r.node] for r in _refs((args, kwargs))]
@@ -353,14 +370,15 @@ def record(module: nn.Module, inputs: tuple) -> Recording:
     try:
         with eval_mode(module), _fastpath_off(), torch.no_grad(), _Quiet(rec).messenger, rec:
             trace = poutine.trace(module).get_trace(*inputs)
-    except SpecError:
-        raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward is reported with its place
+        msg = str(e).split("\nTrace Shapes:")[0]  # Pyro's trace appends its site shapes
+        if isinstance(e, SpecError):
+            raise SpecError(msg) from e
         where = rec.where() or f"{type(module).__name__}"
         shapes = [tuple(t.shape) for x in inputs for t in _tensors(x)]
         raise SpecError(
             f"the forward of {type(module).__name__} failed on example inputs of shapes {shapes}, in module "
-            f"{where}: {type(e).__name__}: {e}. Pass example_inputs=(...) that the module accepts"
+            f"{where}: {type(e).__name__}: {msg}. Pass example_inputs=(...) that the module accepts"
         ) from e
     finally:
         for h in handles:
