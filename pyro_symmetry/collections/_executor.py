@@ -14,6 +14,7 @@ go on.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -61,7 +62,10 @@ def _wait_first(futures: Sequence[Any]) -> list[Any]:
     if all(_is_dask(f) for f in futures):
         from distributed import wait
 
-        wait(list(futures), return_when="FIRST_COMPLETED")
+        client = getattr(futures[0], "client", None)
+        # wait() asks for the default client: make the futures' own client current.
+        with client.as_current() if hasattr(client, "as_current") else contextlib.nullcontext():
+            wait(list(futures), return_when="FIRST_COMPLETED")
         return [f for f in futures if f.done()]
     while True:
         done = [f for f in futures if f.done()]
