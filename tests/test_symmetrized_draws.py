@@ -38,8 +38,9 @@ def _data():
 
 def _guide(kind, act):
     model = BayesianMLP(2, [WIDTH], 2, activation=act)
-    if kind == "AutoSymmetrizedNormal":
-        guide = ps.AutoSymmetrizedNormal(model, init_loc_fn=_init_loc, init_scale=0.01, num_permutations=2)
+    if kind in ("AutoSymmetrizedNormal", "AutoSymmetrizedMeanField"):
+        cls = getattr(ps, kind)
+        guide = cls(model, init_loc_fn=_init_loc, init_scale=0.01, num_permutations=2)
     else:
         guide = ps.Symmetrize(AutoDiagonalNormal(model, init_loc_fn=_init_loc, init_scale=0.01), num_permutations=2)
     x, y = _data()
@@ -87,7 +88,7 @@ def _assert_uniform_and_independent(w, signed):
 
 
 @pytest.mark.parametrize("act", ["tanh", "relu"])
-@pytest.mark.parametrize("kind", ["AutoSymmetrizedNormal", "Symmetrize"])
+@pytest.mark.parametrize("kind", ["AutoSymmetrizedNormal", "AutoSymmetrizedMeanField", "Symmetrize"])
 def test_sample_posterior_draws_are_uniform_over_the_group(kind, act):
     _, guide, _, _ = _guide(kind, act)
     draws = guide.sample_posterior(N)
@@ -98,10 +99,16 @@ def test_sample_posterior_draws_are_uniform_over_the_group(kind, act):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-@pytest.mark.parametrize("kind", ["AutoSymmetrizedNormal", "Symmetrize"])
+@pytest.mark.parametrize("kind", ["AutoSymmetrizedNormal", "AutoSymmetrizedMeanField", "Symmetrize"])
 def test_symmetrized_sampler_draws_are_uniform_over_the_group(kind, parallel):
     # one guide call per draw without ``parallel``: fewer draws, unsigned (6 cells, 50 draws each)
     act, n = ("tanh", N) if parallel else ("relu", 300)
     model, guide, x, y = _guide(kind, act)
     out = Predictive(model, guide=guide.symmetrized(), num_samples=n, parallel=parallel, return_sites=["fc1.weight"])(x)
-    _assert_uniform_and_independent(out["fc1.weight"], signed=act == "tanh")
+    w = out["fc1.weight"].reshape(n, WIDTH, 2)
+    _assert_uniform_and_independent(w, signed=act == "tanh")
+    # every sample has its own w, not only its own g: undo g and compare the draws
+    perms = _signed_permutations(w)
+    src, flip = torch.where(perms < 0, ~perms, perms), (perms < 0).unsqueeze(-1)
+    unmoved = torch.zeros_like(w).scatter_(1, src.unsqueeze(-1).expand(-1, -1, 2), torch.where(flip, -w, w))
+    assert len({tuple(u.flatten().tolist()) for u in unmoved}) == n

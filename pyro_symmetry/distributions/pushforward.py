@@ -243,7 +243,7 @@ def _kl_drawn(p: _Drawn, q: td.Distribution) -> torch.Tensor:
     return td.kl_divergence(p.fn, q)
 
 
-class _MoveSites(Messenger):
+class MoveSites(Messenger):
     """Move the spec's sites of a guide by ``perm``, each at its own sample statement.
 
     The guide's own draw of a model site is kept under the name ``"{site}_unmoved"`` as
@@ -253,9 +253,13 @@ class _MoveSites(Messenger):
     the model site is emitted with the moved value and the density ``q`` gave the draw:
     ``(g#q)(g.w) = q(w)``. A Normal stays a Normal with moved parameters, so
     ``TraceMeanField_ELBO`` still finds its analytic KL.
+
+    ``perm=None``: one uniform element per draw (:meth:`PermutationSpec.sample`, torch's
+    RNG), drawn at the first moved site with the batch dims of its value (vectorized
+    particles, ``Predictive(parallel=True)`` samples) and used for all sites of that draw.
     """
 
-    def __init__(self, spec: PermutationSpec, perm: GroupElement) -> None:
+    def __init__(self, spec: PermutationSpec, perm: GroupElement | None = None) -> None:
         super().__init__()
         self.spec, self.perm, self._emitting = spec, perm, False
         self.moved: dict[str, torch.Tensor] = {}
@@ -276,6 +280,9 @@ class _MoveSites(Messenger):
         msg["continuation"] = emit
 
     def _emit(self, name: str, infer: dict, fn: td.Distribution, value: torch.Tensor) -> None:
+        if self.perm is None:
+            nd = len(self.spec.shapes[name])
+            self.perm = self.spec.sample(value.shape[: value.dim() - nd], device=value.device)
         action = self.spec.action(name)
         moved = action.apply(value, self.perm)
         closed = _moved_normal(fn, action, self.perm)
@@ -354,7 +361,7 @@ class PushforwardGuide:
         self.guide, self.spec, self.perm = guide, spec, dict(perm)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        mover = _MoveSites(self.spec, self.perm)
+        mover = MoveSites(self.spec, self.perm)
         with mover:
             values = self.guide(*args, **kwargs)
         return {**values, **mover.moved}

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyro
-import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.runtime import am_i_wrapped
@@ -17,6 +16,7 @@ from torch.distributions import constraints
 
 from .._state import fork_rng
 from .._validation import check_int, check_real
+from ..distributions.pushforward import MoveSites
 from ..estimators import BaseDensity
 from ..estimators.information import METHODS, estimate_log_ratio, resolve_method
 from ..groups import PermutationSpec, SpecError
@@ -202,8 +202,14 @@ class SymmetryTerm:
 
 
 class SymmetrizedSampler:
-    """Run a guide, then move the spec's sites by an independent uniform group
-    element per draw (also per vectorized particle/sample).
+    """Run a guide, moving the spec's sites by an independent uniform group element per
+    draw (also per vectorized particle/sample): draws from ``q_sym``.
+
+    Each site is moved at its own sample statement
+    (:class:`~pyro_symmetry.distributions.pushforward.MoveSites`), so outer plates see
+    it: under ``Predictive(parallel=True)`` every sample has its own ``w`` and its own
+    ``g``. Meant for drawing (``Predictive``, posterior analysis): the sites carry the
+    density ``q`` gave the draw, not ``q_sym``'s.
 
     Parameters
     ----------
@@ -219,19 +225,7 @@ class SymmetrizedSampler:
         self.guide, self.spec = guide, spec
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        sites = set(self.spec.sites)
-
-        def hide(msg: dict) -> bool:
-            return msg["type"] == "sample" and msg["name"] in sites and not msg["infer"].get("is_auxiliary", False)
-
-        with poutine.block(hide_fn=hide):
+        mover = MoveSites(self.spec)
+        with mover:
             values = self.guide(*args, **kwargs)
-        first = self.spec.sites[0]
-        nd = len(self.spec.shapes[first])
-        batch = values[first].shape[: values[first].dim() - nd]
-        perm = self.spec.sample(batch, device=values[first].device)
-        moved = self.spec.apply({s: values[s] for s in self.spec.sites}, perm)
-        out = dict(values)
-        for s in self.spec.sites:
-            out[s] = pyro.sample(s, dist.Delta(moved[s], event_dim=len(self.spec.shapes[s])))
-        return out
+        return {**values, **mover.moved}
