@@ -18,19 +18,25 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 __all__ = [
+    "AffineAfterNorm",
     "AttentionTransformer",
     "BasicBlock",
     "DenseNetTiny",
     "DepthwiseNet",
     "GroupNormNet",
+    "GatedBias",
     "GroupedConvNet",
+    "LayerScaleNet",
     "NormMLP",
     "ResNet18",
     "ResNet20",
     "ResidualPyroBNN",
+    "SqueezeExciteNet",
+    "TiedEmbeddingLM",
     "TutorialBNN",
     "UNetTiny",
     "ViT",
+    "WeightNormMLP",
 ]
 
 
@@ -388,3 +394,90 @@ class ResidualPyroBNN(PyroModule):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("obs", dist.Normal(mu, 0.5), obs=y)
         return mu
+
+
+# ------------------------------------------------------------------------------------ corner cases
+class AffineAfterNorm(nn.Module):
+    """A LayerNorm without affine weight, the affine written out after it."""
+
+    def __init__(self, d: int = 5):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, d), nn.Linear(d, 2)
+        self.g, self.b = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(self.fc1(x), (self.g.shape[0],))
+        return self.fc2(torch.relu(h * self.g + self.b))
+
+
+class GatedBias(nn.Module):
+    """One parameter used both as a per-channel gate and as a bias: ``h * g + g``."""
+
+    def __init__(self, d: int = 4):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(3, d), nn.Linear(d, 2)
+        self.g = nn.Parameter(torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x) * self.g + self.g))
+
+
+class LayerScaleNet(nn.Module):
+    """A residual block with LayerScale: ``h + gamma * fc2(relu(fc1(h)))``."""
+
+    def __init__(self, d: int = 4, hidden: int = 6):
+        super().__init__()
+        self.inp, self.fc1, self.fc2, self.out = (
+            nn.Linear(3, d),
+            nn.Linear(d, hidden),
+            nn.Linear(hidden, d),
+            nn.Linear(d, 2),
+        )
+        self.gamma = nn.Parameter(torch.full((d,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        h = h + self.gamma * self.fc2(torch.relu(self.fc1(h)))
+        return self.out(torch.relu(h))
+
+
+class WeightNormMLP(nn.Module):
+    """``nn.utils.parametrizations.weight_norm`` on a hidden layer."""
+
+    def __init__(self, d: int = 5):
+        super().__init__()
+        self.net = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, d)), nn.ReLU(), nn.Linear(d, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SqueezeExciteNet(nn.Module):
+    """conv -> relu -> squeeze-and-excitation (channel gates from a bottleneck MLP) -> pool -> head."""
+
+    def __init__(self, c: int = 6, r: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(2, c, 3, padding=1)
+        self.se1, self.se2 = nn.Linear(c, r), nn.Linear(r, c)
+        self.fc = nn.Linear(c, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv(x))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(x.mean((2, 3))))))
+        x = x * s[:, :, None, None]
+        return self.fc(x.mean((2, 3)))
+
+
+class TiedEmbeddingLM(nn.Module):
+    """Token embedding whose weight is also the output head (``logits = h @ E.T``)."""
+
+    def __init__(self, vocab: int = 7, d: int = 4, hidden: int = 5):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.tok(idx)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.norm(h) @ self.tok.weight.T

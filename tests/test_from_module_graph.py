@@ -17,18 +17,24 @@ import pyro.poutine as poutine
 import pytest
 import torch
 from architectures import (
+    AffineAfterNorm,
     AttentionTransformer,
     DenseNetTiny,
     DepthwiseNet,
+    GatedBias,
     GroupedConvNet,
     GroupNormNet,
+    LayerScaleNet,
     NormMLP,
     ResidualPyroBNN,
     ResNet18,
     ResNet20,
+    SqueezeExciteNet,
+    TiedEmbeddingLM,
     TutorialBNN,
     UNetTiny,
     ViT,
+    WeightNormMLP,
 )
 from hypothesis import given, settings
 from pyro.nn import PyroModule
@@ -103,6 +109,13 @@ CASES = {
     "densenet_batchnorm": (lambda: DenseNetTiny(4, 3, 2, batchnorm=True), lg(4) + 2 * lg(3), image(2)),
     "unet_interpolate": (lambda: UNetTiny(3, 4, 3), lg(3) + lg(4) + lg(3), image(2)),
     "unet_transposed_conv": (lambda: UNetTiny(3, 4, 3, transposed=True), lg(3) + 2 * lg(4) + lg(3), image(2)),
+    # corner cases: these keep permutations only where the scale would need two factors
+    "affine_after_layernorm_without_weight": (lambda: AffineAfterNorm(5), lg(5), lambda: torch.randn(4, 3)),
+    "parameter_used_as_gate_and_bias": (lambda: GatedBias(4), lg(4), lambda: torch.randn(4, 3)),
+    "layerscale": (lambda: LayerScaleNet(4, 6), lg(4) + lg(6), lambda: torch.randn(4, 3)),
+    "weight_norm": (lambda: WeightNormMLP(5), lg(5), lambda: torch.randn(4, 3)),
+    "squeeze_excite": (lambda: SqueezeExciteNet(6, 3), lg(6) + lg(3), image(2)),
+    "tied_embedding_head": (lambda: TiedEmbeddingLM(7, 4, 5), lg(4) + lg(5), lambda: torch.randint(0, 7, (2, 5))),
     "tutorial_bnn": (lambda: TutorialBNN(1, 1, 5, 2), 2 * signed(5), lambda: torch.randn(6, 1)),
     "residual_pyro_bnn": (lambda: ResidualPyroBNN(3, 4, 6), signed(4) + signed(6), lambda: torch.randn(6, 3)),
 }
@@ -308,6 +321,21 @@ def test_forwards_that_cannot_be_recorded_are_refused_naming_the_module():
 
     with pytest.raises(ps.SpecError, match=r"cannot read operation 'special_bessel_j0' in module '<root>'"):
         ps.PermutationSpec.from_module(Opaque())
+
+    class ViewUpdate(nn.Module):
+        """An in-place update through a view changes the base behind the record's back."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h[:, :2].mul_(0.5).relu_()
+            return self.fc2(h)
+
+    with pytest.raises(ps.SpecError, match=r"in module 'fc2' \(Linear\), a tensor is read after an in-place"):
+        ps.PermutationSpec.from_module(ViewUpdate())
 
 
 def test_example_inputs_for_sizes_the_builder_does_not_try():

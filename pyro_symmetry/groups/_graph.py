@@ -13,8 +13,11 @@ activation-symmetry analysis of :mod:`._resolve`:
   "scale"}``: a linear op, ``{"scale"}``: ReLU, ``{"sign"}``: tanh, ``{}``: GELU);
 - ``norm_input(a)``: ``a`` is normalized (BatchNorm, LayerNorm...): its entries must not
   be scaled, so the layers writing them are *passive*;
-- ``neutral(a)`` / ``role(a, r)``: a parameter axis that is only permuted (BatchNorm
-  running statistics) or has a known role (the q and k slices of a fused projection).
+- ``neutral(a)``: ``a`` multiplies a value but must not scale with it (BatchNorm running
+  statistics, a per-channel gate, a depthwise kernel): if its own region scales, the atom
+  loses sign and scale;
+- ``role(a, r)``: a parameter axis with a known role (the q and k slices of a fused
+  attention projection, whose internals are not recorded).
 
 An occurrence is ``(node, dim, path)``: ``path`` selects a part of the dim's atom (a slice
 of a SUM). Links are resolved when the atoms are final.
@@ -41,7 +44,10 @@ Occ = tuple[int, int, tuple[int, ...]]  # (node, dim, path)
 
 
 def origin_of(name: str) -> str:
-    """Group name for the atoms a parameter creates: its layer (``fc1.weight`` -> ``fc1``)."""
+    """Group name for the atoms a parameter creates: its layer (``fc1.weight`` -> ``fc1``,
+    ``fc1.parametrizations.weight.original0`` -> ``fc1``)."""
+    if ".parametrizations." in name or name.startswith("parametrizations."):
+        return name.partition("parametrizations.")[0].rstrip(".") or name
     for suffix in (".weight", ".bias"):
         if name.endswith(suffix):
             return name[: -len(suffix)] or name

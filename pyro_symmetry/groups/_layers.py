@@ -252,7 +252,9 @@ def _grouped(ctx: Ctx, x: Ref, w: Ref, out: int, cdim: int, g: int, atoms: list)
 
 def _affine(ctx: Ctx, out: int, dims: list[int], params: list[Ref | None], neutral: list[Ref | None] = ()) -> None:
     """A norm's affine weight/bias (linked: they scale the output) and running statistics
-    (only permuted) over ``out``'s ``dims``."""
+    (only permuted) over ``out``'s ``dims``. Without a weight the output cannot scale."""
+    if not isinstance(params[0], Ref):
+        ctx.norm_input(out, dims)
     for p in params:
         if isinstance(p, Ref):
             for j, d in enumerate(dims[len(dims) - len(ctx.shape(p)) :]):
@@ -312,6 +314,28 @@ def h_channel_fixing_norm(ctx: Ctx, op: Op) -> None:
     ctx.fix(x, [1])
     ctx.norm_input(x)
     ctx.set(op.outs[0], ctx.dims(x))
+
+
+def h_weight_norm(ctx: Ctx, op: Op) -> None:
+    """``_weight_norm(v, g, dim)`` (``nn.utils.parametrizations.weight_norm``): ``w = g v / |v|``
+    with the norm over every dim but ``dim``. ``g`` scales the rows of ``w`` (``v``'s rows are
+    normalized away: passive); the other dims go through the norm (no sign or scale)."""
+    v, g, out = op.args[0], op.arg(1, "g"), op.outs[0]
+    nd = len(ctx.shape(v))
+    dim = op.arg(2, "dim", 0)
+    if dim == -1 or nd == 0:
+        ctx.same(out, v, NONE)
+        ctx.fix(g)
+        return
+    dim %= nd
+    ctx.set(out, ctx.dims(v))
+    for d in range(nd):
+        if d == dim:
+            ctx.eq_dims(g, d, out, d)
+        else:
+            ctx.eq((out, d, ()), (v.node, d, ()))
+            ctx.fix(g, [d])
+    ctx.kind(out, NONE, [d for d in range(nd) if d != dim])
 
 
 def h_embedding(ctx: Ctx, op: Op) -> None:
@@ -462,6 +486,7 @@ HANDLERS: dict[str, Handler] = {
     "group_norm": h_group_norm,
     "local_response_norm": h_channel_fixing_norm,
     "embedding": h_embedding,
+    "weight_norm": h_weight_norm,
     **dict.fromkeys(
         [f"{p}_pool{k}d" for p in ("max", "avg", "adaptive_max", "adaptive_avg", "lp") for k in (1, 2, 3)], h_pool
     ),

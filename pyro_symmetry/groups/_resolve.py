@@ -192,20 +192,14 @@ class _Regions:
 def regions(ctx: Ctx) -> tuple[dict[tuple, str], dict[int, frozenset]]:
     """Roles of parameter occurrences and the kinds each leaf keeps."""
     R = _Regions(ctx)
-    forced: dict[tuple, str] = {}
-    for occ in ctx.neutrals:
-        for k, _ in R.expand(occ):
-            forced[k] = "passive"
-    for occ, role in ctx.roles:
-        for k, _ in R.expand(occ):
-            forced[k] = role
+    forced = {k: role for occ, role in ctx.roles for k, _ in R.expand(occ)}
     for a, b in ctx.links:
         for ka, kb in R.pairs(a, b):
             if ka not in forced and kb not in forced:
                 R.up[R.find(ka)] = R.find(kb)
     contract_pairs = [p for a, b in ctx.contracts for p in R.pairs([a], [b])]
-    kind_keys = [(k, kind) for occ, kind in ctx.kinds for k, _ in R.expand(occ)]
-    norm_keys = [k for o in ctx.norms for k, _ in R.expand(o)]
+    kind_keys = [(k, kind) for occ, kind in ctx.kinds for k, _ in R.expand(occ) if k not in forced]
+    unscaled = [k for occ in ctx.neutrals for k, _ in R.expand(occ) if k not in forced]
     members: dict[tuple, list[tuple]] = defaultdict(list)
     for k in list(R.leaf):
         if k not in forced:
@@ -213,34 +207,20 @@ def regions(ctx: Ctx) -> tuple[dict[tuple, str], dict[int, frozenset]]:
     nodes = ctx.rec.nodes
     value = {c: any(nodes[k[0]].is_value for k in ks) for c, ks in members.items()}
     source = {c: any(nodes[k[0]].kind == PARAM for k in ks) for c, ks in members.items()}
-    normed = {R.find(k) for k in norm_keys}
+    normed = {R.find(k) for o in ctx.norms for k, _ in R.expand(o)}
     active = {c for c in members if value[c] and source[c] and c not in normed}
     kinds: dict[int, frozenset] = defaultdict(lambda: BOTH)
-    comp_kind: dict[tuple, frozenset] = defaultdict(lambda: BOTH)
-    for k, kind in kind_keys:
-        if k not in forced:
-            comp_kind[R.find(k)] &= kind
     reads: dict[tuple, set[bool]] = defaultdict(set)
     for ka, kb in contract_pairs:
         _contract(R, ka, kb, value, active, kinds, reads, forced)
-    has_active: set[int] = set()
-    for c in members:
-        if c in active:
-            kinds[R.leaf[c]] &= comp_kind[c]
-            has_active.add(R.leaf[c])
     for c, seen in reads.items():
-        if len(seen) > 1:
+        if len(seen) > 1:  # a parameter reading both scaled and unscaled entries
             kinds[R.leaf[c]] = NONE
-    forced_leaves = {R.leaf[k] for k in forced}
-    for leaf in {R.leaf[c] for c in members} | forced_leaves:
-        if leaf not in has_active and leaf not in forced_leaves:
-            kinds[leaf] = NONE  # no scaled entries: nothing carries a sign or a scale
-        else:
-            kinds[leaf] &= BOTH
-    for atom, kind in ctx.atom_kinds:
-        for leaf in ctx.f.expand(atom):
-            if leaf >= 0:
-                kinds[leaf] &= kind
+    for k in unscaled:  # a factor that must not scale (a BatchNorm statistic, a gate)
+        c = R.find(k)
+        if c in active or (not value.get(c) and True in reads.get(c, ())):
+            kinds[R.leaf[k]] = NONE
+    _leaf_kinds(R, ctx, members, active, kind_keys, forced, kinds)
     roles = dict(forced)
     for c, ks in members.items():
         for k in ks:
@@ -251,6 +231,29 @@ def regions(ctx: Ctx) -> tuple[dict[tuple, str], dict[int, frozenset]]:
             else:
                 roles[k] = "outgoing" if True in reads.get(c, ()) else "passive"
     return roles, kinds
+
+
+def _leaf_kinds(R: _Regions, ctx: Ctx, members: dict, active: set, kind_keys: list, forced: dict, kinds: dict) -> None:
+    """Each leaf keeps what every operation on its active components keeps; a leaf with no
+    scaled entries keeps nothing (except inside composite modules, given by their handler)."""
+    comp_kind: dict[tuple, frozenset] = defaultdict(lambda: BOTH)
+    for k, kind in kind_keys:
+        comp_kind[R.find(k)] &= kind
+    has_active: set[int] = set()
+    for c in members:
+        if c in active:
+            kinds[R.leaf[c]] &= comp_kind[c]
+            has_active.add(R.leaf[c])
+    forced_leaves = {R.leaf[k] for k in forced}
+    for leaf in {R.leaf[c] for c in members} | forced_leaves:
+        if leaf not in has_active and leaf not in forced_leaves:
+            kinds[leaf] = NONE
+        else:
+            kinds[leaf] &= BOTH
+    for atom, kind in ctx.atom_kinds:
+        for leaf in ctx.f.expand(atom):
+            if leaf >= 0:
+                kinds[leaf] &= kind
 
 
 def _contract(R: _Regions, ka: tuple, kb: tuple, value: dict, active: set, kinds: dict, reads: dict, forced) -> None:

@@ -201,13 +201,16 @@ class _Recorder(TorchFunctionMode):
         a, kw = in_refs
         if reflected and len(a) >= 2:
             a = (a[1], a[0], *a[2:])
-        self._mark_stale_base(args, outs)
+        raw = getattr(func, "__name__", "")
+        if name == "setitem" or (raw.endswith("_") and not raw.startswith("_")) or raw.startswith("__i"):
+            self._mark_stale_base(args, outs)
         self.record(name, func, a, kw, out_struct, outs)
         return out
 
     def _mark_stale_base(self, args: tuple, outs: list) -> None:
-        """An in-place op on a view also changes its base, which no record follows: the base's
-        node goes stale, and reading it again is refused rather than misread."""
+        """An in-place op (``add_``, ``+=``, ``x[i] = v``) on a view also changes its base, which
+        no record follows: the base's node goes stale, and reading it again is refused rather
+        than misread."""
         if not args or not isinstance(args[0], torch.Tensor) or not any(t is args[0] for t in outs):
             return
         base = args[0]._base
