@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._state import isolated
+from ._attention import HANDLERS as ATTENTION_HANDLERS
 from ._graph import analyze
 from ._layers import HANDLERS as LAYER_HANDLERS
 from ._ops import HANDLERS as OP_HANDLERS
@@ -24,7 +25,7 @@ from .spec import PermutationSpec, SpecError
 
 __all__ = ["HANDLERS", "example_inputs", "module_dtype", "spec_from_graph"]
 
-HANDLERS = {**OP_HANDLERS, **SHAPE_HANDLERS, **LAYER_HANDLERS}
+HANDLERS = {**OP_HANDLERS, **SHAPE_HANDLERS, **LAYER_HANDLERS, **ATTENTION_HANDLERS}
 
 _SMALL = (*range(1, 8), *range(9, 16), 20, 24, 48, 96)
 _CONV_SIZES = {1: (16, 32, 64, 8, 128, 256, *_SMALL), 2: (8, 16, 32, 28, 64, 224, *_SMALL), 3: (8, 16, 32, 4, 12)}

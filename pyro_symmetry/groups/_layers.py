@@ -1,11 +1,10 @@
-"""Handlers of layers: linear maps, matmul/einsum, convolutions, norms, embeddings,
-pooling and attention.
+"""Handlers of layers: linear maps, matmul/einsum, convolutions, norms, embeddings and
+pooling.
 
 A layer's weight *rows* write a channel space (its output's atom, linked with the output:
 they are scaled with it) and its *columns* read one (contracted with the input). Norm layers
 make their input passive (its scale is normalized away) and start a new scaled region at
-their affine weight. ``nn.MultiheadAttention`` and ``scaled_dot_product_attention`` give
-heads (blocks of ``head_dim`` entries) with q/k dims and v dims nested in them.
+their affine weight. Attention: :mod:`._attention`.
 """
 
 from __future__ import annotations
@@ -16,10 +15,10 @@ from ._graph import BOTH, NONE, SCALE, Ctx, Handler
 from ._trace import Op, Ref
 from .spec import SpecError
 
-__all__ = ["HANDLERS"]
+__all__ = ["HANDLERS", "batch_dims"]
 
 
-def _batch(ctx: Ctx, out: int, od: list[int], operands: list[tuple[Ref, list[int]]]) -> list[int]:
+def batch_dims(ctx: Ctx, out: int, od: list[int], operands: list[tuple[Ref, list[int]]]) -> list[int]:
     """Broadcast batch dims of a product (``out`` dims ``od``) over ``operands`` (ref, dims):
     a value times a value breaks sign and scale; a parameter beside a value is only permuted."""
     values = [r for r, _ in operands if ctx.node(r).is_value]
@@ -62,7 +61,7 @@ def matmul(ctx: Ctx, a: Ref, b: Ref, out: int) -> None:
         atoms[no - 1] = (b, nb - 1)
     batch_out = [d for d in range(no) if d not in atoms]
     ops = [(a, list(range(na - 2))), (b, list(range(nb - 2)))]
-    labels = dict(zip(batch_out, _batch(ctx, out, batch_out, ops)))
+    labels = dict(zip(batch_out, batch_dims(ctx, out, batch_out, ops)))
     for o, (r, d) in atoms.items():
         labels[o] = ctx.dims(r)[d]
         ctx.eq((out, o, ()), (r.node, d, ()))
@@ -388,93 +387,6 @@ def h_pad(ctx: Ctx, op: Op) -> None:
     ctx.kind(out, kind)
 
 
-def h_sdpa(ctx: Ctx, op: Op) -> None:
-    """``softmax(q k^T * scale + mask) v``: q and k dims contracted, heads (batch dims) shared
-    by q, k and v (through a softmax: no sign or scale), v dims carried to the output."""
-    q, k, v = op.args[0], op.arg(1, "key"), op.arg(2, "value")
-    if op.kwargs.get("enable_gqa"):
-        raise SpecError(f"cannot read {op.describe()}: grouped-query attention (enable_gqa=True) is not supported")
-    mask = op.arg(3, "attn_mask")
-    out = op.outs[0]
-    nq, nk, nv, no = (len(ctx.shape(r)) for r in (q, k, v, out))
-    ctx.contract(q, nq - 1, k, nk - 1)
-    ctx.tie(ctx.dims(k)[nk - 2], ctx.dims(v)[nv - 2])
-    ctx.kind(k, NONE, [nk - 2])
-    ctx.kind(v, NONE, [nv - 2])
-    bo = list(range(no - 2))
-    batch = _batch(ctx, out, bo, [(q, list(range(nq - 2))), (k, list(range(nk - 2))), (v, list(range(nv - 2)))])
-    ctx.set(out, [*batch, ctx.dims(q)[nq - 2], ctx.dims(v)[nv - 1]])
-    ctx.kind(out, NONE, bo)
-    ctx.eq((out, no - 2, ()), (q.node, nq - 2, ()))
-    ctx.kind(out, NONE, [no - 2])
-    ctx.eq((out, no - 1, ()), (v.node, nv - 1, ()))
-    if isinstance(mask, Ref):
-        ctx.fix(mask)
-
-
-def h_mha(ctx: Ctx, op: Op) -> None:
-    """``nn.MultiheadAttention``: heads move as blocks of ``head_dim`` entries of the q, k and v
-    slices of the in-projection and of the out-projection's columns; within each head the q and
-    k dims share one permutation (nested group ``qk``), the v dims another (``v``, shared with
-    the out-projection's columns). The inputs' channels are read by the in-projection's columns,
-    the out-projection's rows write the output's."""
-    m = op.module
-    name = op.kwargs.get("__name__", "")
-    P = op.kwargs["__params__"]
-    if "bias_k" in P or getattr(m, "add_zero_attn", False):
-        raise SpecError(f"cannot read {op.describe()}: add_bias_kv/add_zero_attn are not supported")
-    q, k, v = op.args[0], op.arg(1, "key"), op.arg(2, "value")
-    E, H = m.embed_dim, m.num_heads
-    d = E // H
-    f = ctx.f
-    pre = f"{name}." if name else ""
-    heads, qk, vv = f.new(H, f"{pre}heads"), f.new(d, f"{pre}qk"), f.new(d, f"{pre}v")
-    f.nested_in[qk] = f.nested_in[vv] = heads
-    seg_qk, seg_v = f.new(E, state="prod", parts=(heads, qk)), f.new(E, state="prod", parts=(heads, vv))
-    qkv = f.new(3 * E, state="sum", parts=(seg_qk, seg_qk, seg_v))
-    roles = ("incoming", "outgoing", "incoming")
-    if "in_proj_weight" in P:
-        w = P["in_proj_weight"]
-        ctx.tie(ctx.dims(w)[0], qkv)
-        for i, r in enumerate(roles):
-            ctx.role(w, 0, (i,), r)
-        for x in (q, k, v):
-            ctx.contract(x, len(ctx.shape(x)) - 1, w, 1)
-    else:
-        keys = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-        for x, key, seg, r in zip((q, k, v), keys, (seg_qk, seg_qk, seg_v), roles):
-            w = P[key]
-            ctx.tie(ctx.dims(w)[0], seg)
-            ctx.role(w, 0, (), r)
-            ctx.contract(x, len(ctx.shape(x)) - 1, w, 1)
-    if "in_proj_bias" in P:
-        ctx.tie(ctx.dims(P["in_proj_bias"])[0], qkv)
-        for i, r in enumerate(roles):
-            ctx.role(P["in_proj_bias"], 0, (i,), r)
-    wo = P["out_proj.weight"]
-    ctx.tie(ctx.dims(wo)[1], seg_v)
-    ctx.role(wo, 1, (), "outgoing")
-    ctx.atom_kinds.append((heads, NONE))
-    ctx.seen.extend([heads, qk, vv])
-    out = op.outs[0]
-    nq = len(ctx.shape(q))
-    ctx.set(out, [ctx.dims(q)[j] for j in range(nq - 1)] + [ctx.dims(wo)[0]])
-    for j in range(nq - 1):
-        ctx.eq((out, j, ()), (q.node, j, ()))
-        if ctx.shape(k)[j] == ctx.shape(q)[j]:
-            ctx.tie(ctx.dims(q)[j], ctx.dims(k)[j])
-    ctx.kind(out, NONE, range(nq - 1))
-    ctx.eq((out, nq - 1, ()), (wo.node, 0, ()))
-    if "out_proj.bias" in P:
-        ctx.eq_dims(P["out_proj.bias"], 0, out, nq - 1)
-    for n in op.outs[1:]:
-        shp = ctx.shape(n)
-        atoms = [ctx.fixed(s) for s in shp]
-        if len(shp) == 4:
-            atoms[1] = heads
-        ctx.set(n, atoms)
-
-
 HANDLERS: dict[str, Handler] = {
     **dict.fromkeys(["matmul", "mm", "bmm", "mv", "dot", "vdot", "inner", "addmm", "baddbmm", "addmv"], h_matmul),
     **dict.fromkeys(["outer", "ger"], h_outer),
@@ -493,6 +405,4 @@ HANDLERS: dict[str, Handler] = {
     **dict.fromkeys([f"max_pool{k}d_with_indices" for k in (1, 2, 3)], h_pool),
     **dict.fromkeys(["interpolate", "upsample", "upsample_nearest", "upsample_bilinear"], h_pool),
     "pad": h_pad,
-    "scaled_dot_product_attention": h_sdpa,
-    "module:MultiheadAttention": h_mha,
 }
