@@ -39,7 +39,7 @@ def test_log_permanent_matches_brute_force(n, seed, spread):
 
 
 def test_log_permanent_large_and_gradient():
-    # perm(ones) = n!: the hardest case for Ryser's alternating sum
+    # perm(ones) = n!: after scaling the least permanent of a doubly stochastic matrix, the hardest case
     for n in (12, 18):
         assert log_permanent(torch.zeros(n, n, dtype=torch.float64)).item() == pytest.approx(
             math.lgamma(n + 1), abs=1e-6

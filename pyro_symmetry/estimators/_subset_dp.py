@@ -7,8 +7,8 @@ of their entries (``F[{}] = 1``); then
     F[S] = sum_{j in S} F[S \\ {j}] M[k - 1, j],      perm(M) = F[all columns].
 
 Every operation adds nonnegative numbers, so the relative rounding error stays of order
-``n eps`` whatever the matrix: this is the fallback of :func:`log_permanent` where Ryser's
-alternating sum cannot be conditioned. Cost ``O(2^n n)`` (like Ryser's formula, with a
+``n eps`` whatever the matrix: this is the fallback of :func:`log_permanent` where Glynn's
+alternating sum cannot be conditioned. Cost ``O(2^n n)`` (like Glynn's formula, with a
 larger constant: a gather per term) and ``2^n`` floats per matrix. The gradient
 ``d log perm / d log M[i, j]`` (the probability that row ``i`` is matched to column
 ``j``) comes from the mirror recursion over the remaining columns,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -96,7 +97,7 @@ def _glynn(m: torch.Tensor) -> torch.Tensor:
         for j in range(1, n):
             factor = low[..., j, :, None] - h[..., j, None, :]
             x = x.mul_(factor) if in_place else x * factor
-        total = total + torch.einsum("...ab,a,b->...", x, low_sign, high_sign[start : start + per_high])
+        total = total + (low_sign @ x) @ high_sign[start : start + per_high]
     return 2.0 * total
 
 
@@ -111,16 +112,15 @@ def _assignment_scaling(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
     converge fast and the subset program neither overflow nor underflow.
     """
     b, n = a.shape[0], a.shape[-1]
-    cols = torch.empty(b, n, dtype=torch.long)
-    ok = torch.ones(b, dtype=torch.bool)
     cost = (-a).cpu().numpy()
+    cols_np = np.tile(np.arange(n), (b, 1))
+    ok_np = np.ones(b, dtype=bool)
     for k in range(b):
         try:
-            cols[k] = torch.from_numpy(linear_sum_assignment(cost[k])[1])
+            cols_np[k] = linear_sum_assignment(cost[k])[1]
         except ValueError:  # no finite perfect matching: the permanent is zero
-            ok[k] = False
-            cols[k] = torch.arange(n)
-    cols, ok = cols.to(a.device), ok.to(a.device)
+            ok_np[k] = False
+    cols, ok = torch.from_numpy(cols_np).to(a.device), torch.from_numpy(ok_np).to(a.device)
     ap = a.gather(-1, cols.unsqueeze(-2).expand_as(a))  # columns reordered: the assignment on the diagonal
     diag = ap.diagonal(dim1=-2, dim2=-1)
     diag = torch.where(ok.unsqueeze(-1), diag, torch.zeros_like(diag))
