@@ -179,6 +179,7 @@ CALLS = {
     "D.site_dims": lambda e: D.site_dims(e.spec.shapes, e.spec),
     "D.symmetry_report": lambda e: D.symmetry_report(e.runs, e.spec, data=(e.x, e.y), num_samples=4, seed=0),
     "D.to_inference_data": lambda e: D.to_inference_data(e.runs, num_samples=4, spec=e.spec),
+    "D.with_model_data": lambda e: D.with_model_data(e.draws, (e.x, e.y), posterior_predictive=True, seed=0),
     # metrics
     "M.accuracy": lambda e: M.accuracy(e.probs[0], e.labels),
     "M.aupr": lambda e: M.aupr(torch.linspace(0, 1, 7), torch.linspace(0.5, 2, 5)),
