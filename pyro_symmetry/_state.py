@@ -95,7 +95,7 @@ class GlobalState:
 
 def _digest(x: Any) -> str:
     if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().contiguous()
+        x = x.detach().cpu().contiguous().reshape(-1)
         return hashlib.sha1(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"").hexdigest()
     return hashlib.sha1(repr(x).encode()).hexdigest()
 
