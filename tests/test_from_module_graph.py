@@ -417,3 +417,116 @@ def test_check_of_a_pyro_model_names_the_first_site_that_changes():
         check_spec_against(broken, model, x)
     with pytest.raises(ps.SpecError, match=r"site 'w' \(prior log-density"):
         check_spec_against(good, model, x, torch.arange(1.0, 5.0).unsqueeze(-1))
+
+
+# ---------------------------------------------------------------------------------- brute force
+def _grouped_conv_valid_permutations(net: nn.Module, x: torch.Tensor) -> set[tuple]:
+    """Every pair (permutation of conv1's output channels, of gconv's output channels) for
+    which some arrangement of gconv's kernel keeps the function, by enumeration: new row ``r``
+    of gconv (original row ``p_out[r]``, of conv group ``b``) sits in conv group ``r // cin``
+    and must read, through its columns, original channels of block ``b`` only."""
+    import itertools
+
+    y0 = net(x)
+    w, cin = net.gconv.weight, net.gconv.weight.shape[1]
+    ok = set()
+    for p_in, p_out in itertools.product(itertools.permutations(range(4)), repeat=2):
+        new_w = w[list(p_out)].clone()
+        feasible = True
+        for r, src_row in enumerate(p_out):
+            for i in range(cin):
+                c = p_in[(r // cin) * cin + i]  # original channel in the new column i of row r
+                feasible &= c // cin == src_row // cin
+                new_w[r, i] = w[src_row, c % cin]
+        if not feasible:
+            continue
+        state = dict(net.state_dict())
+        state["conv1.weight"], state["conv1.bias"] = state["conv1.weight"][list(p_in)], state["conv1.bias"][list(p_in)]
+        state["gconv.weight"], state["gconv.bias"] = new_w, state["gconv.bias"][list(p_out)]
+        state["head.weight"] = state["head.weight"][:, list(p_out)]
+        if torch.allclose(torch.func.functional_call(net, state, (x,)), y0, atol=1e-10, rtol=1e-9):
+            ok.add((p_in, p_out))
+    return ok
+
+
+def _spec_permutations(spec: ps.PermutationSpec, layers: list[str], sizes: list[int]) -> set[tuple]:
+    codes = {site: torch.zeros(spec.shapes[site], dtype=torch.float64) for site in spec.sites}
+    codes.update({f"{n}.bias": torch.arange(s, dtype=torch.float64) for n, s in zip(layers, sizes)})
+    els = spec.elements()
+    moved = spec.apply(codes, els)
+    count = next(iter(els.values())).shape[0]
+    return {tuple(tuple(int(v) for v in moved[f"{n}.bias"][i]) for n in layers) for i in range(count)}
+
+
+def test_grouped_conv_spec_is_the_expressible_part_of_the_exact_group():
+    """conv1 (4 channels) -> ReLU -> conv(groups=2, 4 -> 4) -> ReLU -> 1x1 conv. The
+    permutations that keep the function (enumerated: 4! x 4! pairs) are exactly the group of
+    the derivation: conv groups move as whole blocks on both sides, output and input channels
+    permute within each block, one permutation per block: ``2! (2!)^2 (2!)^2 = 32``. The spec
+    keeps the blocks and the per-block output permutations (``2! (2!)^2 = 8``), all of them
+    valid: the per-block input permutations act on the kernel's columns with a permutation
+    that depends on the row's block, which no axis span can express."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 1)
+            self.gconv = nn.Conv2d(4, 4, 1, groups=2)
+            self.head = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.gconv(torch.relu(self.conv1(x))))).flatten(1)
+
+    torch.manual_seed(0)
+    net = Net().double().eval()
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        valid = _grouped_conv_valid_permutations(net, x)
+    assert len(valid) == 32
+    spec = ps.PermutationSpec.from_module(net)
+    assert spec.order == 8
+    assert _spec_permutations(spec.without_signs(), ["conv1", "gconv"], [4, 4]) <= valid
+
+
+def test_groupnorm_spec_is_exactly_the_function_preserving_permutations():
+    """conv (4 channels) -> GroupNorm(2, 4) -> ReLU -> 1x1 conv: the channel permutations that
+    keep the function (of 4! = 24) are the 8 that permute within and across the two groups,
+    exactly the spec's group."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 4, 1)
+            self.gn = nn.GroupNorm(2, 4)
+            self.head = nn.Conv2d(4, 1, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.gn(self.conv1(x)))).flatten(1)
+
+    torch.manual_seed(1)
+    net = Net().double().eval()
+    with torch.no_grad():
+        net.gn.weight.normal_()
+        net.gn.bias.normal_()
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+
+    def valid_perms():
+        import itertools
+
+        y0 = net(x)
+        out = set()
+        for p in itertools.permutations(range(4)):
+            p_t = torch.tensor(p)
+            state = dict(net.state_dict())
+            for k in ("conv1.weight", "conv1.bias", "gn.weight", "gn.bias"):
+                state[k] = state[k][p_t]
+            state["head.weight"] = state["head.weight"][:, p_t]
+            if torch.allclose(torch.func.functional_call(net, state, (x,)), y0, atol=1e-10, rtol=1e-9):
+                out.add((p,))
+        return out
+
+    with torch.no_grad():
+        valid = valid_perms()
+    spec = ps.PermutationSpec.from_module(net)
+    assert len(valid) == 8 and spec.order == 8
+    assert _spec_permutations(spec, ["conv1"], [4]) == valid
