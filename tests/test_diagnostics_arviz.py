@@ -95,7 +95,8 @@ def test_sample_dicts_mcmc_and_symmetric_draws():
     mcmc.run(torch.tensor(0.5))
     post = D.to_inference_data([mcmc, mcmc], data=(torch.tensor(0.5),))
     assert post["posterior"].to_dataset()["a"].shape == (2, 5, 2)
-    assert post["sample_stats"].to_dataset()["log_p"].shape == (2, 5)
+    stats = post["sample_stats"].to_dataset()
+    assert stats["lp"].shape == (2, 5) and stats["diverging"].dtype == bool and stats["step_size"].shape == (2, 5)
 
     # Symmetric draws: every draw is the loc moved by some group element (tiny scale).
     q = {k: (loc, scale * 1e-6) for k, (loc, scale) in _gaussian_posterior(model, 0).items()}
@@ -121,7 +122,7 @@ def test_errors_and_the_global_rng_is_left_alone():
     with pytest.raises(ps.SpecError, match="spec"):
         D.to_inference_data(runs, symmetric=True)
     with pytest.raises(TypeError, match="runs"):
-        D.to_inference_data({"a": torch.zeros(3)})
+        D.to_inference_data({"a": torch.zeros(3)})  # one sample dict is not a list of runs
     with pytest.raises(ps.SpecError, match="same number of draws"):
         D.to_inference_data([{"a": torch.zeros(3, 2)}, {"a": torch.zeros(4, 2)}])
     with pytest.raises(ps.SpecError, match="not fitted"):

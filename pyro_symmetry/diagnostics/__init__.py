@@ -5,7 +5,7 @@ This package is the only part of ``pyro_symmetry`` that imports ArviZ
 (``arviz-base``, ``arviz-stats``) and, lazily inside plotting functions,
 matplotlib::
 
-    ps.diagnostics.to_inference_data(runs, num_samples=100)   # xarray.DataTree
+    ps.diagnostics.to_inference_data(runs, data=(x, y))        # xarray.DataTree, ArviZ groups
     ps.diagnostics.rhat_ess_before_after(runs, spec)           # R-hat/ESS per layer
     ps.diagnostics.mmd(x, y, symmetry_aware=True, spec=spec)   # MMDResult
     ps.diagnostics.metrics.expected_calibration_error(probs, y)
@@ -14,6 +14,7 @@ matplotlib::
 
 from . import convergence, inference_data, kernel_mmd, metrics, plots, report
 from .convergence import ConvergenceComparison, ConvergenceSummary, rhat_ess, rhat_ess_before_after
+from .draws import with_model_data
 from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree, site_dims, to_inference_data
 from .kernel_mmd import MMDResult, canonical_form, mmd, mmd2_unbiased
 from .report import SymmetryReport, symmetry_report
@@ -41,4 +42,5 @@ __all__ = [
     "site_dims",
     "symmetry_report",
     "to_inference_data",
+    "with_model_data",
 ]

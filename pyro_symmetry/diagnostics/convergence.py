@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._validation import check_real
+from . import _trees
 from ._layout import layer_of
 from ._runs import check_enough_chains
 from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree
@@ -145,15 +146,23 @@ class ConvergenceSummary:
 
 
 def _posterior_dataset(data: Any) -> Any:
+    """The posterior as an xarray Dataset: of a DataTree (also loaded from netCDF/zarr), a
+    legacy InferenceData, a Dataset, RunDraws, or draws of anything ``collect_draws`` reads."""
     if isinstance(data, RunDraws):
         data = draws_to_datatree(data)
-    if hasattr(data, "children") and "posterior" in data.children:
-        return data["posterior"].to_dataset()
-    if hasattr(data, "data_vars"):
-        return data
-    raise TypeError(
-        f"expected an ArviZ DataTree with a 'posterior' group, an xarray Dataset or RunDraws; got {type(data).__name__}"
-    )
+    if _trees.is_arviz(data):
+        ds = _trees.group(data, "posterior")
+        if ds is None:
+            raise ValueError(f"the {type(data).__name__} has no 'posterior' group")
+        return ds
+    try:
+        draws = collect_draws(data)
+    except TypeError:
+        raise TypeError(
+            "expected an ArviZ DataTree/InferenceData with a 'posterior' group, an xarray Dataset, RunDraws, "
+            f"or draws (a Pyro MCMC, a list of sample dicts); got {type(data).__name__}"
+        ) from None
+    return _posterior_dataset(draws)
 
 
 def rhat_ess(
@@ -168,7 +177,8 @@ def rhat_ess(
 
     Parameters
     ----------
-    data : xarray.DataTree (from :func:`to_inference_data`), xarray.Dataset, or RunDraws
+    data : xarray.DataTree (from :func:`to_inference_data`, or loaded from netCDF/zarr), a legacy
+        ``arviz.InferenceData``, an xarray Dataset, RunDraws, or draws (a Pyro MCMC)
         Needs at least 2 chains and 4 draws per chain (split R-hat halves chains).
     var_names : sequence of str, optional
         Sites to include (default: all posterior variables).
@@ -279,8 +289,9 @@ def rhat_ess_before_after(
     Parameters
     ----------
     runs : as :func:`to_inference_data` (ignored when ``draws`` is given)
-        Failed runs (``run.error`` set) are skipped with a warning; ``ValueError`` if
-        fewer than 2 remain.
+        Also one ArviZ tree (``DataTree``, ``InferenceData``, loaded from netCDF) or MCMC: its
+        chains are re-aligned draw by draw. Failed runs (``run.error`` set) are skipped with a
+        warning; ``ValueError`` if fewer than 2 remain.
     spec : PermutationSpec, optional (default: the model's ``.spec``)
     align : {"barycenter", "reference"}
     num_samples : int

@@ -36,6 +36,7 @@ import torch
 from .._validation import check_finite, check_int, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..scaling import canonicalize
+from ._inputs import sample_set
 
 __all__ = ["KERNELS", "MMDResult", "canonical_form", "mmd", "mmd2_unbiased"]
 
@@ -283,7 +284,9 @@ def mmd(
 
     Parameters
     ----------
-    x, y : Tensor ``(n, d)``/``(m, d)`` (or ``(n,)``), or sample dicts ``site -> (n, *shape)``
+    x, y : Tensor ``(n, d)``/``(m, d)`` (or ``(n,)``), sample dicts ``site -> (n, *shape)``, or draws
+        (an ArviZ ``DataTree``/``InferenceData``, also loaded from netCDF, a Pyro ``MCMC``,
+        :class:`RunDraws`; chains pooled)
     kernel : {"gaussian", "laplace", "both"}
     bandwidths : sequence of float, optional
         Explicit bandwidths (used for every kernel). Default: the geometric grid
@@ -341,6 +344,7 @@ def mmd(
     if bandwidths is None:
         check_int("num_bandwidths", num_bandwidths, minimum=1)
         check_real("bandwidth_ratio", bandwidth_ratio, positive=True)
+    x, y = sample_set(x, "x"), sample_set(y, "y")
     _check_samples(x, y)
     label = None
     if symmetry_aware:

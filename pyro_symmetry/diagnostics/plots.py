@@ -1,11 +1,16 @@
 """Figures of the symmetry report (matplotlib, imported lazily).
 
 Every function returns a ``matplotlib.figure.Figure`` built without ``pyplot``
-(no global state, no display backend needed) and, with ``path``, saves it as PNG.
+(no global state, no display backend needed) and, with ``path``, saves it as PNG;
+:func:`png_bytes` renders one for embedding (the report's HTML is one self-contained
+file). Draws may be given as mappings ``site -> (chain, draw, *shape)`` or as anything
+holding draws (an ArviZ ``DataTree``, also loaded from netCDF, a legacy ``InferenceData``,
+:class:`~pyro_symmetry.diagnostics.RunDraws`, a Pyro ``MCMC``).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["plot_barriers", "plot_marginals", "plot_ranks", "plot_rhat_hist", "select_weights"]
+from ._inputs import chain_draws
+
+__all__ = ["plot_barriers", "plot_marginals", "plot_ranks", "plot_rhat_hist", "png_bytes", "select_weights"]
 
 _DPI = 100
 
@@ -37,15 +44,35 @@ def _save(fig: Any, path: str | Path | None) -> Any:
     return fig
 
 
-def plot_rhat_hist(
-    before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], path: str | Path | None = None
-) -> Any:
+def png_bytes(fig: Any) -> bytes:
+    """The figure as PNG bytes (for a ``data:`` URI)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def _rhat_values(x: Any) -> Mapping[str, np.ndarray]:
+    """R-hat values: a mapping ``site -> ndarray`` as given, else computed from draws."""
+    from ._trees import is_arviz
+
+    plain = isinstance(x, Mapping) and not is_arviz(x)  # (a DataTree is a mapping too)
+    if plain and not any(torch.is_tensor(v) for v in x.values()):
+        return x
+    from .convergence import rhat_ess
+    from .draws import RunDraws
+
+    return rhat_ess(RunDraws(dict(x)) if plain else x).rhat
+
+
+def plot_rhat_hist(before: Any, after: Any, path: str | Path | None = None) -> Any:
     """Histograms of every weight's R-hat before and after alignment (log x axis).
 
     Parameters
     ----------
-    before, after : mapping ``site -> ndarray`` of R-hat values (``ConvergenceSummary.rhat``)
+    before, after : mapping ``site -> ndarray`` of R-hat values (``ConvergenceSummary.rhat``),
+        or the draws themselves (a tree, ``RunDraws``, a mapping ``site -> Tensor (chain, draw, ...)``)
     """
+    before, after = _rhat_values(before), _rhat_values(after)
     b_all = np.concatenate([np.ravel(v) for v in before.values()]).astype(float)
     a_all = np.concatenate([np.ravel(v) for v in after.values()]).astype(float)
     b, a = b_all[np.isfinite(b_all)], a_all[np.isfinite(a_all)]
@@ -104,8 +131,8 @@ def _values(samples: Mapping[str, torch.Tensor], site: str, idx: tuple[int, ...]
 
 
 def plot_marginals(
-    before: Mapping[str, torch.Tensor],
-    after: Mapping[str, torch.Tensor],
+    before: Any,
+    after: Any,
     weights: Sequence[tuple[str, tuple[int, ...]]],
     path: str | Path | None = None,
 ) -> Any:
@@ -113,9 +140,11 @@ def plot_marginals(
 
     Parameters
     ----------
-    before, after : mapping ``site -> Tensor (chains, draws, *shape)``
+    before, after : mapping ``site -> Tensor (chains, draws, *shape)``, or draws (an ArviZ tree,
+        ``RunDraws``, an MCMC)
     weights : sequence of ``(site, index)``
     """
+    before, after = chain_draws(before, "before"), chain_draws(after, "after")
     fig, axes = _figure(2, len(weights), (2.6 * len(weights), 4.4))
     for col, (site, idx) in enumerate(weights):
         for row, (samples, label) in enumerate(((before, "before"), (after, "after"))):
@@ -131,16 +160,18 @@ def plot_marginals(
 
 
 def plot_ranks(
-    before: Mapping[str, torch.Tensor],
-    after: Mapping[str, torch.Tensor],
+    before: Any,
+    after: Any,
     weights: Sequence[tuple[str, tuple[int, ...]]],
     path: str | Path | None = None,
     num_bins: int = 10,
 ) -> Any:
     """Rank plots (Vehtari et al., 2021): for each run, the histogram of its draws'
-    ranks among the pooled draws. Converged runs give flat histograms."""
+    ranks among the pooled draws. Converged runs give flat histograms. ``before``/``after``
+    as in :func:`plot_marginals`."""
     from scipy.stats import rankdata
 
+    before, after = chain_draws(before, "before"), chain_draws(after, "after")
     fig, axes = _figure(2, len(weights), (2.6 * len(weights), 4.4))
     for col, (site, idx) in enumerate(weights):
         for row, (samples, label) in enumerate(((before, "before"), (after, "after"))):
