@@ -121,8 +121,28 @@ def spec_from_module(
     ------
     SpecError
         If the forward fails on the inputs (naming the module that was running), an operation
-        of the forward is unknown (naming it and its module), or the verification finds a
-        group that changes the function (naming it).
+        of the forward is unknown (naming it and its module), a tensor is read after an
+        in-place update through a view of it, or the verification finds a group that changes
+        the function (naming it).
+
+    Notes
+    -----
+    What is returned is a group of exact symmetries of the recorded forward; where a larger
+    group exists but the spec's axes cannot express it, a subgroup is returned (never a
+    guess):
+
+    - the spec describes the path the forward took on the example inputs (their shapes,
+      their branches of data-dependent control flow); position-table rows or parameters the
+      run did not read are not permuted;
+    - in a grouped convolution the input channels within each conv group are fixed (their
+      permutation would depend on the output block, on another axis of the kernel); conv
+      groups move as blocks on both sides and output channels permute within each block;
+    - a fused q/k/v projection split with ``reshape(B, T, 3, H, d)`` and indexing gives the
+      v dims the q/k dims' permutation (``chunk``/slicing along channels keeps them apart);
+    - a channel space reshaped into blocks keeps one level of nesting (heads, dims);
+    - sign and scale are only claimed where every operation on the scaled entries keeps them
+      (a product of two values, a norm without affine weight, a softmax or a reduction over
+      channels removes them); recurrent layers and other unknown operations are refused.
     """
     from ._fromgraph import spec_from_graph
     from ._verify import verify_module
