@@ -47,8 +47,11 @@ def test_report_renders_every_section_and_removes_the_symmetry(tmp_path):
     assert rows["fc1"]["width"] == 4 and rows["fc3"]["width"] == 2 and rows["fc3"]["log_order_share"] == 0
     assert rows["fc1"]["log_order_share"] + rows["fc2"]["log_order_share"] == pytest.approx(1.0)
     total = rows["all"]
-    # Relabelled copies of one posterior: large R-hat before, none above 1.1 after.
-    assert total["frac_rhat>1.1_before"] > 0.5 and total["frac_rhat>1.1_after"] == 0.0
+    # Relabelled copies of one posterior: large R-hat before; after alignment the runs are iid
+    # draws of one Gaussian, whose split R-hat (6 half-chains of 15) exceeds 1.1 with chance
+    # ~0.002 per weight (F(5, 84) > 4.15) and 1.2 with chance ~1e-5.
+    assert total["frac_rhat>1.1_before"] > 0.5 and total["frac_rhat>1.1_after"] <= 0.05
+    assert total["rhat_max_after"] < 1.2
     # After alignment the runs are the same Gaussian: the path between them is constant.
     assert total["barrier_before"] > 0.01 and total["barrier_after"] == pytest.approx(0.0, abs=1e-9)
     assert total["mmd_p_before"] < 0.05 and total["mmd_p_after"] > 0.01
@@ -65,13 +68,15 @@ def test_report_renders_every_section_and_removes_the_symmetry(tmp_path):
     assert text.splitlines()[0].split()[:2] == ["layer", "width"] and "→" in text
     md = (tmp_path / "report.md").read_text()
     assert md == report.to_markdown()
-    for needle in ("| layer |", "log\\|G\\|", "## I(g; w) per run", "## Loss barriers", "![barriers](barriers.png)"):
+    for needle in ("| layer |", "log\\|G\\|", "## I(g; w) per run", "## Loss barriers", "Embedded in report.html"):
         assert needle in md
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<table>") == 3 and "<img src='rhat_hist.png'" in html
+    assert html.count("<table>") == 3 and "<img src='data:image/png;base64," in html
     assert set(report.figures) == {"rhat_hist", "marginals", "ranks", "barriers"}
-    for path in report.figures.values():
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in report.figures.values():
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["draws.nc", "draws_aligned.nc", "report.html", "report.md"]
+    assert report.files == {k: tmp_path / v for k, v in D.report.REPORT_FILES.items()}
 
 
 def test_report_on_sample_sets_skips_what_needs_variational_runs():

@@ -13,6 +13,10 @@ apparent disagreement is symmetry:
 * loss barriers between pairs of runs before and after alignment (with data);
 * MMD between two runs before and after mapping samples to a canonical form.
 
+With ``out_dir`` it writes one self-contained HTML page (figures embedded), a markdown
+version, and the draws before and after alignment as ArviZ trees in netCDF, into an
+empty or new folder (see :func:`symmetry_report` for ``overwrite``).
+
 Laurent, Aldea, Franchi (ICLR 2024); Rossi, Singh, Hannagan (NeurIPS 2023);
 Gelberg et al. (2024); Vehtari et al. (2021).
 """
@@ -20,51 +24,41 @@ Gelberg et al. (2024); Vehtari et al. (2021).
 from __future__ import annotations
 
 import html
-import math
-import statistics
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .._validation import check_callable, check_int
-from ..alignment import BarrierResult, align_many, gaussian_nll_loss, loss_barrier
-from ..estimators import MIEstimate, mutual_information
-from ..groups import PermutationSpec, SpecError
-from . import plots
-from ._layout import layer_groups, layer_of, layer_widths
+from ..alignment import BarrierResult, align_many
+from ..estimators import MIEstimate
+from ..groups import SpecError
+from . import _report_parts as parts
+from ._layout import layer_groups
+from ._report_format import (
+    COLUMNS,
+    FILES_NOTE,
+    REPORT_FILES,
+    check_out_dir,
+    format_row,
+    html_figure,
+    html_table,
+    md_table,
+    write_file,
+)
 from ._runs import check_enough_chains, describe_skipped
 from .convergence import ConvergenceComparison, rhat_ess
-from .inference_data import align_draws, collect_draws
-from .kernel_mmd import MMDResult, canonical_form, mmd
+from .draws import align_draws, gather_draws
+from .inference_data import draws_to_datatree
+from .kernel_mmd import MMDResult
 
 __all__ = ["SymmetryReport", "symmetry_report"]
 
-COLUMNS = (
-    "layer",
-    "width",
-    "log|G| share",
-    "R-hat max",
-    "R-hat > 1.01",
-    "R-hat > 1.1",
-    "ESS median",
-    "I(g;w) / log|G|",
-    "MMD² before (p)",
-    "MMD² after (p)",
-    "barrier",
-)
-FIGURE_CAPTIONS = {
-    "rhat_hist": "R-hat of every weight across runs, before and after alignment.",
-    "marginals": "Per-run marginals of the weights whose R-hat drops most under alignment, before (top) and after "
-    "(bottom) alignment.",
-    "ranks": "Rank plots of the same weights: flat per-run rank histograms mean the runs agree.",
-    "barriers": "Test loss along the interpolation between pairs of runs, before (dashed) and after (solid) alignment.",
-}
+_format_row = format_row  # the formatted row of one layer (kept under its old name)
 
 
 @dataclass
@@ -78,17 +72,21 @@ class SymmetryReport:
         for the formatted table), keys such as ``rhat_max_before``,
         ``frac_rhat>1.01_after``, ``mi_mean``, ``mmd2_before``, ``barrier_after``.
     convergence : ConvergenceComparison
+        With the draws before and after alignment (``draws_before``, ``draws_after``).
     mutual_information : dict ``name -> list of MIEstimate`` (one per run)
         ``"all"`` (whole network) and each hidden layer (its own subgroup).
     barriers : list of ``(label, before, after)`` BarrierResults
     mmd : dict ``layer -> (before, after)`` MMDResults for runs 0 and 1
-    figures : dict ``name -> Path`` of the saved PNGs
+    figures : dict ``name -> bytes``
+        The figures as PNG (embedded in :meth:`to_html`).
     info : dict of summary facts (runs, draws, log|G|, alignment, canonical form)
     notes : list of str
-        What was skipped and why (failed runs, sections), and which layers' R-hat/ESS
-        rest on degenerate draws.
+        What was skipped and why (failed runs, sections that could not be computed), and
+        which layers' R-hat/ESS rest on degenerate draws.
     runs : list of int
         The index in ``runs`` of each run the report uses (failed runs are skipped).
+    files : dict ``name -> Path``
+        The files the last :meth:`save` wrote (empty before).
     """
 
     rows: list[dict[str, Any]]
@@ -96,15 +94,16 @@ class SymmetryReport:
     mutual_information: dict[str, list[MIEstimate]]
     barriers: list[tuple[str, BarrierResult, BarrierResult]]
     mmd: dict[str, tuple[MMDResult, MMDResult]]
-    figures: dict[str, Path] = field(default_factory=dict)
+    figures: dict[str, bytes] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     title: str = "Symmetry report"
     runs: list[int] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
 
     def table(self) -> list[list[str]]:
         """The formatted table: a header row, then one row per layer and ``"all"``."""
-        return [list(COLUMNS)] + [_format_row(r) for r in self.rows]
+        return [list(COLUMNS)] + [format_row(r) for r in self.rows]
 
     def __str__(self) -> str:
         table = self.table()
@@ -112,6 +111,12 @@ class SymmetryReport:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+    def __repr__(self) -> str:
+        return (
+            f"SymmetryReport({self.title!r}, {len(self.runs) or self.convergence.before.num_chains} runs, "
+            f"{len(self.rows)} rows, figures={sorted(self.figures)}, notes={len(self.notes)})"
+        )
 
     def _sections(self) -> list[tuple[str, list[list[str]]]]:
         """Secondary tables: I(g; w) per run and the barrier of every pair."""
@@ -135,163 +140,109 @@ class SymmetryReport:
             out.append(("Loss barriers between pairs of runs", [head] + body))
         return out
 
-    def to_markdown(self) -> str:
-        """Markdown: facts, the table, per-run tables, figures (relative links) and notes."""
+    def to_markdown(self, extra_notes: tuple[str, ...] = ()) -> str:
+        """Markdown: facts, the table, per-run tables and notes (the figures are in the HTML page)."""
         lines = [f"# {self.title}", ""]
         lines += [f"- {k}: {v}" for k, v in self.info.items()] + [""]
-        lines += _md_table(self.table()) + [""]
+        lines += md_table(self.table()) + [""]
         for caption, table in self._sections():
-            lines += [f"## {caption}", ""] + _md_table(table) + [""]
+            lines += [f"## {caption}", ""] + md_table(table) + [""]
         if self.figures:
-            lines += ["## Figures", ""]
-            for name, path in self.figures.items():
-                lines += [f"![{name}]({path.name})", "", FIGURE_CAPTIONS.get(name, name), ""]
-        if self.notes:
-            lines += ["## Notes", ""] + [f"- {n}" for n in self.notes] + [""]
+            names = ", ".join(self.figures)
+            lines += ["## Figures", "", f"Embedded in report.html: {names}.", ""]
+        notes = [*self.notes, *extra_notes]
+        if notes:
+            lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+        lines += [FILES_NOTE, ""]
         return "\n".join(lines)
 
-    def to_html(self) -> str:
-        """A standalone HTML page with the same content as :meth:`to_markdown`."""
+    def to_html(self, extra_notes: tuple[str, ...] = ()) -> str:
+        """One self-contained HTML page (figures embedded as ``data:`` URIs), same content as
+        :meth:`to_markdown` plus the figures."""
         esc = html.escape
-        parts = [
+        parts_ = [
             "<!DOCTYPE html>",
             f"<html><head><meta charset='utf-8'><title>{esc(self.title)}</title>",
             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}</style>",
+            "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}th{background:#eee}"
+            "img{max-width:100%}</style>",
             f"</head><body><h1>{esc(self.title)}</h1><ul>",
         ]
-        parts += [f"<li>{esc(str(k))}: {esc(str(v))}</li>" for k, v in self.info.items()] + ["</ul>"]
-        parts.append(_html_table(self.table()))
+        parts_ += [f"<li>{esc(str(k))}: {esc(str(v))}</li>" for k, v in self.info.items()] + ["</ul>"]
+        parts_.append(html_table(self.table()))
         for caption, table in self._sections():
-            parts += [f"<h2>{esc(caption)}</h2>", _html_table(table)]
+            parts_ += [f"<h2>{esc(caption)}</h2>", html_table(table)]
         if self.figures:
-            parts.append("<h2>Figures</h2>")
-            for name, path in self.figures.items():
-                caption = esc(FIGURE_CAPTIONS.get(name, name))
-                parts.append(
-                    f"<figure><img src='{esc(path.name)}' alt='{esc(name)}'><figcaption>{caption}</figcaption></figure>"
-                )
-        if self.notes:
-            parts += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in self.notes] + ["</ul>"]
-        parts.append("</body></html>")
-        return "\n".join(parts)
+            parts_.append("<h2>Figures</h2>")
+            parts_ += [html_figure(name, png) for name, png in self.figures.items()]
+        notes = [*self.notes, *extra_notes]
+        if notes:
+            parts_ += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
+        parts_ += [f"<p>{esc(FILES_NOTE)}</p>", "</body></html>"]
+        return "\n".join(parts_)
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
-        """Write ``report.md`` and ``report.html`` (figures are saved by :func:`symmetry_report`)."""
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
+        """Write the report's files (:data:`REPORT_FILES`) into ``out_dir``.
+
+        ``report.html`` (self-contained), ``report.md``, and the draws before and after
+        alignment as ArviZ trees (``draws.nc``, ``draws_aligned.nc``: reopen with
+        ``xarray.open_datatree``). ``out_dir`` must be empty or new, unless
+        ``overwrite=True``: then these four names are replaced and every other file is
+        left alone. A draws file that cannot be written (no netCDF engine) is named in the
+        notes of the page, and an earlier report's file of that name is removed (it would
+        look current).
+
+        Returns
+        -------
+        dict ``name -> Path`` of the files written (``markdown``, ``html``, ``draws``,
+        ``draws_aligned``).
+
+        Raises
+        ------
+        FileExistsError
+            ``out_dir`` is not empty and ``overwrite`` is False (nothing is written).
+        """
         out = Path(out_dir)
+        check_out_dir(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {"markdown": out / "report.md", "html": out / "report.html"}
-        paths["markdown"].write_text(self.to_markdown())
-        paths["html"].write_text(self.to_html())
+        paths, extra = {}, []
+        trees = {"draws": self.convergence.draws_before, "draws_aligned": self.convergence.draws_after}
+        for name, draws in trees.items():
+            path = out / REPORT_FILES[name]
+            try:
+                tree = draws_to_datatree(draws)
+                paths[name] = write_file(path, lambda tmp, tree=tree: tree.to_netcdf(tmp), overwrite)
+            except FileExistsError:
+                raise
+            except Exception as e:  # noqa: BLE001 - no netCDF engine, an unwritable value: the page says so
+                extra.append(parts.failure(f"Saving {REPORT_FILES[name]}", e))
+                if overwrite and path.is_file():
+                    path.unlink()  # an earlier report's file of this name would look current
+        texts = {"markdown": self.to_markdown(tuple(extra)), "html": self.to_html(tuple(extra))}
+        for name, text in texts.items():
+            data = text.encode("utf-8")
+            paths[name] = write_file(out / REPORT_FILES[name], lambda tmp, data=data: tmp.write_bytes(data), overwrite)
+        self.files = dict(paths)
         return paths
 
 
-# ---------------------------------------------------------------------- formatting
-def _num(x: Any, fmt: str, nan: str = "–") -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float) and math.isnan(x):
-        return nan
-    if isinstance(x, float) and math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return format(x, fmt)
-
-
-def _pair(row: dict, key: str, fmt: str, nan: str = "–") -> str:
-    b, a = row.get(f"{key}_before"), row.get(f"{key}_after")
-    return "–" if b is None else f"{_num(b, fmt, nan)} → {_num(a, fmt, nan)}"
-
-
-def _format_row(r: dict[str, Any]) -> list[str]:
-    mi = "–"
-    if r.get("mi_mean") is not None:  # a NaN estimate shows as NaN, never as a blank
-        spread = f" ± {_num(r['mi_sd'], '.1f', 'NaN')}" if r.get("mi_sd") != 0.0 else ""
-        mi = f"{_num(r['mi_mean'], '.1f', 'NaN')}{spread} / {r['log_order']:.1f}"
-    mmd_b = "–" if r.get("mmd2_before") is None else f"{r['mmd2_before']:.3f} ({r['mmd_p_before']:.3f})"
-    mmd_a = "–" if r.get("mmd2_after") is None else f"{r['mmd2_after']:.3f} ({r['mmd_p_after']:.3f})"
-    return [
-        r["layer"],
-        _num(r.get("width"), "d"),
-        _num(r.get("log_order_share"), ".0%"),
-        _pair(r, "rhat_max", ".3f", "n/a"),
-        _pair(r, "frac_rhat>1.01", ".0%"),
-        _pair(r, "frac_rhat>1.1", ".0%"),
-        _pair(r, "ess_median", ".0f", "n/a (degenerate)"),
-        mi,
-        mmd_b,
-        mmd_a,
-        _pair(r, "barrier", ".3f", "NaN"),
-    ]
-
-
-def _md_table(rows: list[list[str]]) -> list[str]:
-    def line(row: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
-
-    return [line(rows[0]), "|" + "|".join("---" for _ in rows[0]) + "|"] + [line(row) for row in rows[1:]]
-
-
-def _html_table(rows: list[list[str]]) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-# ---------------------------------------------------------------------- pieces
-def _group_log_order(spec: PermutationSpec, name: str) -> float:
-    g = spec.groups[name]
-    return math.lgamma(g.size + 1) + (g.size * math.log(2.0) if g.signed else 0.0)
-
-
-def _estimate_mi(
-    posteriors: list, spec: PermutationSpec, method: str, num_samples: int, num_permutations: int, seed: int
-):
-    """``name -> [MIEstimate per run]`` for the whole network and each hidden group."""
-    specs = {"all": spec}
-    if len(spec.groups) > 1:
-        specs.update({k: spec.replace_groups({k: g}) for k, g in spec.groups.items()})
-    out: dict[str, list[MIEstimate]] = {}
-    for name, sub in specs.items():
-        out[name] = []
-        for r, q in enumerate(posteriors):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed + 7919 * r)
-                gen = torch.Generator().manual_seed(seed + r)
-                out[name].append(
-                    mutual_information(
-                        q, sub, method=method, num_samples=num_samples, num_permutations=num_permutations, generator=gen
-                    )
-                )
-    return out
-
-
-def _mmd_by_layer(draws: Any, spec: PermutationSpec, layers: Sequence[str], num_permutations: int, seed: int):
-    """MMD between runs 0 and 1 per layer and overall, before and after canonicalization."""
-    x, y = draws.chain(0), draws.chain(1)
-    n = next(iter(x.values())).shape[0]
-    pooled = {k: torch.cat([x[k], y[k]]) for k in x}
-    canon, label = canonical_form(pooled, spec)
-    cx, cy = {k: v[:n] for k, v in canon.items()}, {k: v[n:] for k, v in canon.items()}
-    out = {}
-    for layer in [*layers, "all"]:
-        sites = [k for k in x if layer == "all" or layer_of(k) == layer]
-        before = mmd({k: x[k] for k in sites}, {k: y[k] for k in sites}, num_permutations=num_permutations, seed=seed)
-        after = mmd({k: cx[k] for k in sites}, {k: cy[k] for k in sites}, num_permutations=num_permutations, seed=seed)
-        out[layer] = (before, after)
-    return out, label
-
-
 # ---------------------------------------------------------------------- public
+def _check_options(**values: Any) -> None:
+    minimum = {"barrier_pairs": 0, "barrier_points": 2, "num_weights_plotted": 0}
+    for name, value in values.items():
+        check_int(name, value, minimum=minimum.get(name, 1))
+
+
 def symmetry_report(
     runs: Any,
-    spec: PermutationSpec | None = None,
+    spec: Any = None,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
     out_dir: str | Path | None = None,
     *,
     num_samples: int = 100,
     align: str = "barycenter",
     loss_fn: Callable[[Any], float] | None = None,
+    model: Any = None,
     barrier_pairs: int = 3,
     barrier_points: int = 25,
     mi_method: str = "auto",
@@ -302,26 +253,37 @@ def symmetry_report(
     seed: int = 0,
     progress: bool = True,
     title: str = "Symmetry report",
+    overwrite: bool = False,
+    figures: bool | None = None,
 ) -> SymmetryReport:
     """Measure how much of the disagreement between runs is weight-space symmetry.
 
     Parameters
     ----------
-    runs : list (or MCMC)
-        As :func:`~pyro_symmetry.diagnostics.to_inference_data`: at least 2 runs.
+    runs : list, or one MCMC / ArviZ tree
+        As :func:`~pyro_symmetry.diagnostics.to_inference_data`: at least 2 runs (chains). An
+        ArviZ ``DataTree``/``InferenceData`` (e.g. the ``draws.nc`` of an earlier report,
+        reopened with ``xarray.open_datatree``) is re-aligned draw by draw.
     spec : PermutationSpec, optional
         Default: the model's ``.spec``.
     data : ``(x, y)``, optional
-        Held-out data for the loss barriers (default loss: the Monte Carlo predictive
-        NLL, :func:`~pyro_symmetry.gaussian_nll_loss`, which needs a model with
-        ``functional``). Without data and ``loss_fn`` no barriers are computed.
+        Held-out data for the loss barriers, passed to the model as ``model(x, y)``. The
+        default loss is the Monte Carlo predictive NLL of the model run by Pyro at the
+        posterior's draws (:func:`~pyro_symmetry.nll_loss`; any Pyro model, every latent
+        site of which must be in the runs), or a ``ps.models`` network's faster
+        ``functional`` path. When barriers cannot be computed, the notes say why.
     out_dir : path, optional
-        Where ``report.md``, ``report.html`` and the PNG figures are written.
+        Where ``report.html`` (one self-contained page, figures embedded), ``report.md``
+        and the draws before/after alignment (``draws.nc``, ``draws_aligned.nc``) are
+        written. It must be empty or new (checked before any work), unless ``overwrite``.
     num_samples : int
         Draws per run for R-hat/ESS and MMD.
     align : {"barycenter", "reference"}
     loss_fn : callable ``posterior -> float``, optional
         Loss for the barriers (overrides the default built from ``data``).
+    model : Pyro model, optional
+        For the default loss when the runs do not carry it (``(loc, scale)`` mappings);
+        default: the runs' model (a guide's, a ``TrainedRun``'s).
     barrier_pairs, barrier_points : int
         Pairs ``(r, r + 1)`` of runs and points on each interpolation path.
     mi_method, mi_samples, mi_permutations
@@ -330,13 +292,24 @@ def symmetry_report(
     num_weights_plotted : int
     seed : int
     progress : bool
-        Show a progress bar over the report's steps.
+        Progress bars: over the report's steps, and inside the long ones (alignment sweeps,
+        ``I(g; w)`` draws, barrier points, the model run draw by draw).
     title : str
+    overwrite : bool
+        Write into a non-empty ``out_dir``, replacing the report's own files there (and
+        only those: other files are never touched).
+    figures : bool, optional
+        Render the figures (matplotlib); default: when ``out_dir`` is given.
 
     Returns
     -------
     SymmetryReport
-        ``str(report)`` is the table; ``.to_markdown()``, ``.to_html()``, ``.figures``.
+        ``str(report)`` is the table; ``.to_markdown()``, ``.to_html()``, ``.figures``, ``.files``.
+
+    Raises
+    ------
+    FileExistsError
+        ``out_dir`` is not empty and ``overwrite`` is False.
 
     Examples
     --------
@@ -346,25 +319,29 @@ def symmetry_report(
     """
     if align not in ("barycenter", "reference"):
         raise ValueError(f"align must be 'barycenter' or 'reference', got {align!r}")
-    check_int("barrier_pairs", barrier_pairs, minimum=0)
-    check_int("barrier_points", barrier_points, minimum=2)
-    check_int("mi_samples", mi_samples, minimum=1)
-    check_int("mi_permutations", mi_permutations, minimum=1)
-    check_int("mmd_permutations", mmd_permutations, minimum=1)
-    check_int("num_weights_plotted", num_weights_plotted, minimum=0)
+    _check_options(
+        barrier_pairs=barrier_pairs,
+        barrier_points=barrier_points,
+        mi_samples=mi_samples,
+        mi_permutations=mi_permutations,
+        mmd_permutations=mmd_permutations,
+        num_weights_plotted=num_weights_plotted,
+    )
     check_int("seed", seed)
     if loss_fn is not None:
         check_callable("loss_fn", loss_fn)
     if data is not None and (not isinstance(data, (tuple, list)) or len(data) != 2):
         raise TypeError(f"data must be a pair (x, y) of held-out tensors, got {type(data).__name__}")
-    steps = ["draws", "alignment", "R-hat/ESS", "I(g;w)", "barriers", "MMD", "figures"]
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), overwrite)
+    steps = ["draws", "alignment", "R-hat/ESS", "I(g;w)", "barriers", "MMD", "figures", "files"]
     bar = tqdm(steps, desc="symmetry report", disable=not progress, leave=False)
     step = iter(bar)
 
     next(step)
     with warnings.catch_warnings():  # failed runs become notes of the report instead
         warnings.filterwarnings("ignore", message=r"run \d+ skipped")
-        draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
+        draws = gather_draws(runs, num_samples=num_samples, spec=spec, seed=seed, model=model)
     spec = draws.spec
     if spec is None:
         raise SpecError("symmetry_report needs a spec (pass spec=... or use a model with a .spec)")
@@ -376,39 +353,37 @@ def symmetry_report(
     next(step)
     many = None
     if posteriors is not None:
-        many = align_many(posteriors, spec, reference=0 if align == "reference" else "barycenter", seed=seed)
-    aligned = align_draws(draws, spec, align, alignment=many)
+        reference = 0 if align == "reference" else "barycenter"
+        many = align_many(posteriors, spec, reference=reference, seed=seed, progress=progress)
+    aligned = align_draws(draws, spec, align, alignment=many, **({} if many else {"progress": progress}))
 
     next(step)
     convergence = ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)
-    notes += _degenerate_notes(convergence)
+    notes += parts.degenerate_notes(convergence)
 
     next(step)
     mi: dict[str, list[MIEstimate]] = {}
-    if posteriors is not None:
-        mi = _estimate_mi(posteriors, spec, mi_method, mi_samples, mi_permutations, seed)
-    else:
+    if posteriors is None:
         notes.append("I(g; w) needs variational runs (guides or (loc, scale) mappings): skipped for sample sets.")
+    else:
+        try:
+            mi = parts.estimate_mi(posteriors, spec, mi_method, mi_samples, mi_permutations, seed, progress)
+        except Exception as e:  # noqa: BLE001 - e.g. point runs have no density: keep the rest
+            notes.append(parts.failure("I(g; w)", e))
 
     next(step)
-    barriers: list[tuple[str, BarrierResult, BarrierResult]] = []
-    if loss_fn is None and data is not None and callable(getattr(draws.model, "functional", None)):
-        loss_fn = gaussian_nll_loss(draws.model, data[0], data[1], seed=seed)
-    if posteriors is None or many is None:
-        notes.append("Loss barriers need variational runs: skipped.")
-    elif loss_fn is None:
-        notes.append("Loss barriers need held-out data and a model with .functional (or loss_fn=): skipped.")
-    else:
-        for r in range(min(barrier_pairs, len(posteriors) - 1)):
-            before = loss_barrier(loss_fn, posteriors[r], posteriors[r + 1], barrier_points)
-            after = loss_barrier(loss_fn, many.aligned[r], many.aligned[r + 1], barrier_points)
-            barriers.append((f"runs {run_ids[r]}-{run_ids[r + 1]}", before, after))
+    options = {"pairs": barrier_pairs, "points": barrier_points, "seed": seed, "progress": progress}
+    curves = parts.barriers(posteriors, many, loss_fn, data, draws.model, run_ids, options, notes)
 
     next(step)
     layers = list(layer_groups(spec, list(draws.samples)))
-    mmd_results, canonical = _mmd_by_layer(draws, spec, layers, mmd_permutations, seed)
+    mmd_results, canonical = {}, "–"
+    try:
+        mmd_results, canonical = parts.mmd_by_layer(draws, spec, layers, mmd_permutations, seed)
+    except Exception as e:  # noqa: BLE001 - keep the other sections
+        notes.append(parts.failure("MMD", e))
 
-    rows = _rows(spec, convergence, mi, mmd_results, barriers, draws)
+    rows = parts.rows(spec, convergence, mi, mmd_results, curves, draws)
     info = {
         "runs": draws.num_chains,
         "draws per run": draws.num_draws,
@@ -421,75 +396,17 @@ def symmetry_report(
         est = mi["all"][0]
         k = f", K = {est.num_permutations}" if est.num_permutations else ""
         info["I(g;w) estimator"] = f"{est.method} ({est.num_samples} draws{k})"
-    report = SymmetryReport(rows, convergence, mi, barriers, mmd_results, {}, info, notes, title, run_ids)
+    report = SymmetryReport(rows, convergence, mi, curves, mmd_results, {}, info, notes, title, run_ids)
+
+    next(step)
+    if figures or (figures is None and out_dir is not None):
+        try:
+            report.figures = parts.figures(convergence, curves, num_weights_plotted)
+        except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing: the report without figures
+            notes.append(parts.failure("The figures", e))
 
     next(step)
     if out_dir is not None:
-        out = Path(out_dir)
-        figs = {"rhat_hist": out / "rhat_hist.png", "marginals": out / "marginals.png", "ranks": out / "ranks.png"}
-        plots.plot_rhat_hist(convergence.before.rhat, convergence.after.rhat, figs["rhat_hist"])
-        # The weights whose R-hat drops most under alignment: where symmetry was the disagreement.
-        with np.errstate(invalid="ignore"):  # inf - inf: degenerate before and after, no drop to show
-            drop = {k: convergence.before.rhat[k] - convergence.after.rhat[k] for k in convergence.before.rhat}
-        weights = plots.select_weights(drop, num_weights_plotted)
-        plots.plot_marginals(draws.samples, aligned.samples, weights, figs["marginals"])
-        plots.plot_ranks(draws.samples, aligned.samples, weights, figs["ranks"])
-        if barriers:
-            figs["barriers"] = out / "barriers.png"
-            plots.plot_barriers(barriers, figs["barriers"], ylabel="test loss")
-        report.figures = figs
-        report.save(out)
+        report.save(out_dir, overwrite=overwrite)
     bar.close()
     return report
-
-
-def _degenerate_notes(convergence: ConvergenceComparison) -> list[str]:
-    """Say which layers' R-hat/ESS rest on degenerate draws (every run constant)."""
-    notes = []
-    for label, summary in (("before", convergence.before), ("after", convergence.after)):
-        counts = {layer: summary.num_degenerate(layer) for layer in summary.layer_names}
-        counts = {layer: c for layer, c in counts.items() if c}
-        if counts:
-            total = summary.row()["num_weights"]
-            per_layer = ", ".join(f"{layer} {c}" for layer, c in counts.items())
-            notes.append(
-                f"R-hat/ESS {label} alignment rest on degenerate draws (every run constant: point estimates, "
-                f"AutoDelta or tiny scales) for {sum(counts.values())} of {total} weights ({per_layer}): they count "
-                "as not converged (R-hat inf where runs differ, undefined where all agree) and their ESS is n/a."
-            )
-    return notes
-
-
-def _rows(spec, convergence, mi, mmd_results, barriers, draws) -> list[dict[str, Any]]:
-    shapes = {site: tuple(v.shape[2:]) for site, v in draws.samples.items()}
-    widths, groups = layer_widths(spec, shapes), layer_groups(spec, list(shapes))
-    rows = []
-    for layer, group in [*groups.items(), ("all", None)]:
-        key = None if layer == "all" else layer
-        b, a = convergence.before.row(key), convergence.after.row(key)
-        row: dict[str, Any] = {"layer": layer, "num_weights": b["num_weights"]}
-        for k in ("rhat_max", "rhat_median", "frac_rhat>1.01", "frac_rhat>1.1", "ess_min", "ess_median", "degenerate"):
-            row[f"{k}_before"], row[f"{k}_after"] = b[k], a[k]
-        if layer == "all":
-            row["width"] = sum(spec.sizes.values())
-            row["log_order"], row["log_order_share"] = spec.log_order, 1.0
-        elif group is not None:
-            row["width"] = spec.groups[group].size
-            row["log_order"] = _group_log_order(spec, group)
-            row["log_order_share"] = row["log_order"] / spec.log_order if spec.log_order > 0 else 0.0
-        else:  # no group: its neurons are not interchangeable; the width only where the spec says it
-            row["width"], row["log_order"], row["log_order_share"] = widths.get(layer), 0.0, 0.0
-        name = "all" if layer == "all" else (group if len(spec.groups) > 1 else ("all" if group else None))
-        if name is not None and name in mi:
-            values = [e.value for e in mi[name]]
-            row["mi_mean"] = statistics.fmean(values)
-            row["mi_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
-        before, after = mmd_results[layer]
-        row.update(
-            mmd2_before=before.mmd2, mmd_p_before=before.p_value, mmd2_after=after.mmd2, mmd_p_after=after.p_value
-        )
-        if layer == "all" and barriers:
-            row["barrier_before"] = statistics.fmean(b.barrier for _, b, _ in barriers)
-            row["barrier_after"] = statistics.fmean(a.barrier for _, _, a in barriers)
-        rows.append(row)
-    return rows
