@@ -544,3 +544,17 @@ def test_groupnorm_spec_is_exactly_the_function_preserving_permutations():
     spec = ps.PermutationSpec.from_module(net)
     assert len(valid) == 8 and spec.order == 8
     assert _spec_permutations(spec, ["conv1"], [4]) == valid
+
+
+def test_check_sees_through_zero_initialized_parameters():
+    """The ViT's class token and position table start at zero, so permuting them alone does
+    not change the function of a freshly built module; the check replaces constant
+    parameters by distinct values and catches it."""
+    from pyro_symmetry.groups._verify import check_spec_against
+
+    net = ViT(dim=8, depth=1, heads=2, mlp=6)
+    assert float(net.pos_embed.abs().max()) == 0.0
+    G, A = ps.NeuronGroup, ps.Axis
+    wrong = ps.PermutationSpec({"pos_only": G(8, [A("pos_embed", -1), A("cls_token", -1)], [])})
+    with pytest.raises(ps.SpecError, match="group 'pos_only' of the spec changes the model"):
+        check_spec_against(wrong, net, torch.randn(2, 3, 8, 8))

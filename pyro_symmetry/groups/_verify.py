@@ -41,22 +41,27 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def test_state(module: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """The module's parameters and buffers, with every constant one (all entries equal: a
-    zero-initialized class token, a LayerNorm's ones, default BatchNorm statistics) replaced by
-    a random one, so that an initialization cannot hide a broken symmetry."""
-    out = {}
-    for k, v in module.state_dict().items():
-        v = v.detach()
-        if not v.is_floating_point() or v.numel() < 2 or bool((v != v.reshape(-1)[0]).any()):
-            out[k] = v
+    """The module's parameters and buffers, with every constant floating one (all entries
+    equal: a zero-initialized class token, a LayerNorm's ones, default BatchNorm statistics)
+    replaced by distinct values, so that an initialization cannot hide a broken symmetry: a
+    constant ``c != 0`` becomes ``c`` times factors in [0.5, 1.5) (its sign kept, so a
+    variance stays positive), a zero becomes ``N(0, 1/4)`` (``N(0, 1/fan_in)`` for matrices)."""
+    out: dict[str, torch.Tensor] = {}
+    fresh: dict[int, torch.Tensor] = {}  # tied names share one tensor
+    for k, v in module.state_dict(keep_vars=True).items():
+        t = v.detach()
+        if not t.is_floating_point() or t.numel() < 2 or bool((t != t.reshape(-1)[0]).any()):
+            out[k] = t
             continue
-        x = torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)
-        if k.endswith("running_var"):
-            out[k] = v * (0.5 + torch.rand(v.shape, generator=gen, dtype=v.dtype).to(v.device))
-        elif v.dim() >= 2:
-            out[k] = v + x / math.sqrt(max(1, v[0].numel()))
-        else:
-            out[k] = v + 0.5 * x
+        if id(v) not in fresh:
+            c = float(t.reshape(-1)[0])
+            if c != 0:
+                x = c * (0.5 + torch.rand(t.shape, generator=gen, dtype=t.dtype))
+            else:
+                x = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+                x = x / math.sqrt(max(1, t[0].numel())) if t.dim() >= 2 else 0.5 * x
+            fresh[id(v)] = x.to(t.device)
+        out[k] = fresh[id(v)]
     return out
 
 
