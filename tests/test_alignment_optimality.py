@@ -20,7 +20,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from strategies import group_element, mlp_params, seeds
 
@@ -117,11 +117,12 @@ def _best_single_group(spec, q0, q1, perm, g):
     return float(_costs(q0, _act(sub, moved, sub.elements())).min())
 
 
-def _check_coordinatewise_optimal(spec, q0, q1, perm, objective, rtol=RTOL):
+def _check_coordinatewise_optimal(spec, q0, q1, perm, objective, rtol=RTOL, identity_bound=True):
     energy = _energy(q0, q1)
     direct = float(_costs(q0, _act(spec, q1, perm)))
     assert objective == pytest.approx(direct, rel=max(1e-10, rtol), abs=rtol * energy)
-    assert objective <= float(_costs(q0, q1)) + rtol * energy  # never above the identity
+    if identity_bound:  # the greedy start falls back on the identity; warm starts need not
+        assert objective <= float(_costs(q0, q1)) + rtol * energy
     for g in spec.groups:
         best = _best_single_group(spec, q0, q1, perm, g)
         assert best >= objective - rtol * energy, (g, objective - best, energy)
@@ -219,10 +220,13 @@ def test_every_sample_is_a_coordinatewise_minimum(hidden, sym, eps, seed, size):
         _check_coordinatewise_optimal(spec, q0, one, perm, float(res.objective[b, -1]))
 
 
+@example(eps=0.1, seed=2516, method="weights")
 @given(eps=epsilons, seed=seeds, method=methods)
 def test_barycenter_members_are_coordinatewise_minima(eps, seed, method):
     """``align_many(reference="barycenter")`` warm-starts each refinement from the last
-    permutations; each run ends at a coordinate-wise minimum against the barycenter."""
+    permutations; each run ends at a coordinate-wise minimum against the barycenter.
+
+    (The identity bound does not apply: explored example eps=0.1, seed=2516, weights.)"""
     sizes = [2, 3, 3, 2]
     spec = _spec(sizes, "sign")
     wass = method == "wasserstein"
@@ -234,11 +238,15 @@ def test_barycenter_members_are_coordinatewise_minima(eps, seed, method):
         for r in range(3)
     ]
     res = ps.align_many(runs, spec, reference="barycenter", method=method, seed=seed)
+    assert res.converged  # so the barycenter returned is the one the runs were last aligned to
     bary = res.barycenter
     ref = ({k: v[0] for k, v in bary.items()}, {k: v[1] for k, v in bary.items()}) if wass else (bary, None)
     for r, run in enumerate(runs):
         one = (run, None) if not wass else ({k: v[0] for k, v in run.items()}, {k: v[1] for k, v in run.items()})
-        _check_coordinatewise_optimal(spec, ref, one, res.permutations[r], float(res.objective[r]))
+        # Warm-started from the previous refinement: a coordinate-wise minimum against the
+        # barycenter, with no bound by the identity (which means nothing against a barycenter).
+        obj = float(res.objective[r])
+        _check_coordinatewise_optimal(spec, ref, one, res.permutations[r], obj, identity_bound=False)
 
 
 # ---------------------------------------------------------------------------- all of G, several layers
