@@ -21,6 +21,7 @@ __all__ = [
     "AffineAfterNorm",
     "AttentionTransformer",
     "BasicBlock",
+    "ChannelsLastFlatten",
     "DenseNetTiny",
     "DepthwiseNet",
     "GroupNormNet",
@@ -481,3 +482,17 @@ class TiedEmbeddingLM(nn.Module):
         h = self.tok(idx)
         h = h + self.fc2(torch.relu(self.fc1(h)))
         return self.norm(h) @ self.tok.weight.T
+
+
+class ChannelsLastFlatten(nn.Module):
+    """conv -> tanh -> ``permute(0, 2, 3, 1).flatten(1)`` -> linear: each channel is read by one
+    column per pixel, strided (one slice of the axis per pixel)."""
+
+    def __init__(self, c: int = 3, h: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(2, c, 3, padding=1)
+        self.fc, self.out = nn.Linear(4 * 4 * c, h), nn.Linear(h, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).permute(0, 2, 3, 1).flatten(1)
+        return self.out(torch.tanh(self.fc(h)))

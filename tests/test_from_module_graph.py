@@ -19,6 +19,7 @@ import torch
 from architectures import (
     AffineAfterNorm,
     AttentionTransformer,
+    ChannelsLastFlatten,
     DenseNetTiny,
     DepthwiseNet,
     GatedBias,
@@ -105,6 +106,7 @@ CASES = {
     "depthwise_multiplier_2": (lambda: DepthwiseNet(3, 2, 4, act=nn.Tanh), lg(3) + 3 * signed(2) + signed(4), image(2)),
     "grouped_conv": (lambda: GroupedConvNet(4, 6, 2, 3), lg(2) + 2 * lg(3) + lg(3), image(2)),
     "grouped_conv_tanh": (lambda: GroupedConvNet(6, 6, 3, 2, act=nn.Tanh), lg(3) + 3 * signed(2) + lg(2), image(2)),
+    "channels_last_flatten": (lambda: ChannelsLastFlatten(3, 5), signed(3) + signed(5), image(2, 4)),
     "densenet": (lambda: DenseNetTiny(4, 3, 2), lg(4) + 2 * lg(3), image(2)),
     "densenet_batchnorm": (lambda: DenseNetTiny(4, 3, 2, batchnorm=True), lg(4) + 2 * lg(3), image(2)),
     "unet_interpolate": (lambda: UNetTiny(3, 4, 3), lg(3) + lg(4) + lg(3), image(2)),
