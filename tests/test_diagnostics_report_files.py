@@ -55,7 +55,8 @@ def written(tmp_path_factory):
     pytest.importorskip("matplotlib")
     model, runs, x, y = _gaussian_runs()
     out = tmp_path_factory.mktemp("report")
-    report = D.symmetry_report(runs, model.spec, data=(x, y), model=model, out_dir=out, progress=False, **QUICK)
+    loss = ps.gaussian_nll_loss(model, x, y, num_samples=4)
+    report = D.symmetry_report(runs, model.spec, loss_fn=loss, out_dir=out, progress=False, **QUICK)
     return report, out
 
 
@@ -176,7 +177,9 @@ def test_overwrite_replaces_only_the_reports_own_files_and_leaves_nothing_stale(
 
 def test_progress_reaches_alignment_mutual_information_and_barriers(capfd):
     model, runs, x, y = _gaussian_runs()
-    D.symmetry_report(runs, model.spec, data=(x, y), model=model, progress=True, **QUICK)
+    D.symmetry_report(
+        runs, model.spec, loss_fn=ps.gaussian_nll_loss(model, x, y, num_samples=4), progress=True, **QUICK
+    )
     err = capfd.readouterr().err
     for desc in ("symmetry report", "alignment sweeps", "I(g; w)", "loss barrier"):
         assert desc in err, desc
