@@ -58,8 +58,8 @@ REPORT_FILES = {
     "draws_aligned": "draws_aligned.nc",
 }
 FILES_NOTE = (
-    "Saved beside this report: draws.nc (the draws before alignment) and draws_aligned.nc (after), ArviZ trees "
-    "in netCDF; reopen them with xarray.open_datatree(path)."
+    "Saved with this report (out_dir= or save()): draws.nc (the draws before alignment) and draws_aligned.nc "
+    "(after), ArviZ trees in netCDF beside report.html; reopen them with xarray.open_datatree(path)."
 )
 
 
