@@ -151,6 +151,23 @@ def test_log_permanent_n13_to_20_matches_subset_dp(n):
         assert float(log_permanent(a)) == pytest.approx(ref, abs=1e-10), (n, scale)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_log_permanent_chunk_boundaries(monkeypatch, chunk):
+    # tiny chunks: the batch is split, and the high rows are walked a few subsets at a time
+    monkeypatch.setattr(permanent_module, "_CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(permanent_module, "_LOW_BITS", 3)
+    g = torch.Generator().manual_seed(chunk)
+    for n in (1, 2, 5, 9, 13):
+        a = torch.randn(5, n, n, generator=g, dtype=torch.float64).requires_grad_(True)
+        out = log_permanent(a)
+        ref = torch.tensor([subset_dp_log_perm(x.detach().numpy()) for x in a], dtype=torch.float64)
+        assert torch.allclose(out, ref, rtol=1e-13, atol=1e-11), (n, chunk)
+        if n <= 7:
+            (grad,) = torch.autograd.grad(out.sum(), a)
+            (gref,) = torch.autograd.grad(brute_log_perm(a).sum(), a)
+            assert torch.allclose(grad, gref, atol=1e-12), (n, chunk)
+
+
 @pytest.mark.parametrize("n", [20, 22, 24, 25])
 def test_log_permanent_all_ones_worst_case(n):
     # perm(ones) = n!: after scaling, the least permanent of a doubly stochastic matrix, the hardest
@@ -225,6 +242,18 @@ def test_dp_permanent_matches_brute_force_with_gradient(n):
         (grad,) = torch.autograd.grad(out.sum(), m)
         (ref,) = torch.autograd.grad(brute_perm(m).sum(), m)
         assert torch.allclose(grad, ref, rtol=1e-12, atol=1e-15)
+
+
+def test_dp_permanent_in_groups_of_matrices(monkeypatch):
+    from pyro_symmetry.estimators import _subset_dp
+
+    monkeypatch.setattr(_subset_dp, "_TABLE_ELEMENTS", 1 << 5)  # two 4 x 4 tables at a time
+    m = torch.rand(7, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_(True)
+    out = _subset_dp.dp_permanent(m)
+    assert torch.allclose(out, brute_perm(m), rtol=1e-13, atol=0)
+    (grad,) = torch.autograd.grad(out.sum(), m)
+    (ref,) = torch.autograd.grad(brute_perm(m).sum(), m)
+    assert torch.allclose(grad, ref, rtol=1e-12, atol=1e-15)
 
 
 def test_badly_conditioned_scaling_goes_to_the_subset_program(monkeypatch):

@@ -28,6 +28,8 @@ __all__ = ["dp_permanent"]
 
 #: Gathered elements per step (memory of one step: 8 bytes each, several times over).
 _CHUNK_ELEMENTS = 1 << 21
+#: Table entries held at once (``2^n`` per matrix, 8 bytes each; two tables in backward).
+_TABLE_ELEMENTS = 1 << 24
 
 
 def _levels(n: int, device: torch.device):
@@ -112,10 +114,14 @@ def dp_permanent(m: torch.Tensor) -> torch.Tensor:
 
     Exact up to ``O(n eps)`` relative rounding for any nonnegative matrix: no
     subtraction occurs. Scale ``m`` first so that its permanent neither overflows nor
-    underflows (e.g. entries at most one with a permutation of ones).
+    underflows (e.g. entries at most one with a permutation of ones). Matrices are
+    processed a few at a time (tables of ``2^n`` floats each, at most 128 MB at once;
+    one matrix at ``n = 25``: 256 MB, twice that for the gradient).
     """
     batch, n = m.shape[:-2], m.shape[-1]
     if n == 0:
         return m.new_ones(batch)
     flat = m.reshape(-1, n, n)
-    return _DPPermanent.apply(flat).reshape(batch)
+    step = max(1, _TABLE_ELEMENTS >> n)  # matrices whose tables are held at once
+    parts = [_DPPermanent.apply(flat[i : i + step]) for i in range(0, flat.shape[0], step)]
+    return torch.cat(parts).reshape(batch)

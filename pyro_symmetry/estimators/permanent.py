@@ -80,7 +80,7 @@ def _glynn(m: torch.Tensor) -> torch.Tensor:
     n = m.shape[-1]
     batch = m.shape[:-2]
     width = 1 << min(n - 1, _LOW_BITS)
-    if m.dim() == 3 and m.shape[0] * width > _CHUNK_ELEMENTS:  # several matrices per chunk at most
+    if m.dim() == 3 and m.shape[0] > 1 and m.shape[0] * width > _CHUNK_ELEMENTS:  # bounded matrices per chunk
         step = max(1, _CHUNK_ELEMENTS // width)
         return torch.cat([_glynn(m[i : i + step]) for i in range(0, m.shape[0], step)])
     rows = m[..., 1:, :].transpose(-1, -2)  # (*batch, n columns, n - 1 rows)
