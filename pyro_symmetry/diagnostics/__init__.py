@@ -12,10 +12,10 @@ matplotlib::
     ps.diagnostics.symmetry_report(runs, spec, data=(x, y), out_dir="report")
 """
 
-from . import convergence, inference_data, kernel_mmd, metrics, plots, report
+from . import convergence, draws, inference_data, kernel_mmd, metrics, plots, report
 from .convergence import ConvergenceComparison, ConvergenceSummary, rhat_ess, rhat_ess_before_after
-from .draws import with_model_data
-from .inference_data import RunDraws, align_draws, collect_draws, draws_to_datatree, site_dims, to_inference_data
+from .draws import RunDraws, align_draws, collect_draws, with_model_data
+from .inference_data import draws_to_datatree, site_dims, to_inference_data
 from .kernel_mmd import MMDResult, canonical_form, mmd, mmd2_unbiased
 from .report import SymmetryReport, symmetry_report
 
@@ -29,6 +29,7 @@ __all__ = [
     "canonical_form",
     "collect_draws",
     "convergence",
+    "draws",
     "draws_to_datatree",
     "inference_data",
     "kernel_mmd",

@@ -25,7 +25,7 @@ from ._model_data import model_data, split_data
 from ._run_reading import Chain, read_run
 from ._runs import describe_skipped, expected_shapes, fit_site_shapes, split_failed
 
-__all__ = ["RunDraws", "align_draws", "collect_draws", "gather_draws", "with_model_data"]
+__all__ = ["RunDraws", "align_draws", "collect_draws", "with_model_data"]
 
 
 @dataclass(frozen=True)

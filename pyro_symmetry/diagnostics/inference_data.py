@@ -21,9 +21,9 @@ import numpy as np
 
 from ..groups import PermutationSpec
 from . import _layout
-from .draws import RunDraws, align_draws, collect_draws, gather_draws, with_model_data
+from .draws import RunDraws, align_draws, collect_draws, gather_draws, with_model_data  # noqa: F401 - old home
 
-__all__ = ["RunDraws", "align_draws", "collect_draws", "draws_to_datatree", "site_dims", "to_inference_data"]
+__all__ = ["draws_to_datatree", "site_dims", "to_inference_data"]
 
 ALIGN_METHODS = (None, "reference", "barycenter")
 
