@@ -124,11 +124,38 @@ def test_rescale_refuses_activations_that_are_not_homogeneous(act):
         ps.rescale(mlp_params([3, 4, 2]), spec, {"fc1": torch.zeros(4)})
 
 
-def test_rescale_refuses_groups_followed_by_a_norm():
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+def test_rescale_refuses_a_module_group_that_is_not_homogeneous():
+    net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
     spec = ps.PermutationSpec.from_module(net)
     with pytest.raises(ps.SpecError, match="group '0' has activation_symmetry='none'"):
         ps.rescale(net.state_dict(), spec, {"0": torch.zeros(4)})
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.LayerNorm])
+def test_a_norm_layers_scale_is_a_weight_of_the_mass(norm):
+    """Linear -> norm -> ReLU: the group rescales the norm's scale and shift (the linear
+    layer before it is passive). The default mass counts the norm's scale, like Laurent et
+    al.'s code (batch-norm weights counted, no biases), not its shift."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), norm(4), nn.ReLU(), nn.Linear(4, 2))
+    net.train()
+    net(torch.randn(32, 3))  # running statistics
+    net.eval()
+    with torch.no_grad():
+        net[1].weight.uniform_(0.5, 2.0)
+        net[1].bias.normal_()
+    spec = ps.PermutationSpec.from_module(net)
+    assert ps.mass_sites(spec) == ("1.weight", "3.weight")
+    assert set(ps.mass_sites(spec, include_biases=True)) == {"1.weight", "1.bias", "3.weight"}
+    res = ps.min_mass(net.state_dict(), spec)
+    assert res.converged.all() and not res.dead["0"].any()
+    moved = copy.deepcopy(net)
+    moved.load_state_dict(res.params)
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert rel_err(moved(x), net(x)) < 1e-5
+    w = res.params
+    torch.testing.assert_close(w["1.weight"].square(), w["3.weight"].square().sum(0), rtol=1e-4, atol=0)
 
 
 def test_rescale_rejects_bad_log_scales():

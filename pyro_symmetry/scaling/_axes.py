@@ -13,7 +13,6 @@ from ..groups import PermutationSpec, SpecError
 
 __all__ = [
     "SiteAxis",
-    "check_devices",
     "check_group_tensors",
     "detached",
     "groups_with",
@@ -30,35 +29,6 @@ class SiteAxis(NamedTuple):
     inner: int  # block length (> 1 after a conv-to-linear flatten)
     group: str
     direction: int  # +1 incoming (rows, biases), -1 outgoing (next layer's columns)
-
-
-def check_devices(tensors: Mapping[str, object], hint: str = "") -> torch.device | None:
-    """All tensors hold values (none on the meta device) and share one device.
-
-    ``tensors`` maps a label naming the argument and site (``"params['fc1.weight']"``) to
-    a value; non-tensors are skipped. Raises ``ValueError`` naming the first meta tensor,
-    or the first two tensors on different devices, before any computation (a meta tensor
-    otherwise fails deep inside torch). Returns the common device (``None``: no tensor).
-
-    A local stand-in with the signature of the shared check planned for
-    ``pyro_symmetry._validation``; replace it by that one when it lands.
-    """
-    first: tuple[str, torch.device] | None = None
-    for label, t in tensors.items():
-        if not torch.is_tensor(t):
-            continue
-        if t.device.type == "meta":
-            raise ValueError(
-                f"{label} is on the meta device: it holds no values; load or materialize the weights first "
-                "(e.g. module.to_empty(device='cpu') then load_state_dict)"
-            )
-        if first is None:
-            first = (label, t.device)
-        elif t.device != first[1]:
-            raise ValueError(
-                f"{label} is on device {t.device} but {first[0]} is on {first[1]}; move them to one device{hint}"
-            )
-    return None if first is None else first[1]
 
 
 def detached(params: Mapping[str, object]) -> dict[str, object]:

@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._validation import check_int, check_params, check_seed, check_spec
+from .._validation import check_devices, check_int, check_params, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..posterior import point_params
-from ._axes import check_devices, detached, groups_with, site_axes
+from ._axes import detached, groups_with, site_axes
 from .minimum_mass import min_mass
 from .rescaling import mass_of_site
 from .signs import flip_signs, sign_convention

@@ -31,9 +31,9 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .._validation import check_params, check_real, check_spec
+from .._validation import check_devices, check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, check_devices, detached, groups_with, site_axes
+from ._axes import SiteAxis, detached, groups_with, site_axes
 from ._mass_problem import Problem, build_problem, log_coefficients, solve
 from .rescaling import mass, mass_of_site, mass_sites, scale_site
 
@@ -182,11 +182,12 @@ def min_mass(
         Maximum number of sweeps.
     sites : sequence of str, optional
         Sites whose squared entries make up the mass (default
-        :func:`~pyro_symmetry.scaling.mass_sites`: every rescaled weight matrix or
-        kernel, i.e. every rescaled site with two or more event dims).
+        :func:`~pyro_symmetry.scaling.mass_sites`: every rescaled weight matrix,
+        kernel or norm-layer scale, not the biases).
     include_biases : bool
-        With the default ``sites``, count the hidden biases too (every one-dimensional
-        site a ``"scale"`` group rescales). Not allowed together with ``sites``.
+        With the default ``sites``, count the hidden biases too (the one-dimensional
+        rescaled sites whose name does not end in ``"weight"``). Not allowed together
+        with ``sites``.
     relax : bool
         Over-relax the sweeps (see Algorithm); ``False`` gives plain block coordinate
         descent. Both reach the same minimizer.

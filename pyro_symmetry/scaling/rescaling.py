@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .._validation import check_finite, check_mapping, check_params, check_spec, check_tensor
+from .._validation import check_devices, check_finite, check_mapping, check_params, check_spec, check_tensor
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, check_devices, check_group_tensors, groups_with, site_axes, split_event
+from ._axes import SiteAxis, check_group_tensors, groups_with, site_axes, split_event
 
 __all__ = ["mass", "mass_of_site", "mass_sites", "rescale", "scale_site"]
 
@@ -187,17 +187,19 @@ def _check_no_overflow(site: str, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _is_bias(spec: PermutationSpec, site: str) -> bool:
-    """A site with one event dim (a vector over one layer's neurons: a bias)."""
-    return spec.site_moves(site)[0] == 1
+    """A bias: a site with one event dim (a vector over one layer's neurons) whose name
+    does not end in ``"weight"`` (a norm layer's scale ``"bn.weight"`` is a weight, as in
+    Laurent et al.'s code, which counts batch-norm weights but no biases)."""
+    return spec.site_moves(site)[0] == 1 and not site.endswith("weight")
 
 
 def mass_sites(spec: PermutationSpec, include_biases: bool = False) -> tuple[str, ...]:
     """The sites whose squared entries make up the mass by default.
 
-    Every site a ``"scale"`` group rescales that has at least two event dims (weight
-    matrices, conv kernels): Laurent et al.'s mass counts the weights only. With
-    ``include_biases=True`` the one-dimensional sites a ``"scale"`` group rescales (the
-    hidden biases) are counted too.
+    Every site a ``"scale"`` group rescales except the biases: weight matrices, conv
+    kernels and norm-layer scales (Laurent et al.'s mass counts the weights only). A bias
+    is a one-dimensional site whose name does not end in ``"weight"`` (``fc1.bias``,
+    ``0.bias``). With ``include_biases=True`` the biases are counted too.
     """
     if not isinstance(include_biases, bool):
         raise TypeError(f"include_biases must be a bool, got {include_biases!r}")
@@ -245,13 +247,14 @@ def mass(
     params : mapping ``site -> Tensor (*batch, *site_shape)``
     spec : PermutationSpec
     sites : sequence of str, optional
-        Sites to sum over. Default :func:`mass_sites`: every weight matrix or kernel a
-        ``"scale"`` group rescales (the weights of a ReLU MLP; not the biases, which
-        rescaling moves but Laurent et al. do not count).
+        Sites to sum over. Default :func:`mass_sites`: every weight a ``"scale"``
+        group rescales (weight matrices, conv kernels, norm-layer scales; not the
+        biases, which rescaling moves but Laurent et al. do not count).
     include_biases : bool
-        With the default ``sites``, also count the hidden biases (every
-        one-dimensional site a ``"scale"`` group rescales; the output bias, which no
-        rescaling changes, is never included by default). Not allowed with ``sites``.
+        With the default ``sites``, also count the hidden biases (the one-dimensional
+        sites a ``"scale"`` group rescales whose name does not end in ``"weight"``; the
+        output bias, which no rescaling changes, is never included by default). Not
+        allowed with ``sites``.
 
     Returns
     -------

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .._validation import check_mapping, check_spec
+from .._validation import check_devices, check_mapping, check_spec
 from ..groups import PermutationSpec, SpecError, encode_signed
-from ._axes import check_devices, check_group_tensors, detached, groups_with, site_axes
+from ._axes import check_group_tensors, detached, groups_with, site_axes
 
 __all__ = ["flip_signs", "sign_convention"]
 
