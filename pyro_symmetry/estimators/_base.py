@@ -27,7 +27,7 @@ import torch.distributions as td
 import torch.utils.checkpoint
 
 from .._validation import check_finite, check_spec
-from ..groups import FlatLayout, PermutationSpec, SpecError, apply_flat, flat_permutation
+from ..groups import FlatLayout, PermutationSpec, SpecError
 
 __all__ = ["CHUNK_BYTES", "BaseDensity", "Marginals", "as_base", "detach_distribution"]
 
@@ -35,7 +35,11 @@ Value = torch.Tensor | Mapping[str, torch.Tensor]
 
 #: Bytes that one chunk of a batched evaluation may hold in permuted weight copies and
 #: their temporaries (read at call time: tests make it small to exercise chunk boundaries).
-CHUNK_BYTES = 128 * 2**20
+#: Each temporary is then about 50 MB, above glibc's largest mmap threshold (32 MB), so it
+#: is returned to the system when freed; with 128 MB chunks (26 MB temporaries) the heap
+#: fragmented and the resident memory crept up by ~300 MB over a hundred chunks
+#: (benchmarks/estimators_memory.py).
+CHUNK_BYTES = 256 * 2**20
 
 
 def _row_index(own: torch.Size, out: torch.Size, device: torch.device) -> torch.Tensor:
@@ -357,9 +361,14 @@ class BaseDensity:
         return sum(d.log_prob(value[s]) for s, d in self.dists.items())
 
     def act(self, value: Value, perm: Mapping[str, torch.Tensor]) -> Value:
-        """``perm . value`` for a (batched) element; element dims lead the value's batch dims."""
+        """``perm . value`` for a (batched) element; element dims lead the value's batch dims.
+
+        A flat value is moved site by site (views of the flat vector) and packed again: no
+        flat index vector (8 bytes per coordinate and copy) is built."""
         if self.flat is not None:
-            return apply_flat(value, flat_permutation(self.spec, perm, self.layout))
+            sites = self.layout.from_flat(value)
+            moved = self.spec.apply({s: sites[s] for s in self.spec.sites}, perm)
+            return self.layout.to_flat({**sites, **moved})
         return self.spec.apply(self.moving(value), perm)
 
     def log_prob_acted(self, value: Value, perm: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -377,9 +386,9 @@ class BaseDensity:
 
     def row_bytes(self, itemsize: int) -> int:
         """Bytes one permuted copy of a draw costs in :meth:`log_prob_acted`: the copy, two
-        temporaries of the kernel and the flat index (8 bytes per coordinate, flat ``q``)."""
+        temporaries of the kernel, and for a flat ``q`` the moved sites before packing."""
         if self.flat is not None:
-            return self.layout.dim * (4 * itemsize + 16)
+            return self.layout.dim * 5 * itemsize
         dim = sum(math.prod(self.spec.shapes[s]) for s in self.spec.sites)
         return max(1, dim * 4 * itemsize)
 
