@@ -322,3 +322,38 @@ def test_float64_draws_stay_float64_through_netcdf(tmp_path):
     tree.to_netcdf(tmp_path / "t.nc")
     back = D.to_inference_data(xr.open_datatree(tmp_path / "t.nc"), spec=spec, align="reference")
     assert {str(back["posterior"][k].dtype) for k in spec.sites} == {"float64"}
+
+
+class _NaNWherePositive(TutorialBNN):
+    """A user's model bug: its likelihood is NaN where the first weight is positive."""
+
+    def forward(self, x, y=None):
+        h = self.activation(self.layer1(x))
+        mu = self.layer2(h).squeeze(-1)
+        sigma = pyro.sample("sigma", dist.Gamma(2.0, 4.0))
+        mu = torch.where(self.layer1.weight[0, 0] > 0, torch.nan, mu)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu, sigma, validate_args=False), obs=y)
+        return mu
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_a_nan_log_likelihood_is_refused_with_the_site_named():
+    x, y = _regression_data(n=10)
+    g = _gen(4)
+    shapes = {**_shapes(), "layer2.bias": (1,)}
+    runs = [{k: torch.randn((6, *s), generator=g) for k, s in shapes.items()} for _ in range(2)]
+    for run in runs:
+        run["sigma"] = torch.rand(6, generator=g) + 0.5
+    with pytest.raises(ValueError, match=r"the log-likelihood of site 'obs' is NaN at \d+ of 12 draws"):
+        D.to_inference_data(runs, spec=tutorial_spec(), data=(x, y), model=_NaNWherePositive())
+
+
+def test_global_state_is_left_alone_with_data_and_predictions():
+    from pyro_symmetry._state import snapshot
+
+    runs, (x, y) = _fitted("tutorial")
+    before = snapshot()
+    D.to_inference_data(runs, num_samples=4, data=(x, y), spec=tutorial_spec(), posterior_predictive=True)
+    D.collect_draws(runs, num_samples=4, data=(x, y), spec=tutorial_spec())
+    assert snapshot().diff(before) == []

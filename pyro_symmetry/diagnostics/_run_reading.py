@@ -175,6 +175,8 @@ def read_run(
         return [Chain(label, draws, {}, {})], point, model, {}
     if is_guide(target):
         draws, log_q = guide_draws(target, num_samples, args, kwargs, seed)
+        if bool(torch.isnan(log_q).any()):
+            raise ValueError(f"{label}: the guide's log q is NaN at {int(torch.isnan(log_q).sum())} draws")
         return [Chain(label, draws, {"log_q": log_q}, {})], target, model, {}
     with torch.no_grad():
         draws = post.sample((num_samples,), generator=torch.Generator().manual_seed(seed))

@@ -317,6 +317,8 @@ def with_model_data(
         model, draws.flat(), args, kwargs, posterior_predictive=posterior_predictive, seed=seed, progress=progress
     )
 
+    _check_not_nan({**{f"the log-likelihood of site {k!r}": v for k, v in md.log_likelihood.items()}, "lp": md.log_p})
+
     def chains(t: torch.Tensor) -> torch.Tensor:
         return t.reshape((num_chains, num_draws, *t.shape[1:]))
 
@@ -330,6 +332,18 @@ def with_model_data(
         obs_dims=md.obs_dims,
         posterior_predictive=pp if pp is not None else draws.posterior_predictive,
     )
+
+
+def _check_not_nan(values: Mapping[str, torch.Tensor]) -> None:
+    """A NaN log-density never reaches ArviZ (where it would become an elpd); ``-inf`` (an
+    observation impossible at a draw) is a value and is kept."""
+    for name, v in values.items():
+        bad = torch.isnan(v.reshape(v.shape[0], -1)).any(-1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} is NaN at {int(bad.sum())} of {v.shape[0]} draws (first: draw {int(bad.nonzero()[0])} of "
+                "the pooled chains); the model returns NaN there"
+            )
 
 
 # ---------------------------------------------------------------------- align
