@@ -2,7 +2,7 @@
 
 from ._indexing import decode_signed, encode_signed
 from .action import SiteAction, Span
-from .builders import mlp_spec, model_site_shapes, spec_from_module
+from .builders import activation_symmetry, mlp_spec, model_site_shapes, spec_from_module
 from .flat import FlatLayout, apply_flat, flat_permutation
 from .spec import ACTIVATION_SYMMETRIES, Axis, GroupElement, NeuronGroup, PermutationSpec, SpecError
 
@@ -16,6 +16,7 @@ __all__ = [
     "SiteAction",
     "Span",
     "SpecError",
+    "activation_symmetry",
     "apply_flat",
     "decode_signed",
     "encode_signed",

@@ -11,7 +11,16 @@ from torch import nn
 from .._validation import check_int
 from .spec import Axis, NeuronGroup, PermutationSpec, SpecError
 
-__all__ = ["mlp_spec", "model_site_shapes", "spec_from_module"]
+__all__ = ["activation_symmetry", "mlp_spec", "model_site_shapes", "spec_from_module"]
+
+
+def activation_symmetry(act: nn.Module) -> str:
+    """``"scale"`` (positively homogeneous: ReLU), ``"sign"`` (odd: tanh) or ``"none"``
+    for a pointwise activation module (``"scale"`` when both hold, e.g. ``nn.Identity``)."""
+    from ._chain import pointwise_kind
+
+    kinds = pointwise_kind(act) or frozenset()
+    return "scale" if "scale" in kinds else ("sign" if "sign" in kinds else "none")
 
 
 def mlp_spec(

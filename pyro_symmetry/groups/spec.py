@@ -546,15 +546,22 @@ class PermutationSpec:
     def check(self, model: Callable | torch.nn.Module, *args: Any, **kwargs: Any) -> PermutationSpec:
         """Check the spec against a model and return it bound to the model's site shapes.
 
-        ``model`` is a Pyro model (traced once with ``*args, **kwargs``; its latent
-        sample sites are the sites) or an ``nn.Module`` (its parameters and buffers
-        by state-dict name, plus its Pyro sample sites if it is a ``PyroModule``
-        called with ``*args``). Raises :class:`SpecError` naming the first site,
-        axis or size that does not match, or a layer's bias that the spec leaves
-        out while it permutes the layer's weight rows (``"fc1.bias"`` beside an
-        incoming ``"fc1.weight"``: permuting one without the other changes the
-        function).
+        ``model`` is a Pyro model (traced with ``*args, **kwargs``; its latent sample
+        sites are the sites) or an ``nn.Module`` (its parameters and buffers by
+        state-dict name, plus its Pyro sample sites if it is a ``PyroModule``; without
+        ``args`` it runs on inputs built from its first layer).
+
+        Shapes first: raises :class:`SpecError` naming the first site, axis or size that
+        does not match, or a layer's bias that the spec leaves out while it permutes the
+        layer's weight rows (``"fc1.bias"`` beside an incoming ``"fc1.weight"``). Then
+        invariance: the model's outputs, every site's log-density (prior and likelihood)
+        and, for groups with a scaling symmetry, the outputs under a random positive
+        rescaling must be unchanged under elements that move every neuron
+        (:meth:`moving_elements`); a spec whose group changes the function fails naming
+        the first group or site where it differs. The caller's RNGs and param store are
+        left as they were.
         """
+        from ._verify import check_spec_against
         from .builders import model_site_shapes
 
         shapes = model_site_shapes(model, *args, **kwargs)
@@ -570,6 +577,7 @@ class PermutationSpec:
                         f"group {name!r} permutes the rows of {ax.site!r} but not {bias!r} (shape {shapes[bias]}); "
                         f"add ({bias!r}, 0) to the group's incoming axes"
                     )
+        check_spec_against(bound, model, *args, **kwargs)
         return bound
 
     def __repr__(self) -> str:

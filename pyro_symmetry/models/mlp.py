@@ -25,8 +25,7 @@ from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
 from .._validation import check_finite, check_int, check_mapping, check_real
-from ..groups import Axis, NeuronGroup, PermutationSpec, SpecError, mlp_spec
-from ..groups._chain import pointwise_kind
+from ..groups import Axis, NeuronGroup, PermutationSpec, SpecError, activation_symmetry, mlp_spec
 
 __all__ = ["ACTIVATIONS", "BayesianCNN", "BayesianMLP", "activation_symmetry"]
 
@@ -54,12 +53,6 @@ def _activation(act: str | nn.Module | type) -> nn.Module:
     if isinstance(act, nn.Module):
         return act
     raise ValueError(f"activation must be a name, an nn.Module or an nn.Module class, got {act!r}")
-
-
-def activation_symmetry(act: nn.Module) -> str:
-    """``"scale"``, ``"sign"`` or ``"none"`` for a pointwise activation module."""
-    kinds = pointwise_kind(act) or frozenset()
-    return "scale" if "scale" in kinds else ("sign" if "sign" in kinds else "none")
 
 
 def _drop_plate_dim(w: torch.Tensor, event_ndim: int) -> torch.Tensor:
