@@ -256,3 +256,25 @@ def test_blocks_of_a_nested_group_are_per_head_per_dim():
     torch.testing.assert_close(blocks[1, 2], w["in_proj_weight"][5])
     top = action.unit_blocks(w["in_proj_weight"], "heads")
     assert top.shape == (H, 3 * 3 * E)
+
+
+def test_from_module_on_a_sub_module_names_the_model_sites_and_prefix_hint():
+    from pyro.nn import PyroModule
+    from user_models import DeepBNN, deep_spec
+
+    class Wrapper(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.net = DeepBNN()
+
+        def forward(self, x, y=None):
+            return self.net(x, y)
+
+    model = Wrapper()
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    assert ps.PermutationSpec.from_module(model.net).sites[0] == "net.layers.0.weight"
+    with pytest.raises(ps.SpecError, match=r"prefix 'net\.': use spec.with_prefix\('net\.'\)"):
+        deep_spec().check(model, x, y)
+    bound = deep_spec().with_prefix("net.").check(model, x, y)
+    assert set(bound.groups) == {"net.layers.0", "net.layers.1"}
+    assert bound.log_order == deep_spec().log_order

@@ -8,13 +8,30 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from .spec import Axis, NeuronGroup, PermutationSpec
 
-__all__ = ["check_spans", "event_ndim", "negative_axis", "resolve"]
+__all__ = ["check_spans", "event_ndim", "negative_axis", "prefix_hint", "resolve"]
 
 
 def _error(msg: str) -> Exception:
     from .spec import SpecError
 
     return SpecError(msg)
+
+
+def prefix_hint(spec: PermutationSpec, sites: Any) -> str:
+    """A hint when the spec's sites are the model's sites without a common module prefix
+    (a spec built from a sub-module ``net`` of a model whose sites are ``"net.fc1.weight"``)."""
+    prefixes = set()
+    for s in {ax.site for g in spec.groups.values() for ax in g.axes}:
+        if s in sites:
+            continue
+        found = [t[: -len(s)] for t in sites if t.endswith("." + s)]
+        if len(found) != 1:
+            return ""
+        prefixes.add(found[0])
+    if len(prefixes) != 1:
+        return ""
+    p = prefixes.pop()
+    return f"; the model's sites carry the prefix {p!r}: use spec.with_prefix({p!r})"
 
 
 def resolve(spec: PermutationSpec) -> None:
@@ -41,7 +58,7 @@ def resolve(spec: PermutationSpec) -> None:
             if spec.shapes is not None and shape is None:
                 raise _error(
                     f"group {name!r} acts on site {ax.site!r}, which is not among the model's sites "
-                    f"{sorted(spec.shapes)}"
+                    f"{sorted(spec.shapes)}" + prefix_hint(spec, spec.shapes)
                 )
             neg = negative_axis(spec, name, g, ax, shape, event_ndim)
             table.setdefault(ax.site, []).append((name, role, ax, neg))

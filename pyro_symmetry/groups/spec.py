@@ -315,6 +315,28 @@ class PermutationSpec:
     def replace_groups(self, groups: Mapping[str, NeuronGroup]) -> PermutationSpec:
         return PermutationSpec(groups, self.shapes)
 
+    def with_prefix(self, prefix: str) -> PermutationSpec:
+        """The same spec with ``prefix`` put before every site name (and group name): the
+        spec of a sub-module ``net`` used inside a model whose sites are ``"net.fc1.weight"``."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+
+        def move(axes: tuple[Axis, ...]) -> tuple[Axis, ...]:
+            return tuple(ax._replace(site=prefix + ax.site) for ax in axes)
+
+        groups = {
+            prefix + k: replace(
+                g,
+                incoming=move(g.incoming),
+                outgoing=move(g.outgoing),
+                passive=move(g.passive),
+                parent=None if g.parent is None else prefix + g.parent,
+            )
+            for k, g in self.groups.items()
+        }
+        shapes = None if self.shapes is None else {prefix + k: v for k, v in self.shapes.items()}
+        return PermutationSpec(groups, shapes)
+
     def _device(self, device: Any) -> torch.device:
         return torch.device("cpu") if device is None else torch.device(device)
 
