@@ -83,8 +83,9 @@ def test_rhat_ess_block_by_block_equals_the_in_memory_kernel(files):
     coll = pc.from_files(files / "*.pt", SPEC)
     tree = dc.to_inference_data(coll, chains=4)
     full = ps.diagnostics.rhat_ess(tree.compute())
-    for max_bytes in (4 * 6 * 64 * 12, 1 << 20):  # 12 weights per block, and one block per site
-        streamed = dc.rhat_ess(coll, chains=4, max_bytes=max_bytes)
+    cases = [(coll, 4 * 6 * 64 * 12), (coll, 1 << 20), (tree, 4 * 6 * 64 * 12)]  # 12 weights per block, or all
+    for data, max_bytes in cases:  # passes over the files, or blocks of the dask-backed tree
+        streamed = dc.rhat_ess(data, chains=4 if data is coll else None, max_bytes=max_bytes)
         for v in full.rhat:
             assert np.array_equal(streamed.rhat[v], full.rhat[v], equal_nan=True), v
             assert np.array_equal(streamed.ess[v], full.ess[v], equal_nan=True), v
@@ -100,17 +101,19 @@ def test_rhat_names_a_non_finite_checkpoint(tmp_path, files):
             ck["fc2.bias"][1] = float("inf")
         torch.save(ck, tmp_path / f"c{i}.pt")
     coll = pc.from_files(tmp_path / "c*.pt", SPEC)
-    with pytest.raises(ValueError, match=r"fc2.bias.*c5\.pt"):
+    with pytest.raises(ValueError, match=r"c5\.pt.*'fc2.bias'.*NaN or Inf"):
         dc.rhat_ess(coll, chains=2)
+    with pytest.raises(ValueError, match=r"fc2.bias.*c5\.pt"):  # the dask-backed DataTree path
+        dc.rhat_ess(dc.to_inference_data(coll, chains=2))
 
 
 def test_posterior_moments(files):
     coll = pc.from_files(files / "*.pt", SPEC)
     x = stacked(coll)
-    moments = dc.posterior_moments(coll)
-    for s, (mean, var) in moments.items():
-        np.testing.assert_allclose(mean, x[s].mean(0).numpy(), rtol=1e-12, atol=1e-14)
-        np.testing.assert_allclose(var, x[s].var(0).numpy(), rtol=1e-12, atol=1e-14)
+    for moments in (dc.posterior_moments(coll), dc.posterior_moments(dc.to_inference_data(coll))):
+        for s, (mean, var) in moments.items():  # one pass of Welford updates, or dask reductions
+            np.testing.assert_allclose(mean, x[s].mean(0).numpy(), rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(var, x[s].var(0).numpy(), rtol=1e-12, atol=1e-14)
     per = dc.posterior_moments(coll, chains=4, per_chain=True)
     np.testing.assert_allclose(per["fc1.bias"][0][2], x["fc1.bias"][12:18].mean(0).numpy(), rtol=1e-12)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import re
 import warnings
@@ -220,13 +221,17 @@ class Collection:
         return ck
 
     def _reference_key(self, reference: Any) -> Any:
-        """What identifies a reference in a call's fingerprint (its content, or how it is computed)."""
+        """What identifies a reference in a call's fingerprint: its content, or the inputs
+        (names, sizes and modification times) it is computed from."""
         if reference is None:
-            return ["first sorted", self._first().name]
+            first = self._first()
+            i = self.names.index(first.name)
+            return ["first sorted", first.name, self.sources[i].stat()]
         if isinstance(reference, str) and reference == "barycenter":
-            return ["barycenter", self.names]
+            inputs = json.dumps([[s.name, s.stat()] for s in self.sources])
+            return ["barycenter", hashlib.sha256(inputs.encode()).hexdigest()]
         if isinstance(reference, int) and not isinstance(reference, bool):
-            return ["index", reference, self.names[reference]]
+            return ["index", reference, self.names[reference], self.sources[reference].stat()]
         return ["given", hashlib.sha256(dumps(self._resolve_reference(reference).posterior)).hexdigest()]
 
     # ------------------------------------------------------------------ transforms

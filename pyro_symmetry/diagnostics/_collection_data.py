@@ -193,7 +193,9 @@ def rhat_ess(
     The same numbers as :func:`ps.diagnostics.rhat_ess <pyro_symmetry.diagnostics.rhat_ess>`
     (the vectorized kernel, equal to ``arviz-stats``), computed on blocks of
     ``max_bytes / (chains * draws * 64)`` weights (the kernel's float64 work arrays), so that
-    a collection larger than memory is never loaded whole.
+    a collection larger than memory is never loaded whole. A Collection is read in passes
+    that each read every (memory-mapped) file once, for as many weights of every site as the
+    budget allows; a dask-backed DataTree is computed a block of rows of one variable at a time.
 
     Parameters
     ----------
@@ -209,41 +211,28 @@ def rhat_ess(
     -------
     ConvergenceSummary
     """
-    from tqdm.auto import tqdm
-
     from ._layout import layer_of
-    from ._rank import degenerate, ess_bulk, rhat_rank
 
-    ds = _posterior(data, chains, var_names)
-    names = list(ds.data_vars) if var_names is None else list(var_names)
-    missing = [v for v in names if v not in ds.data_vars]
-    if missing:
-        raise ValueError(f"var_names {missing} are not in the posterior (have {list(ds.data_vars)})")
-    num_chains, num_draws = int(ds.sizes.get("chain", 0)), int(ds.sizes.get("draw", 0))
-    if num_chains < 2 or num_draws < 4:
-        raise ValueError(f"R-hat needs >= 2 chains of >= 4 draws, got {num_chains} chains of {num_draws} draws")
-    width = max(1, int(max_bytes) // (num_chains * num_draws * 64))
-    rhat, ess, degen = {}, {}, {}
-    total = sum(math.prod(ds[v].shape[2:]) for v in names)
-    bar = tqdm(total=total, desc="R-hat/ESS", unit="weight", disable=not progress)
-    for v in names:
-        arr = ds[v].transpose("chain", "draw", ...)
-        shape = tuple(arr.shape[2:])
-        n = math.prod(shape)
-        r, e, dg = np.empty(n), np.empty(n), np.empty(n, dtype=bool)
-        # Blocks of whole rows of the first site axis: rectangular slices, which a lazily
-        # loaded array reads as slices of the files (a flat reshape would read whole sites).
-        rows, per_row = (shape[0], n // shape[0]) if shape and shape[0] else (1, n)
-        for a, b in _blocks(rows, max(1, width // max(1, per_row))):
-            block = arr.data[:, :, a:b] if shape else arr.data
-            x = np.asarray(block, dtype=float).reshape(num_chains, num_draws, -1)  # computes a dask block
-            lo, hi = a * per_row, b * per_row
-            _check_finite(x, v, lo, ds)
-            r[lo:hi], e[lo:hi], dg[lo:hi] = rhat_rank(x), ess_bulk(x), degenerate(x)
-            bar.update(hi - lo)
-        rhat[v], degen[v] = r.reshape(shape), dg.reshape(shape)
-        ess[v] = np.where(degen[v], np.nan, e.reshape(shape))
-    bar.close()
+    if isinstance(data, Collection):
+        sig = data.signature
+        floating = [s for s in sig.shapes if sig.dtypes[s].is_floating_point]
+        names = floating if var_names is None else list(var_names)
+        missing = [v for v in names if v not in floating]
+        if missing:
+            raise ValueError(f"var_names {missing} are not floating-point sites of the collection (have {floating})")
+        flat, num_chains, num_draws = _rhat_passes(data, chains, names, max_bytes, progress)
+        shapes = {v: sig.shapes[v] for v in names}
+    else:
+        ds = _posterior(data, chains, var_names)
+        names = list(ds.data_vars) if var_names is None else list(var_names)
+        missing = [v for v in names if v not in ds.data_vars]
+        if missing:
+            raise ValueError(f"var_names {missing} are not in the posterior (have {list(ds.data_vars)})")
+        flat, num_chains, num_draws = _rhat_dataset(ds, names, max_bytes, progress)
+        shapes = {v: tuple(ds[v].shape[2:]) for v in names}
+    rhat = {v: flat[v][0].reshape(shapes[v]) for v in names}
+    degen = {v: flat[v][2].reshape(shapes[v]) for v in names}
+    ess = {v: np.where(degen[v], np.nan, flat[v][1].reshape(shapes[v])) for v in names}
     layers = dict(layers) if layers is not None else {}
     return ConvergenceSummary(
         rhat=rhat,
@@ -253,6 +242,71 @@ def rhat_ess(
         num_draws=num_draws,
         degenerate=degen,
     )
+
+
+def _check_sizes(num_chains: int, num_draws: int) -> None:
+    if num_chains < 2 or num_draws < 4:
+        raise ValueError(f"R-hat needs >= 2 chains of >= 4 draws, got {num_chains} chains of {num_draws} draws")
+
+
+def _kernel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from ._rank import degenerate, ess_bulk, rhat_rank  # scipy.stats: imported on first use
+
+    return rhat_rank(x), ess_bulk(x), degenerate(x)
+
+
+def _rhat_passes(collection: Collection, chains: Any, names: list[str], max_bytes: int, progress: bool):
+    """``site -> (rhat, ess, degenerate)`` flat, by passes over the files (chains x draws order)."""
+    from tqdm.auto import tqdm
+
+    groups = chain_groups(collection, chains)
+    num_chains, num_draws = len(groups), len(groups[0])
+    _check_sizes(num_chains, num_draws)
+    ordered = collection[[i for g in groups for i in g]]
+    sig = collection.signature
+    out = {v: (np.empty(math.prod(sig.shapes[v])), np.empty(math.prod(sig.shapes[v])),
+               np.empty(math.prod(sig.shapes[v]), dtype=bool)) for v in names}  # fmt: skip
+    width = max(1, int(max_bytes) // (num_chains * num_draws * 64))
+    bar = tqdm(desc="R-hat/ESS", unit="pass", disable=not progress)
+    for segments, z in column_passes([ordered], names, width, lambda p, t: bar.update(1)):
+        parts = _kernel(z.reshape(num_chains, num_draws, -1))
+        col = 0
+        for site, a, b in segments:
+            for target, values in zip(out[site], parts):
+                target[a:b] = values[col : col + b - a]
+            col += b - a
+    bar.close()
+    return out, num_chains, num_draws
+
+
+def _rhat_dataset(ds: Any, names: list[str], max_bytes: int, progress: bool):
+    """``site -> (rhat, ess, degenerate)`` flat, computing a (dask) Dataset a block of rows at a time."""
+    from tqdm.auto import tqdm
+
+    num_chains, num_draws = int(ds.sizes.get("chain", 0)), int(ds.sizes.get("draw", 0))
+    _check_sizes(num_chains, num_draws)
+    width = max(1, int(max_bytes) // (num_chains * num_draws * 64))
+    out = {}
+    bar = tqdm(total=sum(math.prod(ds[v].shape[2:]) for v in names), desc="R-hat/ESS", disable=not progress)
+    for v in names:
+        arr = ds[v].transpose("chain", "draw", ...)
+        shape = tuple(arr.shape[2:])
+        n = math.prod(shape)
+        res = (np.empty(n), np.empty(n), np.empty(n, dtype=bool))
+        # Blocks of whole rows of the first site axis: rectangular slices, which a lazily
+        # loaded array reads as slices of the files (a flat reshape would read whole sites).
+        rows, per_row = (shape[0], n // shape[0]) if shape and shape[0] else (1, n)
+        for a, b in _blocks(rows, max(1, width // max(1, per_row))):
+            block = arr.data[:, :, a:b] if shape else arr.data
+            x = np.asarray(block, dtype=float).reshape(num_chains, num_draws, -1)  # computes a dask block
+            lo, hi = a * per_row, b * per_row
+            _check_finite(x, v, lo, ds)
+            for target, values in zip(res, _kernel(x)):
+                target[lo:hi] = values
+            bar.update(hi - lo)
+        out[v] = res
+    bar.close()
+    return out, num_chains, num_draws
 
 
 def _check_finite(x: np.ndarray, var: str, start: int, ds: Any) -> None:
@@ -267,7 +321,10 @@ def _check_finite(x: np.ndarray, var: str, start: int, ds: Any) -> None:
 
 
 def posterior_moments(data: Any, *, chains: Any = None, per_chain: bool = False) -> dict[str, tuple[Any, Any]]:
-    """Posterior mean and variance (``ddof=1``) of every site, streamed (float64 dask reductions).
+    """Posterior mean and variance (``ddof=1``) of every site, streamed in float64.
+
+    A Collection is read once, one checkpoint at a time (Welford's updates); a DataTree /
+    Dataset is reduced by dask.
 
     Parameters
     ----------
@@ -280,6 +337,8 @@ def posterior_moments(data: Any, *, chains: Any = None, per_chain: bool = False)
     -------
     dict ``site -> (mean, variance)`` of numpy arrays
     """
+    if isinstance(data, Collection):
+        return _welford(data, chain_groups(data, chains), per_chain)
     import dask
 
     ds = _posterior(data, chains)
@@ -290,6 +349,33 @@ def posterior_moments(data: Any, *, chains: Any = None, per_chain: bool = False)
         lazy[v] = (x.mean(axes).data, x.var(axes, ddof=1).data)
     (computed,) = dask.compute(lazy)
     return {v: (np.asarray(m), np.asarray(s)) for v, (m, s) in computed.items()}
+
+
+def _welford(collection: Collection, groups: list[list[int]], per_chain: bool) -> dict[str, tuple[Any, Any]]:
+    sig = collection.signature
+    sites = [s for s in sig.shapes if sig.dtypes[s].is_floating_point]
+    parts = groups if per_chain else [[i for g in groups for i in g]]
+    out: dict[str, tuple[list, list]] = {s: ([], []) for s in sites}
+    for members in parts:
+        count, mean, m2 = 0, {}, {}
+        for i in members:
+            ck = collection.load(i)
+            if ck is None:
+                raise CheckpointError(collection.names[i], collection.errors[collection.names[i]])
+            count += 1
+            for s in sites:
+                x = ck.params[s].double()
+                if count == 1:
+                    mean[s], m2[s] = x.clone(), torch.zeros_like(x)
+                    continue
+                delta = x - mean[s]
+                mean[s] += delta / count
+                m2[s] += delta * (x - mean[s])
+        for s in sites:
+            out[s][0].append(mean[s].numpy())
+            out[s][1].append((m2[s] / (count - 1)).numpy() if count > 1 else np.full(mean[s].shape, np.nan))
+    pick = (lambda a: np.stack(a)) if per_chain else (lambda a: a[0])
+    return {s: (pick(m), pick(v)) for s, (m, v) in out.items()}
 
 
 def column_passes(
@@ -329,8 +415,12 @@ def column_passes(
                 col += b - a
             del ck
         if not np.isfinite(z).all():
-            row = int(np.nonzero(~np.isfinite(z).all(1))[0][0])
+            row, col = (int(t[0]) for t in np.nonzero(~np.isfinite(z)))
+            ends = np.cumsum([b - a for _, a, b in segments])
+            site = segments[int(np.searchsorted(ends, col, side="right"))][0]
             c, i = members[row]
-            raise ValueError(f"{c.names[i]}: NaN or Inf values; a statistic of non-finite draws is meaningless")
+            raise ValueError(
+                f"{c.names[i]}: site {site!r} holds NaN or Inf values; a statistic of non-finite draws is meaningless"
+            )
         on_pass(p, len(passes))
         yield segments, z
