@@ -229,7 +229,7 @@ def check_params(
         label = f"{name}[{site!r}]"
         check_tensor(label, x, floating=floating)
         shape = None if spec.shapes is None else spec.shapes.get(site)
-        nd = len(shape) if shape is not None else spec.site_moves(site)[0]
+        nd = len(shape) if shape is not None else spec.action(site).event_ndim
         if x.dim() < nd or (shape is not None and tuple(x.shape[x.dim() - nd :]) != shape):
             want = "?" * nd if shape is None else ", ".join(map(str, shape))
             raise SpecError(f"{label} has shape {tuple(x.shape)}, expected (*batch, {want})")

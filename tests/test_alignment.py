@@ -167,6 +167,7 @@ def _cnn(channels, act, n_out, seed):
     return net.eval().double()
 
 
+@example(channels=[2, 1], act=nn.Tanh, seed=0, noisy=False)  # passive conv rows: flipped by mistake
 @given(
     channels=st.lists(st.integers(1, 5), min_size=1, max_size=3),
     act=st.sampled_from([nn.ReLU, nn.Tanh]),
@@ -187,6 +188,7 @@ def test_planted_permutation_recovered_cnn_with_batchnorm(channels, act, seed, n
         w1 = {k: v + eps[k] if k in eps else v for k, v in w1.items()}
     res = ps.align(w0, w1, spec, method="weights", seed=seed)
     assert _equal_perm(res.permutation, spec.inverse(g))
+    assert res.objective[-1] == pytest.approx(_direct_cost(w0, res.aligned), rel=1e-9, abs=1e-12)
     # The aligned state dict is a network computing what the target computes.
     net1, net_al = copy.deepcopy(net), copy.deepcopy(net)
     net1.load_state_dict(w1)
@@ -335,6 +337,56 @@ def test_self_coupled_group_recovered_and_monotone(n, seed):
     res = ps.align(w, other, spec, method="weights", seed=seed, init="identity")
     assert all(b <= a for a, b in zip(res.objective, res.objective[1:]))
     assert res.objective[-1] == pytest.approx(_direct_cost(w, res.aligned), rel=1e-10)
+
+
+def _passive_spec(n):
+    """A signed group whose linear rows feed a norm layer: the rows are only permuted
+    (passive); the norm's affine weight and bias carry the sign flips."""
+    group = ps.NeuronGroup(
+        n,
+        incoming=[("norm.weight", -1), ("norm.bias", -1)],
+        outgoing=[("out.weight", -1)],
+        activation_symmetry="sign",
+        passive=[("lin.weight", -2), ("lin.bias", -1)],
+    )
+    shapes = {"lin.weight": (n, 3), "lin.bias": (n,), "norm.weight": (n,), "norm.bias": (n,), "out.weight": (2, n)}
+    return ps.PermutationSpec({"h": group}, shapes)
+
+
+@given(n=st.integers(1, 6), seed=seeds, method=methods, init=st.sampled_from(["greedy", "identity"]))
+def test_passive_axes_are_permuted_not_flipped(n, seed, method, init):
+    """The engine reads which axes a sign flip negates from the spec's action: a planted
+    signed element is recovered, and the recorded cost is the distance to ``g.q1`` as
+    ``spec.apply`` computes it (flipping the passive rows too gave neither)."""
+    spec = _passive_spec(n)
+    gen = torch.Generator().manual_seed(seed)
+    mu = {k: torch.randn(v, generator=gen, dtype=torch.float64) for k, v in spec.shapes.items()}
+    sd = {k: 0.5 + torch.rand(v, generator=gen, dtype=torch.float64) for k, v in spec.shapes.items()}
+    wass = method == "wasserstein"
+    q0 = {k: (mu[k], sd[k]) for k in mu} if wass else mu
+    g = group_element(spec, seed)
+    q1 = _act(spec, mu, sd, g) if wass else spec.apply(mu, g)
+    res = ps.align(q0, q1, spec, method=method, init=init, seed=seed)
+    assert _equal_perm(res.permutation, spec.inverse(g)) and res.objective[-1] < 1e-20
+    other = {k: torch.randn(v, generator=gen, dtype=torch.float64) for k, v in spec.shapes.items()}
+    q2 = {k: (other[k], sd[k]) for k in mu} if wass else other
+    res = ps.align(q0, q2, spec, method=method, init=init, seed=seed)
+    assert res.objective[-1] == pytest.approx(_direct_cost(q0, res.aligned), rel=1e-10)
+    best = min(
+        _direct_cost(q0, _act(spec, other, sd, e) if wass else spec.apply(other, e))
+        for e in ({k: v[i] for k, v in spec.elements().items()} for i in range(spec.order))
+    )
+    assert res.objective[-1] == pytest.approx(best, rel=1e-10)  # one group: one exact assignment
+
+
+def test_groups_on_axis_slices_are_refused_with_a_clear_error():
+    spec = ps.PermutationSpec(
+        {"q": ps.NeuronGroup(2, incoming=[("qkv.weight", -2, 1, None, 0)], outgoing=[("out.weight", -1)])},
+        {"qkv.weight": (6, 3), "out.weight": (3, 2)},
+    )
+    w = {"qkv.weight": torch.randn(6, 3), "out.weight": torch.randn(3, 2)}
+    with pytest.raises(ps.SpecError, match="slice of an axis"):
+        ps.align(w, w, spec, method="weights")
 
 
 # ---------------------------------------------------------------------------- inputs and outputs

@@ -53,8 +53,29 @@ Channels = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 # ---------------------------------------------------------------------------- engine
-def _sel(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-    return t if idx is None else t.index_select(0, idx)
+def _sel(t: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | None:
+    return t if idx is None or t is None else t.index_select(0, idx)
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _layout(spec: PermutationSpec, site: str) -> tuple[int, list[tuple[int, int, str, bool]]]:
+    """``(event_ndim, [(axis, inner, group, flips)])``: how the groups act on ``site``, read
+    from ``spec.action`` (the one place alignment reads it). ``flips``: the group's sign
+    flips negate these entries; passive axes (a layer's rows before a BatchNorm, running
+    statistics) are only permuted."""
+    action = spec.action(site)
+    out = []
+    for span in action.spans:
+        if not span.whole or len(span.shape) > 1:
+            raise SpecError(
+                f"alignment does not handle a group on a slice of an axis or a nested group yet "
+                f"(group {span.group!r} on site {site!r})"
+            )
+        out.append((span.axis, span.inner, span.group, spec.groups[span.group].signed and span.role != "passive"))
+    return action.event_ndim, out
 
 
 @dataclass
@@ -65,10 +86,11 @@ class _Term:
     site: str
     axis: int
     inner: int
-    others: tuple[tuple[int, int, str], ...]
+    flips: bool  # the group's sign flips negate these entries (not on a passive axis)
+    others: tuple[tuple[int, int, str, bool], ...]  # (axis, inner, group, flips)
     ref: list[torch.Tensor] = field(default_factory=list)  # per channel, (n, K) in the compute dtype
     key: torch.Tensor | None = None  # (B, len(others)) versions the cached value was computed at
-    value: list[torch.Tensor] | None = None  # cached similarity per stored channel, (B, n, n)
+    value: list[torch.Tensor | None] | None = None  # cached similarity per stored channel, (B, n, n)
 
 
 @dataclass
@@ -95,7 +117,7 @@ class _Engine:
         self.spec = spec
         self.names = list(spec.groups)
         self.signed = {g: spec.groups[g].signed for g in self.names}
-        self.moves = {s: spec.site_moves(s) for s in spec.sites}
+        self.moves = {s: _layout(spec, s) for s in spec.sites}
         self.ref, self.tgt = ref, tgt
         first = tgt[spec.sites[0]][0]
         self.B, self.device = first.shape[0], first.device
@@ -120,8 +142,8 @@ class _Engine:
         self.version = {g: torch.zeros(self.B, dtype=torch.long, device=self.device) for g in self.names}
         self.terms: dict[str, list[_Term]] = {g: [] for g in self.names}
         for site, (_, mv) in self.moves.items():
-            for k, (ax, inner, g) in enumerate(mv):
-                term = _Term(g, site, ax, inner, tuple(m for j, m in enumerate(mv) if j != k))
+            for k, (ax, inner, g, flips) in enumerate(mv):
+                term = _Term(g, site, ax, inner, flips, tuple(m for j, m in enumerate(mv) if j != k))
                 n = spec.groups[g].size
                 term.ref = [t.movedim(ax, 0).reshape(n, -1).to(self.cdt) for t in ref[site] if t is not None]
                 self.terms[g].append(term)
@@ -145,14 +167,23 @@ class _Engine:
         self.group_sites = {g: sorted({t.site for t in self.terms[g]}) for g in self.names}
 
     # -------------------------------------------------------------- similarities
-    def _store(self, g: str, mu: torch.Tensor, sd: torch.Tensor | None) -> list[torch.Tensor]:
-        """Sign-flip groups need the two channels apart; others only their sum."""
-        if sd is None:
-            return [mu]
-        return [mu, sd] if self.signed[g] else [mu + sd]
+    def _store(self, term: _Term, mu: torch.Tensor, sd: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Sign-flip groups keep ``[M, V]`` apart (what a flip negates: means on axes that flip;
+        what it does not: standard deviations, passive axes), ``None`` for an empty part;
+        other groups only the sum ``[S]``."""
+        if not self.signed[term.group]:
+            return [_add(mu, sd)]
+        return [mu, sd] if term.flips else [None, _add(mu, sd)]
+
+    def _pattern(self, term: _Term) -> list[bool]:
+        """Which of :meth:`_store`'s parts are tensors (not ``None``) for ``term``."""
+        if not self.signed[term.group]:
+            return [True]
+        return [True, self.nch == 2] if term.flips else [False, True]
 
     def _gram(self, term: _Term, idx: torch.Tensor | None) -> list[torch.Tensor]:
-        """``S[b, i, j] = <ref_i, (others . tgt_b)_j>`` for one term, ``(B', n, n)`` in the compute dtype."""
+        """``S[b, i, j] = <ref_i, (others . tgt_b)_j>`` for one term, ``(B', n, n)`` in the compute dtype
+        (stored as :meth:`_store` says)."""
         nd = self.moves[term.site][0]
         n = self.spec.groups[term.group].size
         out = []
@@ -160,21 +191,21 @@ class _Engine:
             x = _sel(x, idx)
             if term.others:
                 moves = []
-                for ax, inner, g2 in term.others:
+                for ax, inner, g2, flips in term.others:
                     p = self._perm_rows(g2, idx)
-                    signed = self.signed[g2] and c == 0
+                    signed = flips and c == 0
                     moves.append((ax, inner, p if signed else decode_signed(p)[0], signed))
                 x = gather_axes(x, nd, moves)
             x = x.movedim(1 + term.axis, 1).reshape(x.shape[0], n, -1)
             # One GEMM per term: (n, K) x (K, n) for one target, (B n, K) x (K, n) for a batch.
             out.append((r @ x[0].T).unsqueeze(0) if x.shape[0] == 1 else torch.matmul(x, r.T).transpose(-1, -2))
-        return self._store(term.group, out[0], out[1] if len(out) > 1 else None)
+        return self._store(term, out[0], out[1] if len(out) > 1 else None)
 
-    def _products(self, terms: list[_Term], idx: torch.Tensor | None) -> list[torch.Tensor] | None:
+    def _products(self, terms: list[_Term], idx: torch.Tensor | None) -> list[torch.Tensor | None] | None:
         total = None
         for t in terms:
             s = self._gram(t, idx)
-            total = s if total is None else [a + b for a, b in zip(total, s)]
+            total = s if total is None else [_add(a, b) for a, b in zip(total, s)]
         return total
 
     def _perm_rows(self, g: str, idx: torch.Tensor | None) -> torch.Tensor:
@@ -188,8 +219,10 @@ class _Engine:
             return term.value
         if term.value is None:
             n = self.spec.groups[term.group].size
-            nval = 1 if (self.nch == 1 or not self.signed[term.group]) else 2
-            term.value = [torch.zeros(self.B, n, n, dtype=self.cdt, device=self.device) for _ in range(nval)]
+            term.value = [
+                torch.zeros(self.B, n, n, dtype=self.cdt, device=self.device) if used else None
+                for used in self._pattern(term)
+            ]
             term.key = torch.full((self.B, len(term.others)), -1, dtype=torch.long, device=self.device)
         stale = (_sel(term.key, idx) != key).any(-1)
         if bool(stale.all()) and idx is None:
@@ -197,7 +230,8 @@ class _Engine:
         elif bool(stale.any()):
             sidx = stale.nonzero().squeeze(-1) if idx is None else idx[stale]
             for v, new in zip(term.value, self._gram(term, sidx)):
-                v[sidx] = new
+                if v is not None:
+                    v[sidx] = new
             term.key[sidx] = key[stale]
         return [_sel(v, idx) for v in term.value]
 
@@ -207,18 +241,17 @@ class _Engine:
         parts += [self._cached(t, idx) for t in use]
         total = parts[0]
         for p in parts[1:]:
-            total = [a + b for a, b in zip(total, p)]
+            total = [_add(a, b) for a, b in zip(total, p)]
         return total
 
     # -------------------------------------------------------------- one group
     def _assign(self, g: str, sim: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Best signed assignment: ``(signed perm (B', n), its score, score function)``."""
-        if self.signed[g]:
-            mu = sim[0]
-            score = mu.abs() + (sim[1] if len(sim) > 1 else 0.0)
-            neg = mu < 0
+        m, v = sim if self.signed[g] else (None, sim[0])
+        if m is None:  # nothing a flip negates: no flips
+            score, neg = v, None
         else:
-            score, neg = sim[0], None
+            score, neg = m.abs() if v is None else m.abs() + v, m < 0
         # When every row's best column is a different one, that is the optimal assignment
         # (it attains the bound sum_i max_j): common near the solution, and O(n^2).
         src = score.argmax(-1)
@@ -236,10 +269,13 @@ class _Engine:
     def _value(self, g: str, sim: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
         """Linear score ``sum_i s_i M[i, p_i] + V[i, p_i]`` of a signed permutation."""
         src, neg = decode_signed(perm)
-        pick = [s.gather(-1, src.unsqueeze(-1)).squeeze(-1) for s in sim]
-        val = torch.where(neg, -pick[0], pick[0]) if self.signed[g] else pick[0]
-        if len(pick) > 1:
-            val = val + pick[1]
+        m, v = sim if self.signed[g] else (None, sim[0])
+        val = None
+        if m is not None:
+            pm = m.gather(-1, src.unsqueeze(-1)).squeeze(-1)
+            val = torch.where(neg, -pm, pm)
+        if v is not None:
+            val = _add(val, v.gather(-1, src.unsqueeze(-1)).squeeze(-1))
         return val.double().sum(-1)
 
     def solve_group(
@@ -289,9 +325,10 @@ class _Engine:
         total = 0.0
         for c, (r, x) in enumerate(zip(self.ref_in[site], self.tgt_in[site])):
             moves = []
-            for ax, inner, g in mv:
+            for ax, inner, g, flips in mv:
                 p = _sel(perm[g], idx)
-                moves.append((ax, inner, p if c == 0 else decode_signed(p)[0], c == 0 and self.signed[g]))
+                flip = c == 0 and flips
+                moves.append((ax, inner, p if flip else decode_signed(p)[0], flip))
             total = total + _sq_norm(r - gather_axes(_sel(x, idx), nd, moves))
         return total
 
@@ -299,7 +336,7 @@ class _Engine:
         """``C(g)`` per target, recomputing only the sites whose groups moved since last time."""
         total = torch.zeros(self.B, dtype=torch.float64, device=self.device)
         for s, (_, mv) in self.moves.items():
-            key = torch.stack([self.version[g] for _, _, g in mv], -1)
+            key = torch.stack([self.version[g] for _, _, g, _ in mv], -1)
             if s not in self.site_cost:
                 self.site_cost[s] = (key, self._site_cost(s, self.perm, None))
             old_key, value = self.site_cost[s]

@@ -416,7 +416,7 @@ def _batch_shape(
         if not x.is_floating_point():
             raise TypeError(f"samples[{s!r}] must be a floating-point tensor, got dtype {x.dtype}")
         check_finite(f"samples[{s!r}]", x)
-        nd = spec.site_moves(s)[0]
+        nd = spec.action(s).event_ndim
         if x.dim() < nd:
             raise SpecError(f"samples[{s!r}] has shape {tuple(x.shape)}, fewer than the site's {nd} dims")
         b, event[s] = tuple(x.shape[: x.dim() - nd]), tuple(x.shape[x.dim() - nd :])
