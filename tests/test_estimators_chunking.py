@@ -19,6 +19,7 @@ from pyro_symmetry.estimators import (
     _base,
     contrastive_log_ratio,
     exact_log_ratio,
+    importance,
     importance_log_ratio,
     information,
 )
@@ -51,6 +52,13 @@ def _set_rows(monkeypatch, base, rows, itemsize=8, extra=0):
     """Make one chunk hold exactly ``rows`` rows (``extra`` bytes each on top of the copy)."""
     if rows is not None:
         monkeypatch.setattr(_base, "CHUNK_BYTES", rows * (base.row_bytes(itemsize) + extra))
+
+
+def _set_block_rows(monkeypatch, base, rows, itemsize=8):
+    """Make one block of the importance estimator hold ``rows`` rows of elements x draws."""
+    if rows is not None:
+        row, draw = importance._block_costs(base, itemsize)
+        monkeypatch.setattr(_base, "CHUNK_BYTES", rows * row + draw)
 
 
 def _spy_rows(monkeypatch):
@@ -188,8 +196,7 @@ def test_importance_blocks(monkeypatch, rows):
     w = base.sample((6,))
     reference = importance_log_ratio(base, w, 4, 0.5, torch.Generator().manual_seed(0))
     ref_perm, ref_lp = plackett_luce_proposal(base, w, 4, 0.5, torch.Generator().manual_seed(0))
-    extra = 3 * 2 * 3 * (2 * 8 + 32)  # the proposal's bytes per row (widest group, signed)
-    _set_rows(monkeypatch, base, rows, extra=extra)
+    _set_block_rows(monkeypatch, base, rows)
     chunked = importance_log_ratio(base, w, 4, 0.5, torch.Generator().manual_seed(0))
     assert torch.allclose(chunked, reference, rtol=1e-12, atol=1e-12)
     perm, lp = plackett_luce_proposal(base, w, 4, 0.5, torch.Generator().manual_seed(0))
@@ -266,7 +273,7 @@ def test_mutual_information_does_not_depend_on_the_chunk_size(monkeypatch, metho
         return ps.mutual_information(q, model.spec, method, 12, 8, generator=torch.Generator().manual_seed(0))
 
     reference = run()
-    _set_rows(monkeypatch, base, 5, extra=3 * 2 * 3 * (2 * 8 + 32))  # 5 rows of elements x draws per chunk
+    _set_block_rows(monkeypatch, base, 5)  # 5 rows of elements x draws per block
     assert run() == reference
 
 

@@ -47,6 +47,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..groups import decode_signed, encode_signed
+from . import _base
 from ._base import BaseDensity, Marginals
 from .factors import neuron_log_factors
 
@@ -80,11 +81,12 @@ def _detached_marginals(base: BaseDensity) -> Marginals:
 
 
 # ---------------------------------------------------------------------- one group
-def _scores(spec, sites, marg, group: str, drawn: dict, kc: int, dtype=None) -> torch.Tensor:
-    """``A[i, s, j]`` for ``kc`` elements and the block's draws, ``(kc * nbc, n, S, n)``.
+def _scores(spec, sites, marg, group: str, drawn: dict, dtype=None) -> torch.Tensor:
+    """``A[i, s, j]``, ``(R, n, S, n)``: per draw (``R = nbc``) when no group is drawn yet,
+    else per element and draw (``R = kc * nbc``, the drawn groups' axes aligned first).
 
     ``sites`` are ``(nbc, *shape)``; ``drawn`` holds the earlier groups' elements
-    ``(kc, nbc, n)`` whose axes are aligned before scoring.
+    ``(kc, nbc, n)``.
     """
     usable = _usable_sites(spec, group, set(drawn))
     if drawn:
@@ -94,55 +96,62 @@ def _scores(spec, sites, marg, group: str, drawn: dict, kc: int, dtype=None) -> 
     else:
         aligned = sites
     a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, group, sites=usable, dtype=dtype)
-    nbc = next(iter(sites.values())).shape[0]
-    return a.expand(kc, nbc, *a.shape[-3:]).reshape(kc * nbc, *a.shape[-3:])
+    return a.reshape(-1, *a.shape[-3:])
 
 
 def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Visit order ``(N, n)``, the float64 scores ``beta * A`` in visit order ``(N, n, O)``
-    with options ``s * n + j`` counted in *relative* sign, and the flips ``(N, n)``.
+    """Visit order ``(R, n)``, the float64 scores ``beta * A`` in visit order, step-major
+    ``(n, R, O)`` (contiguous), with options ``s * n + j`` counted in *relative* sign, and
+    the flips ``(R, n)``.
 
     A neuron's canonical sign (that of its best option) is its sign 0, so a negated
     neuron sees the same option order and draws the same choice from the same uniform:
     equivariant path by path.
     """
-    N, n, S, _ = a.shape
-    flat = a.reshape(N, n, S * n)
+    R, n, S, _ = a.shape
+    flat = a.reshape(R, n, S * n)
     order = flat.amax(-1).argsort(-1, descending=True)  # fixed by the neurons' contents
-    v = beta * flat.gather(1, order.unsqueeze(-1).expand(N, n, S * n)).double()
+    v = flat.gather(1, order.unsqueeze(-1).expand(R, n, S * n)).transpose(0, 1)
+    V = torch.empty(v.shape, dtype=torch.float64, device=v.device).copy_(v).mul_(beta)
     if S == 1:
-        return order, v, None
-    flipped = v.argmax(-1) >= n
-    return order, torch.where(flipped.unsqueeze(-1), v.roll(n, -1), v), flipped
+        return order, V, None
+    flipped = V.argmax(-1) >= n  # (n, R)
+    V = torch.where(flipped.unsqueeze(-1), V.roll(n, -1), V)
+    return order, V, flipped.t()
 
 
-def _steps(A: np.ndarray, u: np.ndarray, forced: np.ndarray, stable: bool) -> tuple[np.ndarray, np.ndarray]:
+def _steps(A: np.ndarray, u: np.ndarray, forced: np.ndarray, kc: int, stable: bool) -> tuple[np.ndarray, np.ndarray]:
     """The sequential draw: at step ``t`` every row picks an open option by inverse CDF.
 
-    ``A`` ``(n, N, O)``: the probabilities relative to each row's best option
+    ``A`` ``(n, R, O)``: the probabilities relative to each row's best option
     (``exp(V - max)``), or with ``stable`` the scores ``V`` themselves (then every step
-    renormalizes by the best open option). ``u`` ``(n, N)`` uniforms in ``(0, 1]``;
-    ``forced`` ``(n, F)`` the options of rows ``< F`` (the identity). Returns the options
-    ``(n, N)`` and per step the open mass (relative to the row's best option; below
-    :data:`_TINY` means underflow) or, with ``stable``, the log normalizer ``(n, N)``.
+    renormalizes by the best open option); ``R`` is ``nbc`` (shared by the ``kc``
+    elements) or ``kc * nbc``. The ``N = kc * nbc`` rows are element-major. ``u`` ``(n, N)``
+    uniforms in ``(0, 1]``; ``forced`` ``(n, F)`` the options of rows ``< F`` (the
+    identity). Returns the options ``(n, N)`` and per step the open mass (relative to the
+    row's best option; below :data:`_TINY` means underflow) or, with ``stable``, the log
+    normalizer ``(n, N)``.
     """
-    n, N, O = A.shape
-    S, F = O // n, forced.shape[1]
+    n, R, O = A.shape
+    N = u.shape[1]
+    S, F, nbc = O // n, forced.shape[1], N // kc
+    lead = (1 if R == nbc else kc, nbc, S, n)
     opened = np.ones((N, n))
     flat_open, row_start = opened.reshape(-1), np.arange(N) * n
     chosen = np.empty((n, N), dtype=np.int64)
     norm = np.empty((n, N))
     e, c, thr, below = np.empty((N, O)), np.empty((N, O)), np.empty((N, 1)), np.empty((N, O), dtype=bool)
+    shaped = e.reshape(kc, nbc, S, n)
+    open4 = opened.reshape(kc, nbc, 1, n)
     closed = np.zeros((N, n))  # log domain: 0 open, -inf taken
+    closed4 = closed.reshape(kc, nbc, 1, n)
     for t in range(n):
         if stable:
-            x = A[t] + (closed if S == 1 else np.tile(closed, S))
-            m = x.max(1)
-            np.exp(x - m[:, None], out=e)
-        elif S == 1:
-            np.multiply(A[t], opened, out=e)
+            np.add(A[t].reshape(lead), closed4, out=shaped)
+            m = e.max(1)
+            np.exp(e - m[:, None], out=e)
         else:
-            np.multiply(A[t].reshape(N, S, n), opened[:, None, :], out=e.reshape(N, S, n))
+            np.multiply(A[t].reshape(lead), open4, out=shaped)
         np.cumsum(e, 1, out=c)
         total = c[:, -1]
         # The first option whose cumulative mass reaches u * total: it has positive mass.
@@ -151,39 +160,47 @@ def _steps(A: np.ndarray, u: np.ndarray, forced: np.ndarray, stable: bool) -> tu
         o = chosen[t]
         np.add.reduce(below, 1, out=o)
         o[:F] = forced[t]
-        col = o if S == 1 else o % n
-        flat_open[row_start + col] = 0.0
+        col = row_start + (o if S == 1 else o % n)
+        flat_open[col] = 0.0
         if stable:
-            closed.reshape(-1)[row_start + col] = -np.inf
+            closed.reshape(-1)[col] = -np.inf
             norm[t] = m + np.log(total)
         else:
             norm[t] = total
     return chosen, norm
 
 
-def _draw(
-    V: torch.Tensor, u: torch.Tensor, forced: torch.Tensor | None, group: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group."""
-    N, n, O = V.shape
-    top = V.amax(-1, keepdim=True)  # (N, n, 1)
+def _prepare(V: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``V`` ``(n, R, O)``, its row maxima ``(n, R, 1)`` and ``exp(V - max)`` as a NumPy array
+    (the fast pass of :func:`_steps`); non-finite scores are refused."""
+    top = V.amax(-1, keepdim=True)
     if not bool(torch.isfinite(top).all()):
         raise ValueError(
             f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
             "parameters out of the floating-point range?)"
         )
-    steps = lambda x: x.permute(1, 0, 2).contiguous().cpu().numpy()  # noqa: E731  (n, N, O)
+    return V, top, (V - top).exp_().cpu().numpy()
+
+
+def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group
+    from :func:`_prepare`'d step-major scores ``(n, R, O)`` (see :func:`_steps`)."""
+    V, top, E = prepared
+    n, R, O = V.shape
+    N = u.shape[0]
     un = u.detach().t().contiguous().cpu().numpy()
     fn = np.empty((n, 0), dtype=np.int64) if forced is None else forced.t().contiguous().cpu().numpy()
-    chosen, norm = _steps(steps((V - top).exp_()), un, fn, stable=False)
+    chosen, norm = _steps(E, un, fn, kc, stable=False)
     if norm.min() < _TINY:
-        chosen, log_norm = _steps(steps(V), un, fn, stable=True)
-        log_norm = torch.from_numpy(log_norm.T).to(V.device)
+        chosen, log_norm = _steps(V.cpu().numpy(), un, fn, kc, stable=True)
+        log_norm = torch.from_numpy(log_norm).to(V.device)
     else:
-        log_norm = top.squeeze(-1) + torch.from_numpy(norm.T).to(V.device).log()
-    chosen = torch.from_numpy(chosen.T).to(V.device)
-    log_pi = (V.gather(-1, chosen.unsqueeze(-1)).squeeze(-1) - log_norm).sum(-1)
-    return chosen.contiguous(), log_pi
+        log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, N // R, R)
+    chosen = torch.from_numpy(chosen).to(V.device)  # (n, N)
+    # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
+    picked = V.unsqueeze(1).expand(n, N // R, R, O).gather(-1, chosen.reshape(n, N // R, R, 1)).reshape(n, N)
+    log_pi = (picked - log_norm.reshape(n, N)).sum(0)
+    return chosen.t().contiguous(), log_pi
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -216,43 +233,71 @@ def _from_element(p: torch.Tensor, order: torch.Tensor, flipped: torch.Tensor | 
     return absolute if flipped is None else (absolute + n * flipped) % (2 * n)
 
 
-def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False, given=None):
+def _expand(x: torch.Tensor | None, kc: int) -> torch.Tensor | None:
+    """Rows ``(nbc, ...)`` shared by ``kc`` elements -> ``(kc * nbc, ...)`` (element-major)."""
+    return None if x is None else x.unsqueeze(0).expand(kc, *x.shape).reshape(-1, *x.shape[1:])
+
+
+def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False, given=None, cache=None):
     """Draw (``u``) or score (``given``) the elements of one block of ``kc`` elements and
-    ``nbc`` draws. Returns elements ``(kc, nbc, n)`` per group and ``log pi`` ``(kc, nbc)``."""
+    ``nbc`` draws. Returns elements ``(kc, nbc, n)`` per group and ``log pi`` ``(kc, nbc)``.
+
+    The first group is scored per draw, once for all ``kc`` elements (and, through
+    ``cache``, for all blocks of the same draws); later groups per element and draw."""
     spec = base.spec
     nbc = next(iter(sites.values())).shape[0]
     drawn: dict[str, torch.Tensor] = {}
     log_pi = 0.0
     for g, group in spec.groups.items():
         n = group.size
-        a = _scores(spec, sites, marg, g, drawn, kc)
-        if not bool(torch.isfinite(a.amax((-2, -1))).all()) and a.dtype != torch.float64:
-            a = _scores(spec, sites, marg, g, drawn, kc, dtype=torch.float64)  # float32 overflow
-        order, V, flipped = _visit(a, beta)
+        if not drawn and cache is not None and g in cache:
+            order, V, flipped, prepared = cache[g]
+        else:
+            a = _scores(spec, sites, marg, g, drawn)
+            if not bool(torch.isfinite(a.amax((-2, -1))).all()) and a.dtype != torch.float64:
+                a = _scores(spec, sites, marg, g, drawn, dtype=torch.float64)  # float32 overflow
+            order, V, flipped = _visit(a, beta)
+            prepared = _prepare(V, g) if given is None else None
+            if not drawn and cache is not None:
+                cache[g] = order, V, flipped, prepared
+        if order.shape[0] != kc * nbc:  # per draw: the same for every element
+            order, flipped = _expand(order, kc), _expand(flipped, kc)
         if given is None:
             ident = None
             if forced:  # the identity's options: neuron order[t] keeps its place and sign
                 ident = order[:nbc] if flipped is None else order[:nbc] + n * flipped[:nbc]
-            chosen, lp = _draw(V, u[g].reshape(kc * nbc, n), ident, g)
+            chosen, lp = _draw(prepared, u[g].reshape(kc * nbc, n), ident, kc)
         else:
             chosen = _from_element(given[g].reshape(kc * nbc, n), order, flipped)
-            lp = _assignment_log_prob(V, chosen)
+            Vr = V.transpose(0, 1)
+            lp = _assignment_log_prob(_expand(Vr, kc) if Vr.shape[0] != kc * nbc else Vr, chosen)
         drawn[g] = _to_element(order, chosen, flipped).reshape(kc, nbc, n)
         log_pi = log_pi + lp.reshape(kc, nbc)
     return drawn, log_pi
 
 
+def _block_costs(base: BaseDensity, itemsize: int) -> tuple[int, int]:
+    """Bytes per element-and-draw row of a block (its permuted copy, the later groups'
+    aligned copies and scores, the loop's buffers) and per draw (the first group's scores,
+    shared by the draw's elements)."""
+    sizes = [(g.size, 2 if g.signed else 1) for g in base.spec.groups.values()]
+    first = sizes[0][0] ** 2 * sizes[0][1] * (itemsize + 40) if sizes else 0
+    later = max((n * n * S * (itemsize + 40) for n, S in sizes[1:]), default=0)
+    loop = max((n * S * 48 for n, S in sizes), default=0)
+    return base.row_bytes(itemsize) + later + loop, first
+
+
 def _blocks(base: BaseDensity, K: int, nb: int, itemsize: int):
     """``(k_lo, k_hi, b_lo, b_hi)`` rectangles of elements x draws that fit in
     :data:`~pyro_symmetry.estimators._base.CHUNK_BYTES` (whole draws when ``K`` rows fit)."""
-    n = max(base.spec.sizes.values(), default=1)
-    S = 2 if any(g.signed for g in base.spec.groups.values()) else 1
-    rows = base.rows_per_chunk(itemsize, extra=n * S * n * (2 * itemsize + 32))
-    if K <= rows:
-        per = max(1, rows // K)
+    row, draw = _block_costs(base, itemsize)
+    budget = _base.CHUNK_BYTES
+    if K * row + draw <= budget:
+        per = max(1, budget // (K * row + draw))
         for b in range(0, nb, per):
             yield 0, K, b, min(nb, b + per)
     else:
+        rows = max(1, (budget - draw) // row)
         for b in range(nb):
             for k in range(0, K, rows):
                 yield k, min(K, k + rows), b, b + 1
@@ -266,6 +311,18 @@ def _uniforms(spec, K: int, nb: int, generator, device) -> dict[str, torch.Tenso
         g: (1.0 - torch.rand((K, nb, n), generator=generator, device=dev, dtype=torch.float64)).to(device)
         for g, n in spec.sizes.items()
     }
+
+
+def _iter_blocks(base: BaseDensity, value, batch: torch.Size, K: int, nb: int, ref: torch.Tensor):
+    """:func:`_blocks` with the block's draws ``site -> (nbc, *shape)`` (detached) and a
+    cache of the first group's scores shared by the blocks of the same draws."""
+    key, sites, cache = None, None, None
+    for k0, k1, b0, b1 in _blocks(base, K, nb, ref.element_size()):
+        if (b0, b1) != key:
+            with torch.no_grad():
+                sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+            key, cache = (b0, b1), {}
+        yield k0, k1, b0, b1, sites, cache
 
 
 def _setup(base: BaseDensity, value):
@@ -311,10 +368,9 @@ def plackett_luce_proposal(
     marg = _detached_marginals(base)
     perms = {g: torch.empty(K, nb, n, dtype=torch.long, device=ref.device) for g, n in base.spec.sizes.items()}
     log_pi = torch.empty(K, nb, dtype=torch.float64, device=ref.device)
-    for k0, k1, b0, b1 in _blocks(base, K, nb, ref.element_size()):
-        sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+    for k0, k1, b0, b1, sites, cache in _iter_blocks(base, value, batch, K, nb, ref):
         ub = {g: x[k0:k1, b0:b1] for g, x in u.items()}
-        p, lp = _block(base, sites, marg, k1 - k0, beta, u=ub, forced=k0 == 0)
+        p, lp = _block(base, sites, marg, k1 - k0, beta, u=ub, forced=k0 == 0, cache=cache)
         for g in perms:
             perms[g][k0:k1, b0:b1] = p[g]
         log_pi[k0:k1, b0:b1] = lp
@@ -344,10 +400,9 @@ def proposal_log_prob(base: BaseDensity, value, perm, beta: float = 1.0) -> torc
     given = {g: p.expand(E, *batch, p.shape[-1]).reshape(E, nb, -1) for g, p in perm.items()}
     marg = _detached_marginals(base)
     out = torch.empty(E, nb, dtype=torch.float64, device=ref.device)
-    for k0, k1, b0, b1 in _blocks(base, E, nb, ref.element_size()):
-        sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+    for k0, k1, b0, b1, sites, cache in _iter_blocks(base, value, batch, E, nb, ref):
         gb = {g: x[k0:k1, b0:b1] for g, x in given.items()}
-        out[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, given=gb)[1]
+        out[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, given=gb, cache=cache)[1]
     return out.reshape(E, *batch)
 
 
@@ -398,17 +453,15 @@ def importance_log_ratio(
     with torch.no_grad():
         u = _uniforms(base.spec, K, nb, generator, ref.device)
         marg = _detached_marginals(base)
-    blocks = list(_blocks(base, K, nb, ref.element_size()))
-    grad = len(blocks) > 1 and base.needs_grad(value)
+    grad = len(list(_blocks(base, K, nb, ref.element_size()))) > 1 and base.needs_grad(value)
     tensors = base.moving_tensors(value)
     logs = ref.new_empty(K, nb)
     log_pi = torch.empty(K, nb, dtype=torch.float64, device=ref.device)
-    for k0, k1, b0, b1 in blocks:
+    for k0, k1, b0, b1, sites, cache in _iter_blocks(base, value, batch, K, nb, ref):
         rows = torch.arange(b0, b1, device=ref.device)
         with torch.no_grad():
-            sites = base.sites(base.take(value, rows, batch))
             ub = {g: x[k0:k1, b0:b1] for g, x in u.items()}
-            perm, log_pi[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, u=ub, forced=k0 == 0)
+            perm, log_pi[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, ub, k0 == 0, cache=cache)
 
         def piece(*_, rows=rows, perm=perm):
             return base.log_prob_acted(base.take(value, rows, batch), perm)
