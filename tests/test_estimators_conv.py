@@ -24,7 +24,8 @@ from pyro_symmetry.estimators import (
     importance_log_ratio,
     permanent_log_ratio,
 )
-from pyro_symmetry.estimators.importance import plackett_luce_proposal
+from pyro_symmetry.estimators.importance import plackett_luce_proposal, proposal_log_prob
+from pyro_symmetry.groups import decode_signed
 from pyro_symmetry.models import BayesianCNN
 
 
@@ -143,3 +144,33 @@ def test_mutual_information_on_conv_guides():
     for m in ("contrastive", "importance"):
         assert est[m].value <= est["exact"].value + 4 * math.hypot(est[m].stderr, est["exact"].stderr), m
         assert 0 <= est[m].value <= est[m].log_order + 1e-6
+
+
+def test_passive_axes_are_permuted_but_not_flipped_by_the_factors():
+    """A layer that feeds a BatchNorm, then tanh: the layer's rows are passive (permuted with
+    the channel, never negated; the sign flip acts on the norm's affine parameters). The
+    permanent, built from per-neuron factors, must equal enumeration through the spec."""
+    spec = ps.PermutationSpec(
+        {
+            "h": ps.NeuronGroup(
+                3,
+                incoming=[("bn.weight", 0), ("bn.bias", 0)],
+                outgoing=[("out.weight", 1)],
+                activation_symmetry="sign",
+                passive=[("lin.weight", 0), ("lin.bias", 0)],
+            )
+        },
+        {"lin.weight": (3, 2), "lin.bias": (3,), "bn.weight": (3,), "bn.bias": (3,), "out.weight": (1, 3)},
+    )
+    base = BaseDensity(mean_field(spec.shapes, 0, loc_scale=1.0), spec)
+    torch.manual_seed(0)
+    w = base.sample((5,))
+    g = spec.sample((5,), generator=torch.Generator().manual_seed(1))
+    src, neg = decode_signed(g["h"])
+    moved = spec.apply(w, g)
+    assert neg.any()  # flips happen, and leave the passive rows unnegated
+    assert torch.equal(moved["lin.bias"], w["lin.bias"].gather(-1, src))
+    exact = exact_log_ratio(base, w)
+    assert torch.allclose(permanent_log_ratio(base, w), exact, atol=1e-9)
+    perm, log_pi = plackett_luce_proposal(base, w, 6, 1.0, torch.Generator().manual_seed(2))
+    assert torch.allclose(log_pi, proposal_log_prob(base, w, perm), atol=1e-9)

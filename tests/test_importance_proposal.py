@@ -45,7 +45,8 @@ def _stepwise_log_pi(base, w, perm, beta):
     drawn, total = {}, 0.0
     for g, group in spec.groups.items():
         n = group.size
-        usable = imp._usable_sites(spec, g, set(drawn))
+        static, moved = imp._site_plan(spec, g, set(drawn))
+        usable = static + moved
         partial = {k: drawn.get(k, torch.arange(spec.sizes[k])) for k in spec.groups}
         aligned = spec.apply(w, partial)
         a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, g, sites=usable)
@@ -98,7 +99,8 @@ def _old_proposal(base, w, K, beta, generator):
     drawn, log_pi = {}, torch.zeros(K, dtype=torch.float64)
     for g, group in spec.groups.items():
         n = group.size
-        usable = imp._usable_sites(spec, g, set(drawn))
+        static, moved = imp._site_plan(spec, g, set(drawn))
+        usable = static + moved
         aligned = spec.apply(w, {k: drawn.get(k, torch.arange(spec.sizes[k])) for k in spec.groups}) if drawn else w
         a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, g, sites=usable)
         a = a.expand(K, *a.shape[-3:])

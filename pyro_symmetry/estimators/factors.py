@@ -18,23 +18,40 @@ import torch
 from ..groups import PermutationSpec, SpecError
 from ._base import Marginals
 
-__all__ = ["neuron_log_factors", "group_sites"]
+__all__ = ["neuron_log_factors", "group_axes", "group_sites"]
 
 
 def group_sites(spec: PermutationSpec, group: str) -> list[tuple[str, int, int]]:
-    """``[(site, event_axis, inner)]`` the group acts on; one entry per site.
+    """``[(site, event_axis, inner)]`` the group acts on; one entry per site (see
+    :func:`group_axes`)."""
+    return [(site, axis, inner) for site, axis, inner, _ in group_axes(spec, group)]
+
+
+def group_axes(spec: PermutationSpec, group: str) -> list[tuple[str, int, int, bool]]:
+    """``[(site, event_axis, inner, passive)]`` the group acts on; one entry per site.
+
+    ``event_axis`` is negative; ``passive`` marks an axis that is permuted but never
+    sign-flipped (rows before a BatchNorm, running statistics). Read from
+    ``spec.action(site)``.
 
     Raises :class:`SpecError` if the group acts on two axes of one site (a square
-    recurrent weight), where a coordinate belongs to two neurons of the group.
+    recurrent weight), where a coordinate belongs to two neurons of the group, or on a
+    slice of an axis or as a nested group (the neurons' factors are then not whole rows).
     """
     out = []
     for site in spec.sites:
-        nd, moves = spec.site_moves(site)
-        mine = [(ax, inner) for ax, inner, g in moves if g == group]
-        if len(mine) > 1:
-            raise SpecError(f"group {group!r} acts on {len(mine)} axes of site {site!r}: its neurons do not factorize")
-        if mine:
-            out.append((site, mine[0][0] - nd, mine[0][1]))
+        action = spec.action(site)
+        spans = action.spans_of(group)
+        if len(spans) > 1:
+            raise SpecError(f"group {group!r} acts on {len(spans)} axes of site {site!r}: its neurons do not factorize")
+        if spans:
+            span = spans[0]
+            if len(span.shape) > 1 or span.start or span.stop != spec.shapes[site][span.axis]:
+                raise SpecError(
+                    f"group {group!r} acts on a slice of axis {span.axis} of site {site!r} or is nested: the "
+                    "factorized estimators ('permanent', 'importance') need whole axes; use 'exact' or 'contrastive'"
+                )
+            out.append((site, span.axis - action.event_ndim, span.inner, span.role == "passive"))
     return out
 
 
@@ -73,19 +90,19 @@ def neuron_log_factors(
     -------
     Tensor ``(*batch, n, S, n)``
         ``A[..., i, s, j] = log q_j(sign_s * w_i)``, ``S = 2`` for a sign-flip group
-        (``s = 1`` negates neuron ``i``'s coordinates), else ``S = 1``. Computed with
+        (``s = 1`` negates neuron ``i``'s coordinates, except on passive axes), else ``S = 1``. Computed with
         one batched matrix product per site (quadratic expansion of the Gaussian).
     """
     if group not in spec.groups:
         raise SpecError(f"unknown group {group!r}; groups are {sorted(spec.groups)}")
     n, signed = spec.groups[group].size, spec.groups[group].signed
     chosen = None if sites is None else set(sites)
-    entries = [e for e in group_sites(spec, group) if chosen is None or e[0] in chosen]
+    entries = [e for e in group_axes(spec, group) if chosen is None or e[0] in chosen]
     mixture = marginals.log_weights is not None
     ref = next(iter(values.values()))
     dtype = dtype or ref.dtype
     total = None
-    for site, axis, _ in entries:
+    for site, axis, _, passive in entries:
         nd = len(spec.shapes[site])
         v = _rows(values[site].to(dtype), axis, n, nd)
         loc = _rows(marginals.loc[site].to(dtype), axis, n, nd)
@@ -96,10 +113,13 @@ def neuron_log_factors(
         quad = -0.5 * (v * v) @ lam.transpose(-1, -2)
         cross = v @ (loc * lam).transpose(-1, -2)
         const = -0.5 * (loc * loc * lam).sum(-1) + 0.5 * lam.log().sum(-1) - 0.5 * m * math.log(2 * math.pi)
-        parts = [quad + cross + const.unsqueeze(-2)]
-        if signed:
-            parts.append(quad - cross + const.unsqueeze(-2))
-        term = torch.stack(parts, -2)  # (*batch, [C,] n, S, n)
+        plus = quad + cross + const.unsqueeze(-2)
+        if not signed:
+            term = plus.unsqueeze(-2)  # (*batch, [C,] n, 1, n)
+        elif passive:  # permuted with its neuron but never negated
+            term = torch.stack([plus, plus], -2)
+        else:
+            term = torch.stack([plus, quad - cross + const.unsqueeze(-2)], -2)  # (*batch, [C,] n, 2, n)
         total = term if total is None else total + term
     S = 2 if signed else 1
     if total is None:

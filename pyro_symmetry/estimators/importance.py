@@ -58,16 +58,17 @@ __all__ = ["importance_log_ratio", "plackett_luce_proposal", "proposal_log_prob"
 _TINY = 1e-250
 
 
-def _usable_sites(spec, group: str, drawn: set[str]) -> list[str]:
-    """Sites the group acts on once whose other axes all belong to drawn groups."""
-    out = []
+def _site_plan(spec, group: str, drawn: set[str]) -> tuple[list[str], list[str]]:
+    """The sites that score a group: those it acts on once whose other groups are all
+    drawn, split into ``static`` ones (no other group) and ``moved`` ones, which the drawn
+    elements align first (``spec.action(site).apply``)."""
+    static, moved = [], []
     for site in spec.sites:
-        _, moves = spec.site_moves(site)
-        mine = [g for _, _, g in moves if g == group]
-        others = {g for _, _, g in moves if g != group}
-        if len(mine) == 1 and others <= drawn:
-            out.append(site)
-    return out
+        action = spec.action(site)
+        others = set(action.groups) - {group}
+        if len(action.spans_of(group)) == 1 and others <= drawn:
+            (moved if others else static).append(site)
+    return static, moved
 
 
 def _detached_marginals(base: BaseDensity) -> Marginals:
@@ -82,21 +83,25 @@ def _detached_marginals(base: BaseDensity) -> Marginals:
 
 # ---------------------------------------------------------------------- one group
 def _scores(spec, sites, marg, group: str, drawn: dict, dtype=None) -> torch.Tensor:
-    """``A[i, s, j]``, ``(R, n, S, n)``: per draw (``R = nbc``) when no group is drawn yet,
-    else per element and draw (``R = kc * nbc``, the drawn groups' axes aligned first).
-
-    ``sites`` are ``(nbc, *shape)``; ``drawn`` holds the earlier groups' elements
-    ``(kc, nbc, n)``.
+    """``A[i, s, j]``, ``(R, n, S, n)``: per draw (``R = nbc``) when no scoring site has an
+    axis of a drawn group, else per element and draw (``R = kc * nbc``, those axes aligned by
+    the drawn elements ``(kc, nbc, n)`` first). ``sites`` are ``(nbc, *shape)``.
     """
-    usable = _usable_sites(spec, group, set(drawn))
-    if drawn:
-        ref = next(iter(drawn.values()))
-        partial = {k: drawn.get(k, torch.arange(spec.sizes[k], device=ref.device)) for k in spec.groups}
-        aligned = spec.apply(sites, partial)  # (kc, nbc, ...)
-    else:
-        aligned = sites
-    a = neuron_log_factors({k: aligned[k] for k in usable} or aligned, marg, spec, group, sites=usable, dtype=dtype)
-    return a.reshape(-1, *a.shape[-3:])
+    static, moved = _site_plan(spec, group, set(drawn))
+    nbc = next(iter(sites.values())).shape[0]
+    skip = [g for g in spec.groups if g not in drawn]
+    aligned = {site: spec.action(site).apply(sites[site], drawn, skip=skip) for site in moved}
+    if not aligned:
+        a = neuron_log_factors({k: sites[k] for k in static} or sites, marg, spec, group, sites=static, dtype=dtype)
+    elif marg.log_weights is not None:  # a mixture sums its sites inside each component
+        kc = next(iter(drawn.values())).shape[0]
+        values = {**{k: sites[k].expand(kc, *sites[k].shape) for k in static}, **aligned}
+        a = neuron_log_factors(values, marg, spec, group, sites=list(values), dtype=dtype)
+    else:  # the static sites once per draw, the aligned ones per element
+        a = neuron_log_factors(aligned, marg, spec, group, sites=list(aligned), dtype=dtype)
+        if static:
+            a = a + neuron_log_factors({k: sites[k] for k in static}, marg, spec, group, sites=static, dtype=dtype)
+    return a.reshape(-1, *a.shape[-3:]) if a.dim() > 4 else a.reshape(nbc, *a.shape[-3:])
 
 
 def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
