@@ -81,6 +81,11 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
 def _warm() -> None:
     """First-time imports and allocations (scipy's assignment solver, ...) are not the transform's time."""
     torch.set_num_threads(1)
@@ -91,7 +96,7 @@ def _warm() -> None:
 
 
 def run(op: str, coll, d: Path, out: Path, workers: int | None):
-    """``(seconds, driver peak MB, [worker peak MB], summary)`` of one transform."""
+    """``(seconds, CPU seconds of the workers (or the driver), driver peak MB, [worker peak MB], summary)``."""
     cluster = client = None
     kw = {"progress": False}
     if workers is not None:
@@ -101,7 +106,12 @@ def run(op: str, coll, d: Path, out: Path, workers: int | None):
         client = Client(cluster)
         client.run(_warm)
         kw.update(executor=client, num_threads=1)
+
+    def cpu() -> float:
+        return sum(client.run(_cpu_seconds).values()) if client is not None else _cpu_seconds()
+
     try:
+        cpu0 = cpu()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             if op == "align":
@@ -109,12 +119,13 @@ def run(op: str, coll, d: Path, out: Path, workers: int | None):
             else:
                 summary = coll.canonicalize(out, reference=d / "base.pt", **kw)
             seconds = time.perf_counter() - t0
+        cpu_seconds = cpu() - cpu0
         worker_mb = sorted(client.run(_maxrss_mb).values()) if client is not None else []
     finally:
         if client is not None:
             client.close()
             cluster.close()
-    return seconds, mem.peak / 2**20, worker_mb, summary
+    return seconds, cpu_seconds, mem.peak / 2**20, worker_mb, summary
 
 
 def check(summary, inverse: np.ndarray) -> int:
@@ -157,12 +168,13 @@ def main(argv: list[str] | None = None) -> None:
                 results, sha = {}, {}
                 for label, workers in (("in-process", None), ("dask, 1 worker", 1), ("dask, 2 workers", 2)):
                     out = d / f"out_{op}_{label.replace(' ', '').replace(',', '_')}"
-                    seconds, driver, wmb, summary = run(op, coll, d, out, workers)
+                    seconds, cpu_s, driver, wmb, summary = run(op, coll, d, out, workers)
                     sha[label] = {r["output"]: r["sha256"] for r in summary.records()}
                     rec = check(summary, inverse) if op == "align" else None
                     results[label] = seconds
-                    rows.append((n, op, label, seconds, driver, wmb, rec, summary.failed))
+                    rows.append((n, op, label, seconds, driver, wmb, rec, cpu_s))
                     print(f"  {op:<12} {label:<16} {seconds:8.1f} s  {1000 * seconds / n:7.1f} ms/ckpt  "
+                          f"CPU {cpu_s:7.1f} s (x{cpu_s / seconds:.2f})  "
                           f"driver {driver:6.0f} MB  workers {[round(w) for w in wmb]} MB  "
                           f"recovered {rec}/{n}  failed {summary.failed}", flush=True)  # fmt: skip
                     shutil.rmtree(out)
@@ -172,15 +184,17 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((n, op, "speed-up 2 vs 1", speedup, None, None, None, same))
         finally:
             shutil.rmtree(d, ignore_errors=True)
-    print("\n| N | op | run | s | ms / ckpt | driver peak RSS (MB) | worker peak RSS (MB) | recovered |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print("\n| N | op | run | s | ms / ckpt | CPU s (CPU / wall) | driver peak RSS (MB) | worker peak RSS (MB) "
+          "| recovered |")  # fmt: skip
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
     for n, op, label, sec, driver, wmb, rec, extra in rows:
         if driver is None:
-            print(f"| {n} | {op} | 2 workers / 1 worker | {sec:.2f}x | | | | identical outputs: {extra} |")
+            print(f"| {n} | {op} | 2 workers / 1 worker | {sec:.2f}x | | | | | identical outputs: {extra} |")
             continue
         workers = ", ".join(f"{w:.0f}" for w in wmb) or "-"
         recovered = "-" if rec is None else f"{rec}/{n}"
-        print(f"| {n} | {op} | {label} | {sec:.1f} | {1000 * sec / n:.1f} | {driver:.0f} | {workers} | {recovered} |")
+        print(f"| {n} | {op} | {label} | {sec:.1f} | {1000 * sec / n:.1f} | {extra:.0f} ({extra / sec:.2f}) | "
+              f"{driver:.0f} | {workers} | {recovered} |")  # fmt: skip
     print(f"\n(os.cpu_count() = {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
 
 
