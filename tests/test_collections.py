@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import dtypes, mlp_architectures, mlp_params, seeds
 
 import pyro_symmetry as ps
 from pyro_symmetry import collections as pc
@@ -118,6 +121,28 @@ def test_map_and_from_runs(tmp_path):
     assert summary.processed == 3
     again = summary.collection(SPEC)
     assert len(again) == 3 and torch.equal(again[1].params["fc1.weight"], 2 * runs[1]["fc1.weight"])
+
+
+@settings(max_examples=10)
+@given(mlp_architectures(), st.sampled_from(["none", "sign", "scale"]), dtypes, seeds)
+def test_property_transforms_equal_the_in_memory_functions(arch, symmetry, dtype, seed):
+    """Random architectures, activation symmetries and dtypes: every output is the in-memory result."""
+    import tempfile
+
+    n_in, hidden, n_out = arch
+    sizes = [n_in, *hidden, n_out]
+    spec = ps.mlp_spec([f"fc{i + 1}" for i in range(len(sizes) - 1)], list(hidden), activation_symmetry=symmetry)
+    runs = [mlp_params(sizes, dtype=dtype, seed=seed + k) for k in range(3)]
+    coll = pc.from_runs(runs, spec)
+    with tempfile.TemporaryDirectory() as d:
+        coll.align(0, Path(d) / "a", progress=False)
+        coll.canonicalize(Path(d) / "c", permutation="sort", progress=False)
+        for k, r in enumerate(runs):
+            assert_same(
+                load(Path(d) / "a" / f"run_{k:05d}.pt"), ps.align(runs[0], r, spec, method="weights", seed=0).aligned
+            )
+            want = ps.canonicalize(r, spec, permutation="sort").params
+            assert_same(load(Path(d) / "c" / f"run_{k:05d}.pt"), want)
 
 
 def double_floats(params):
@@ -272,9 +297,9 @@ def test_interrupted_map_resumes_without_redoing_or_losing(tmp_path):
     summary = coll.map(fn, out, progress=False)
     assert (summary.processed, summary.skipped, summary.failed) == (6, 4, 0)
     assert fn.calls == 5 + 6  # the 4 finished checkpoints were not recomputed
-    for name, st in first.items():  # and not rewritten
+    for name, before in first.items():  # and not rewritten
         now = (out / name).stat()
-        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+        assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert _done_records(out) == {f"ck_{i}.pt": 1 for i in range(10)}  # nothing duplicated
     for i in range(10):
         assert_same(load(out / f"ck_{i}.pt"), double_floats(load(tmp_path / f"ck_{i}.pt")))
