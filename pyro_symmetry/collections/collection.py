@@ -96,6 +96,8 @@ class Collection:
         sub-collection (e.g. two halves to compare)."""
         if isinstance(index, slice):
             return self._sub(self.sources[index])
+        if hasattr(index, "tolist") and getattr(index, "ndim", 0) == 1:  # numpy / torch index arrays
+            index = index.tolist()
         if isinstance(index, Sequence) and not isinstance(index, str):
             return self._sub([self.sources[i] for i in index])
         ck = self.load(int(index))
