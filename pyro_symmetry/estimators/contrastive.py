@@ -43,8 +43,21 @@ def contrastive_log_ratio(
     if K == 1:
         return ref.new_zeros(batch)
     log0 = base.log_kernel(value)
-    perm = base.spec.sample((K - 1, *batch), generator=generator, device=ref.device)
-    if generator is not None:
-        perm = {k: p.to(ref.device) for k, p in perm.items()}
+    perm = _uniform_elements(base, K - 1, batch, generator, ref.device)
     logs = base.log_prob_acted(value, perm) - log0  # (K - 1, *batch)
     return torch.logsumexp(torch.cat([torch.zeros_like(logs[:1]), logs], 0), 0) - math.log(K)
+
+
+def _uniform_elements(
+    base: BaseDensity, count: int, batch: torch.Size, generator: torch.Generator | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``count`` uniform elements per batch entry, ``group -> (count, *batch, *unit)``.
+
+    Under ``torch.jit`` tracing (``JitTrace_ELBO``) the sizes in ``batch`` are 0-dim
+    tensors, which ``spec.sample`` refuses as batch sizes: the elements are drawn for the
+    ``batch.numel()`` rows (an int, recorded as a constant) and reshaped to the traced
+    sizes, so the trace fails loudly rather than broadcasting if a later call's batch
+    differs. The same numbers as ``spec.sample((count, *batch))`` (rows in the same order).
+    """
+    perm = base.spec.sample((count, batch.numel()), generator=generator, device=device)
+    return {k: p.to(device).reshape(count, *batch, *p.shape[2:]) for k, p in perm.items()}
