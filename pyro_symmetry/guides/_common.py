@@ -71,6 +71,23 @@ def _check_event_shape(name: str, fn: Any, shape: tuple[int, ...]) -> None:
         )
 
 
+def _group_generator() -> torch.Generator | None:
+    """The generator of one call's group elements: seeded from torch's global RNG state
+    without advancing it (so the global seed determines the elements, and the global
+    stream stays AutoNormal's), or ``None`` (torch's global RNG) under ``torch.jit``
+    tracing, where a seed read now would be frozen into the trace.
+
+    The seed is the next 62 bits of the global stream, which the next ``eps`` draw also
+    reads; the elements come from a generator seeded with them (the Mersenne Twister's
+    seeding scrambles the seed into its whole state), not from those bits themselves.
+    """
+    if torch.jit.is_tracing():
+        return None
+    with fork_rng():
+        seed = int(torch.randint(0, 2**62, ()))
+    return torch.Generator().manual_seed(seed)
+
+
 class SymmetryTerm:
     """Mixin: the symmetry options and the correction factor of a guide.
 
@@ -93,10 +110,14 @@ class SymmetryTerm:
     lower than ``AutoNormal``'s, averaged over 8 seeds). ``"full"`` differentiates the
     finite-K estimate through both paths.
 
-    The uniform group elements of the bounds are drawn from a private generator
-    seeded from torch's RNG at set-up (without advancing it), so a symmetrized
-    guide consumes the same random stream as ``AutoNormal``: with one seed both
-    draw the same ``eps``.
+    **Randomness.** The group elements of the bounds are drawn, at each call, from a
+    generator seeded from torch's global RNG state without advancing it
+    (:func:`_group_generator`). So ``pyro.set_rng_seed(s)`` reproduces a loss (the
+    elements are a function of the global state, like ``eps``), and a symmetrized guide
+    consumes the same random stream as ``AutoNormal``: with one seed both draw the same
+    ``eps`` at every step. Under ``torch.jit`` tracing (``JitTrace_ELBO``) the elements
+    are drawn from torch's global RNG itself, so that the compiled guide draws fresh
+    ones on every call.
     """
 
     def _init_symmetry(
@@ -128,7 +149,6 @@ class SymmetryTerm:
         self.beta = check_real("beta", beta, nonnegative=True)
         self.gradient = gradient
         self.check_invariance = check
-        self._generator: torch.Generator | None = None
 
     def _bind_symmetry(self, trace: Any, model: Callable, args: tuple, kwargs: dict) -> None:
         """Bind the spec to the traced sites, check supports, method and invariance."""
@@ -143,28 +163,25 @@ class SymmetryTerm:
                 raise SpecError(f"site {s!r} is inside a plate; the group must act on global weights")
             _check_event_shape(s, site["fn"], shapes[s])
         self.spec = self.spec.with_shapes(shapes)
-        with fork_rng():
-            # A fresh seed that depends on torch's RNG state without advancing it.
-            seed = int(torch.randint(0, 2**62, ()))
-        self._generator = torch.Generator().manual_seed(seed)
         # Resolve "auto", refuse "exact"/"permanent" on a group too large, once at set-up.
         self.estimator = resolve_method(self.symmetry_base(), self.estimator)
         if self.check_invariance:
             check_invariance(model, self.spec, *args, **kwargs)
 
     @contextlib.contextmanager
-    def _set_up_or_undo(self, guide: Any) -> Iterator[None]:
+    def _set_up_or_undo(self, *guides: Any) -> Iterator[None]:
         """Set-up is all or nothing. If it fails (a spec that does not match the model, a
-        model that is not invariant, ...), forget ``guide``'s prototype trace, the
+        model that is not invariant, ...), forget the ``guides``' prototype traces, the
         parameters the set-up put in Pyro's param store and the binding of the spec, so
         that the next call sets up and checks again instead of training unchecked."""
         store = pyro.get_param_store()
         before = set(store.keys())
-        saved = {k: self.__dict__.get(k) for k in ("spec", "estimator", "_generator", "layout")}
+        saved = {k: self.__dict__.get(k) for k in ("spec", "estimator", "layout")}
         try:
             yield
         except BaseException:
-            guide.prototype_trace = None
+            for guide in guides:
+                guide.prototype_trace = None
             for k in list(store.keys()):
                 if k not in before:
                     del store[k]
@@ -172,6 +189,15 @@ class SymmetryTerm:
                 if k in self.__dict__:
                     self.__dict__[k] = v
             raise
+
+    def __getstate__(self) -> dict:
+        # AutoGuide.__getstate__ drops the model and master references from the pickled
+        # state (a weakref cannot be pickled) by setting them to None on the guide itself:
+        # a guide that was only saved would lose its model. Keep them on the live guide.
+        keep = {k: self.__dict__[k] for k in ("_model", "master") if k in self.__dict__}
+        state = super().__getstate__()
+        self.__dict__.update(keep)
+        return state
 
     def _check_fitted(self) -> None:
         if self.prototype_trace is None:
@@ -191,7 +217,8 @@ class SymmetryTerm:
             return  # Predictive (masked) or a bare call: the density is not used
         if self.gradient == "stl":
             base = base.detached()
-        r = estimate_log_ratio(base, value, self.estimator, self.num_permutations, self.beta, self._generator)
+        generator = _group_generator() if self.estimator in ("contrastive", "importance") else None
+        r = estimate_log_ratio(base, value, self.estimator, self.num_permutations, self.beta, generator)
         pyro.factor(self._factor_name, r, has_rsample=True)
 
     def symmetrized(self) -> SymmetrizedSampler:

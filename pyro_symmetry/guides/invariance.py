@@ -9,9 +9,11 @@ that breaks sign flips) makes them false, so the guides check it at set-up.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
@@ -24,11 +26,43 @@ from ..groups import PermutationSpec, SpecError
 __all__ = ["check_invariance", "fork_rng"]
 
 
+class _SameRandomness:
+    """Restore torch's (CPU and initialized CUDA), numpy's and Python's RNG states to the
+    ones at construction: each run of the model then draws the same numbers.
+
+    The check conditions every site it sees, but a site the model hides from outer
+    handlers (``poutine.block(model, hide=[...])``, the part an ``AutoGuideList`` gives
+    another guide, or a ``with poutine.block()`` in the model's body) is drawn from its
+    prior on every run. From the same RNG state it is drawn with the same noise, hence the
+    same value wherever its distribution is the same, which it is for an invariant model.
+    """
+
+    def __init__(self) -> None:
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.numpy = np.random.get_state()  # noqa: NPY002 - the legacy global state models use
+        self.python = random.getstate()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        np.random.set_state(self.numpy)  # noqa: NPY002
+        random.setstate(self.python)
+
+
 def _site_log_probs(
-    model: Callable, values: dict[str, torch.Tensor], subsample: poutine.Trace, args: tuple, kwargs: dict
+    model: Callable,
+    values: dict[str, torch.Tensor],
+    subsample: poutine.Trace,
+    randomness: _SameRandomness,
+    args: tuple,
+    kwargs: dict,
 ) -> dict:
-    # Replaying the subsample indices makes every run see the same minibatch.
+    # Replaying the subsample indices makes every run see the same minibatch, and the same
+    # RNG state the same values at the sites the model hides.
     conditioned = poutine.replay(poutine.condition(model, data=values), trace=subsample)
+    randomness.restore()
     tr = poutine.trace(conditioned).get_trace(*args, **kwargs)
     tr.compute_log_prob()
     return {
@@ -55,7 +89,10 @@ def check_invariance(
     values, and ``log p`` of every sample site (priors and likelihood) is compared
     at ``w`` and at ``g . w`` for two (signed) elements ``g``: a cyclic shift of
     every group with all signs flipped, which moves every neuron, and a random one.
-    Random subsample indices of the model's plates are held fixed. The model runs in
+    Random subsample indices of the model's plates are held fixed, and so are sites
+    the model hides from outer handlers (``poutine.block(model, hide=[...])``, as an
+    ``AutoGuideList`` part sees it): every run starts from the same RNG state, so they
+    are drawn with the same noise (the same value, for an invariant model). The model runs in
     :func:`pyro_symmetry._state.isolated`: the check leaves torch's, numpy's and Python's
     random streams, the thread count, the default dtype and Pyro's param store (a model's
     ``pyro.param``) as it found them, so a guide that runs it at set-up trains exactly as
@@ -107,11 +144,12 @@ def check_invariance(
             if site["type"] == "sample" and site_is_subsample(site):
                 subsample.add_node(name, **site)
         device = values[spec.sites[0]].device
-        lp0 = _site_log_probs(model, values, subsample, args, kwargs)
+        randomness = _SameRandomness()
+        lp0 = _site_log_probs(model, values, subsample, randomness, args, kwargs)
         lps = []
         for perm in _test_elements(spec, seed):
             moved = spec.apply({s: values[s] for s in spec.sites}, {k: p.to(device) for k, p in perm.items()})
-            lps.append(_site_log_probs(model, {**values, **moved}, subsample, args, kwargs))
+            lps.append(_site_log_probs(model, {**values, **moved}, subsample, randomness, args, kwargs))
     for name, a in lp0.items():
         for lp1 in lps:
             if name in lp1:
