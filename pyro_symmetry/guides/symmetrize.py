@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pyro.distributions import constraints
-from pyro.infer.autoguide import AutoContinuous
+from pyro.infer.autoguide import AutoContinuous, AutoGuide
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from pyro.poutine.messenger import Messenger
@@ -34,8 +35,8 @@ class _LatentRecorder(Messenger):
             self.value = msg["value"]
 
 
-class Symmetrize(SymmetryTerm, torch.nn.Module):
-    r"""The symmetrized version of a flat-vector ``AutoContinuous`` guide.
+class Symmetrize(SymmetryTerm, AutoGuide):
+    r"""The symmetrized version of a flat-vector ``AutoContinuous`` guide: an ``AutoGuide``.
 
     Wraps ``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``,
     ``AutoMultivariateNormal``, :class:`AutoMixtureOfDiagNormals` (a C-component
@@ -46,9 +47,17 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
     ``ELBO(q) + I_K``; for a ``C``-component mixture ``q_sym`` has ``C |G|``
     components and the same identity holds.
 
+    As a :class:`pyro.infer.autoguide.AutoGuide` it has ``call()`` (for
+    ``torch.jit.trace_module``), ``median``, ``quantiles`` and ``get_posterior``, works
+    as a part of an ``AutoGuideList`` (``Symmetrize(AutoDiagonalNormal(poutine.block(model,
+    hide=[...])))``), with ``Predictive``, and pickles with ``torch.save``.
+
     Parameters
     ----------
     guide : AutoContinuous
+        Not yet part of another guide. It becomes this guide's part: its
+        ``create_plates`` (for subsampling) moves to the ``Symmetrize``, which creates
+        the plates, as an ``AutoGuideList`` does for its parts.
     spec : PermutationSpec, optional
         Defaults to the model's ``.spec``.
     num_permutations, estimator, beta, check_invariance, gradient
@@ -57,11 +66,32 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
         proposal with the diagonal marginals of ``q`` (or per-component factors of
         a mixture), which keeps the bound valid.
 
+    Raises
+    ------
+    TypeError
+        ``guide`` not an ``AutoContinuous``; a mixture base under ``torch.jit`` tracing
+        (see Notes).
+    ValueError
+        ``guide`` already part of another guide; bad options (as for
+        :class:`~pyro_symmetry.AutoSymmetrizedNormal`).
+    SpecError
+        As for :class:`~pyro_symmetry.AutoSymmetrizedNormal`, at set-up (undone on failure).
+
     Notes
     -----
-    The wrapped guide's parameters keep their names (the param store is shared),
-    and ``median``/``quantiles``/``get_posterior`` are the wrapped guide's: they
-    describe ``q``.
+    The wrapped guide's parameters keep their names in the param store (``AutoDiagonalNormal.loc``,
+    ...; inside an ``AutoGuideList``, Pyro's nested names ``AutoGuideList.1.guide.loc``).
+    ``median``, ``quantiles``, ``get_posterior`` and ``guide(...)``/``Predictive`` describe
+    ``q``: ``median()`` is one representative of the ``|G|`` equivalent modes, and since
+    ``ELBO(q_sym)`` does not change when ``q`` moves along a symmetric direction (two hidden
+    units trading places in an overlapping region), it can drift there during training;
+    compare medians after :func:`~pyro_symmetry.align`. Draws from ``q_sym`` itself:
+    :meth:`sample_posterior` or ``Predictive(model, guide=guide.symmetrized())``.
+
+    ``JitTrace_ELBO`` works for the Normal bases. A mixture base cannot be traced, as in
+    Pyro: ``pyro.distributions.MixtureOfDiagNormals.rsample`` draws through a custom
+    ``torch.autograd.Function`` that ``torch.jit.trace`` fails on (``RuntimeError:
+    unordered_map::at`` in Pyro 1.9.2); :class:`AutoMixtureOfDiagNormals` says so instead.
 
     Examples
     --------
@@ -86,29 +116,21 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
                 f"Symmetrize wraps a flat-vector AutoContinuous guide (AutoDiagonalNormal, ...), got "
                 f"{type(guide).__name__}; for AutoNormal use ps.AutoSymmetrizedNormal"
             )
-        super().__init__()
-        self.guide = guide
-        self._init_symmetry(
-            spec if spec is not None else find_spec(guide.model),
-            num_permutations,
-            estimator,
-            beta,
-            check_invariance,
-            gradient,
-        )
+        if guide.master is not None:
+            raise ValueError(
+                f"guide ({type(guide).__name__}) is already a part of another guide (an AutoGuideList or a "
+                "Symmetrize); wrap a fresh guide"
+            )
+        super().__init__(guide.model, create_plates=guide.create_plates)
+        spec = spec if spec is not None else find_spec(guide.model)
+        self._init_symmetry(spec, num_permutations, estimator, beta, check_invariance, gradient)
         self.layout: FlatLayout | None = None
-
-    @property
-    def _pyro_name(self) -> str:
-        return f"Symmetrize_{self.guide._pyro_name}"
-
-    @property
-    def model(self) -> Any:
-        return self.guide.model
-
-    @property
-    def prototype_trace(self) -> Any:
-        return self.guide.prototype_trace
+        # The part of a master guide: the master creates the plates (Pyro asserts that a
+        # part has no create_plates of its own). Registered as a plain submodule so that it
+        # keeps its Pyro name (an AutoGuideList still renames it, as it does its own parts).
+        guide.create_plates = None
+        torch.nn.Module.add_module(self, "guide", guide)
+        guide._update_master(weakref.ref(self))
 
     def _check_fitted(self) -> None:
         if self.layout is None or self.guide.prototype_trace is None:
@@ -116,36 +138,61 @@ class Symmetrize(SymmetryTerm, torch.nn.Module):
                 f"Symmetrize({type(self.guide).__name__}) is not fitted: run an SVI step (or call it once) first"
             )
 
+    def _check_prototype(self, part_trace: Any) -> None:
+        # Called by the part's set-up; its prototype is this guide's own.
+        if self.master is not None:
+            self.master()._check_prototype(part_trace)
+
+    def _setup_prototype(self, *args: Any, **kwargs: Any) -> None:
+        """Set up the wrapped guide (one trace of the model) unless it already is, and share
+        its prototype trace, plates and flat layout."""
+        if self.guide.prototype_trace is None:
+            with self.guide._pyro_context:  # as in its own call: its parameters get their full names
+                self.guide._setup_prototype(*args, **kwargs)
+        self.prototype_trace = self.guide.prototype_trace
+        self._prototype_frames = dict(self.guide._prototype_frames)
+        self.layout = FlatLayout.from_guide(self.guide)
+
     def symmetry_base(self, *args: Any, **kwargs: Any) -> BaseDensity:
         """``q`` over the flat latent with its layout."""
         self._check_fitted()
         return BaseDensity(self.guide.get_posterior(*args, **kwargs), self.spec, self.layout, validate=False)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        recorder = _LatentRecorder(f"_{self.guide._pyro_name}_latent")
-        if self.layout is None:
-            with self._set_up_or_undo(self.guide):
-                with recorder:
-                    result = self.guide(*args, **kwargs)
-                self.layout = FlatLayout.from_guide(self.guide)
-                self._bind_symmetry(self.guide.prototype_trace, self.guide.model, args, kwargs)
+        if self.prototype_trace is None:
+            with self._set_up_or_undo(self, self.guide):
+                self._setup_prototype(*args, **kwargs)
+                result, latent = self._run_guide(*args, **kwargs)
+                self._bind_symmetry(self.prototype_trace, self.model, args, kwargs)
         else:
-            with recorder:
-                result = self.guide(*args, **kwargs)
-        if recorder.value is None:
-            raise SpecError(f"{type(self.guide).__name__} did not sample its flat latent site")
-        self._add_symmetry_factor(self.symmetry_base(*args, **kwargs), recorder.value)
+            result, latent = self._run_guide(*args, **kwargs)
+        self._add_symmetry_factor(self.symmetry_base(*args, **kwargs), latent)
         return result
 
+    def _run_guide(self, *args: Any, **kwargs: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The wrapped guide's draw (``site -> value``) and its flat latent ``z``."""
+        if self.guide.master is None:  # pickling (AutoGuide.__getstate__) drops the link
+            self.guide._update_master(self.master if self.master is not None else weakref.ref(self))
+        self._create_plates(*args, **kwargs)
+        recorder = _LatentRecorder(f"_{self.guide._pyro_name}_latent")
+        with recorder:
+            result = self.guide(*args, **kwargs)
+        if recorder.value is None:
+            raise SpecError(f"{type(self.guide).__name__} did not sample its flat latent site")
+        return result, recorder.value
+
     def median(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The wrapped guide's median (of ``q``: one representative, see Notes)."""
         self._check_fitted()
         return self.guide.median(*args, **kwargs)
 
     def quantiles(self, quantiles: Sequence[float] | torch.Tensor, *args: Any, **kwargs: Any) -> dict:
+        """The wrapped guide's quantiles ``site -> (len(quantiles), *shape)`` (of ``q``)."""
         self._check_fitted()
         return self.guide.quantiles(quantiles, *args, **kwargs)
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> Any:
+        """``q`` over the flat latent (the wrapped guide's posterior)."""
         self._check_fitted()
         return self.guide.get_posterior(*args, **kwargs)
 
@@ -189,6 +236,11 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
     ------
     ValueError, TypeError
         ``num_components`` not an int ``>= 1``, ``init_scale`` not positive and finite.
+    TypeError
+        Under ``torch.jit`` tracing (``JitTrace_ELBO``, ``torch.jit.trace_module``): a
+        mixture cannot be traced, as in Pyro, whose ``MixtureOfDiagNormals.rsample``
+        draws through a custom ``torch.autograd.Function`` that ``torch.jit.trace`` fails
+        on (``RuntimeError: unordered_map::at``, Pyro 1.9.2). Use ``Trace_ELBO``.
     SpecError
         ``get_posterior``/``median``/``quantiles`` before the guide is set up.
 
@@ -223,6 +275,12 @@ class AutoMixtureOfDiagNormals(AutoContinuous):
 
     def get_posterior(self, *args: Any, **kwargs: Any) -> StableMixtureOfDiagNormals:
         self._check_fitted()
+        if torch.jit.is_tracing():
+            raise TypeError(
+                f"{type(self).__name__} cannot be traced by torch.jit (JitTrace_ELBO, torch.jit.trace_module): "
+                "like Pyro's MixtureOfDiagNormals it draws through a custom torch.autograd.Function, which the "
+                "tracer does not support; use Trace_ELBO"
+            )
         return StableMixtureOfDiagNormals(self.locs, self.scales, self.logits)
 
     def _loc_scale(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
