@@ -357,3 +357,26 @@ def test_global_state_is_left_alone_with_data_and_predictions():
     D.to_inference_data(runs, num_samples=4, data=(x, y), spec=tutorial_spec(), posterior_predictive=True)
     D.collect_draws(runs, num_samples=4, data=(x, y), spec=tutorial_spec())
     assert snapshot().diff(before) == []
+
+
+def test_loo_of_a_confident_classifier_float32_model():
+    """A float32 log-likelihood of a confident prediction is exactly 0 at every draw, and PSIS
+    cannot fit a tail to identical values (arviz_stats raises "All tail values are the same"):
+    the model is evaluated in float64."""
+    model = ps.models.BayesianMLP(3, [4], 2)
+    g = _gen(0)
+    x = torch.randn(30, 3, generator=g)
+    runs = []
+    for _ in range(2):
+        loc = {k: 8 * torch.randn(s, generator=g) for k, s in model.spec.shapes.items()}
+        runs.append({k: (v, torch.full_like(v, 0.01)) for k, v in loc.items()})
+    y = model.functional({k: v[0] for k, v in runs[0].items()}, x).argmax(-1)
+    tree = D.to_inference_data(runs, num_samples=100, data=(x, y), model=model)
+    ll = tree["log_likelihood"]["obs"]
+    assert ll.dtype == np.float64 and str(tree["posterior"]["fc1.weight"].dtype) == "float32"
+    w = {k: torch.as_tensor(tree["posterior"][k].values[1, 3]).double() for k in tree["posterior"].data_vars}
+    logits = model.double().functional(w, x.double())
+    np.testing.assert_allclose(
+        ll.values[1, 3], torch.log_softmax(logits, -1)[torch.arange(30), y].numpy(), rtol=1e-9, atol=1e-13
+    )
+    assert math.isfinite(azs.loo(tree).elpd)

@@ -11,6 +11,7 @@ dims ``"{site}_dim{k}"``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -41,6 +42,26 @@ class ModelData(NamedTuple):
     observed: dict[str, torch.Tensor]
     obs_dims: dict[str, tuple[str, ...]]
     posterior_predictive: dict[str, torch.Tensor] | None
+
+
+def _float64(x: Any) -> Any:
+    """Floating-point tensors (also in a mapping) as float64; anything else as it is."""
+    if isinstance(x, Mapping):
+        return {k: _float64(v) for k, v in x.items()}
+    if torch.is_tensor(x) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.double()
+    return x
+
+
+def _float64_model(model: Any) -> Any:
+    """A float64 copy (``.double()``: parameters, buffers, and the priors of models whose priors
+    follow ``.to(dtype)``) of an ``nn.Module`` model; any other model as it is."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    try:
+        return copy.deepcopy(model).double()
+    except Exception:  # noqa: BLE001 - a module that cannot be copied: evaluated in its own dtype
+        return model
 
 
 def split_data(data: Any) -> tuple[tuple, dict]:
@@ -151,8 +172,20 @@ def model_data(
     progress: bool = False,
 ) -> ModelData:
     """The model's per-draw quantities at ``values`` ``site -> (S, *shape)`` (every latent site
-    of the model among them; a missing one raises :class:`SpecError` naming it)."""
-    pred = predict(model, values, *args, progress=progress, **kwargs)
+    of the model among them; a missing one raises :class:`SpecError` naming it).
+
+    The model is evaluated in float64 (draws and floating-point data promoted) when it runs
+    that way, else in its own dtype: a float32 log-likelihood of a confident prediction is
+    exactly 0 at every draw (``log(1 - 1e-8)`` rounds to 0), and PSIS-LOO cannot fit a Pareto
+    tail to identical values (``arviz_stats.loo`` raises "All tail values are the same").
+    """
+    wide = _float64(values), tuple(_float64(a) for a in args), {k: _float64(v) for k, v in kwargs.items()}
+    model64 = _float64_model(model)
+    try:
+        pred = predict(model64, wide[0], *wide[1], progress=progress, **wide[2])
+        model, values, args, kwargs = model64, *wide
+    except Exception:  # noqa: BLE001 - a model that does not run in float64: its own dtype
+        pred = predict(model, values, *args, progress=progress, **kwargs)
     latents = {k: v for k, v in values.items()}
     with isolated(), torch.no_grad():
         torch.manual_seed(seed)

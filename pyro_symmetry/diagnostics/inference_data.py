@@ -137,7 +137,10 @@ def to_inference_data(
         given, the tree gets ``sample_stats.lp`` (``log p(data, w)``), a ``log_likelihood``
         group (pointwise over the observed site's plate, e.g. dim ``"data"``) and
         ``observed_data``, computed by running the model (any Pyro model, no
-        ``functional`` needed) at every draw (after alignment).
+        ``functional`` needed) at every draw (after alignment), in float64 when the model
+        runs that way (an ``nn.Module`` model is evaluated as a float64 copy): float32
+        log-likelihoods of confident predictions are exactly 0 at every draw, which
+        ``arviz_stats.loo`` cannot smooth.
     model : optional
         Defaults to the guide's or MCMC kernel's model.
     posterior_predictive : bool
