@@ -410,6 +410,15 @@ class BaseDensity:
             res[s] = x.reshape(-1, *x.shape[x.dim() - self._event_ndim[s] :]).index_select(0, index)
         return res
 
+    def take_range(self, value: Value, lo: int, hi: int, out: torch.Size) -> Value:
+        """:meth:`take` of rows ``lo:hi``; all rows of an unbroadcast value are a view."""
+        own = self._own_batch(value)
+        if lo == 0 and hi == out.numel() and all(b == out for b in own.values()):
+            if self.flat is not None:
+                return value.reshape(-1, value.shape[-1])
+            return {s: value[s].reshape(-1, *self.spec.shapes[s]) for s in self.spec.sites}
+        return self.take(value, torch.arange(lo, hi, device=self.reference(value).device), out)
+
     def _chunked(self, value: Value, perm: Mapping[str, torch.Tensor] | None) -> torch.Tensor:
         """``log_kernel(perm . value)`` (``perm`` None: the value itself) over the rows of
         the broadcast batch, a chunk of rows at a time when they exceed :data:`CHUNK_BYTES`."""
@@ -425,8 +434,7 @@ class BaseDensity:
         grad = self.needs_grad(value)
 
         def piece(lo: int, hi: int, *_: torch.Tensor) -> torch.Tensor:
-            r = torch.arange(lo, hi, device=ref.device)
-            v = self.take(value, r, out)
+            v = self.take_range(value, lo, hi, out)
             if perm is not None:
                 v = self.act(v, {k: p.reshape(-1, p.shape[-1])[pidx[k][lo:hi]] for k, p in perm.items()})
             return self._kernel_of(v)

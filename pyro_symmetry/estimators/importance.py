@@ -125,53 +125,58 @@ def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
     return order, V, flipped.t()
 
 
-def _steps(A: np.ndarray, u: np.ndarray, forced: np.ndarray, kc: int, stable: bool) -> tuple[np.ndarray, np.ndarray]:
+def _steps(A: np.ndarray, u: np.ndarray, kc: int, stable: bool) -> tuple[np.ndarray, np.ndarray]:
     """The sequential draw: at step ``t`` every row picks an open option by inverse CDF.
 
     ``A`` ``(n, R, O)``: the probabilities relative to each row's best option
     (``exp(V - max)``), or with ``stable`` the scores ``V`` themselves (then every step
     renormalizes by the best open option); ``R`` is ``nbc`` (shared by the ``kc``
-    elements) or ``kc * nbc``. The ``N = kc * nbc`` rows are element-major. ``u`` ``(n, N)``
-    uniforms in ``(0, 1]``; ``forced`` ``(n, F)`` the options of rows ``< F`` (the
-    identity). Returns the options ``(n, N)`` and per step the open mass (relative to the
-    row's best option; below :data:`_TINY` means underflow) or, with ``stable``, the log
-    normalizer ``(n, N)``.
+    elements) or ``kc * nbc``. The ``N = kc * nbc`` rows are element-major; ``u``
+    ``(n, N)`` holds uniforms in ``(0, 1]``. Returns the options ``(n, N)`` and per step the
+    open mass (relative to the row's best option; below :data:`_TINY` means underflow) or,
+    with ``stable``, the log normalizer ``(n, N)``. Every step is a fixed handful of NumPy
+    calls on preallocated buffers: at these sizes the cost is the calls, not the data.
     """
     n, R, O = A.shape
     N = u.shape[1]
-    S, F, nbc = O // n, forced.shape[1], N // kc
-    lead = (1 if R == nbc else kc, nbc, S, n)
+    S, nbc = O // n, N // kc
+    A4 = A.reshape(n, 1 if R == nbc else kc, nbc, S, n)
+    u3 = u[:, :, None]
     opened = np.ones((N, n))
     flat_open, row_start = opened.reshape(-1), np.arange(N) * n
     chosen = np.empty((n, N), dtype=np.int64)
     norm = np.empty((n, N))
     e, c, thr, below = np.empty((N, O)), np.empty((N, O)), np.empty((N, 1)), np.empty((N, O), dtype=bool)
-    shaped = e.reshape(kc, nbc, S, n)
+    index = np.empty(N, dtype=np.int64)
+    shaped, last = e.reshape(kc, nbc, S, n), c[:, -1:]
     open4 = opened.reshape(kc, nbc, 1, n)
     closed = np.zeros((N, n))  # log domain: 0 open, -inf taken
-    closed4 = closed.reshape(kc, nbc, 1, n)
+    closed4, flat_closed = closed.reshape(kc, nbc, 1, n), closed.reshape(-1)
+    mul, less, count, add = np.multiply, np.less, np.add.reduce, np.add
     for t in range(n):
         if stable:
-            np.add(A[t].reshape(lead), closed4, out=shaped)
+            add(A4[t], closed4, out=shaped)
             m = e.max(1)
             np.exp(e - m[:, None], out=e)
         else:
-            np.multiply(A[t].reshape(lead), open4, out=shaped)
-        np.cumsum(e, 1, out=c)
-        total = c[:, -1]
+            mul(A4[t], open4, out=shaped)
+        e.cumsum(1, out=c)
         # The first option whose cumulative mass reaches u * total: it has positive mass.
-        np.multiply(u[t, :, None], total[:, None], out=thr)
-        np.less(c, thr, out=below)
+        mul(u3[t], last, out=thr)
+        less(c, thr, out=below)
         o = chosen[t]
-        np.add.reduce(below, 1, out=o)
-        o[:F] = forced[t]
-        col = row_start + (o if S == 1 else o % n)
-        flat_open[col] = 0.0
-        if stable:
-            closed.reshape(-1)[col] = -np.inf
-            norm[t] = m + np.log(total)
+        count(below, 1, out=o)
+        if S == 1:
+            add(row_start, o, out=index)
         else:
-            norm[t] = total
+            np.remainder(o, n, out=index)
+            add(index, row_start, out=index)
+        flat_open[index] = 0.0
+        if stable:
+            flat_closed[index] = -np.inf
+            norm[t] = m + np.log(last[:, 0])
+        else:
+            norm[t] = last[:, 0]
     return chosen, norm
 
 
@@ -189,23 +194,36 @@ def _prepare(V: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, n
 
 def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group
-    from :func:`_prepare`'d step-major scores ``(n, R, O)`` (see :func:`_steps`)."""
+    from :func:`_prepare`'d step-major scores ``(n, R, O)`` (see :func:`_steps`). With
+    ``forced`` (the identity's options ``(nbc, n)``) the first ``nbc`` rows take them and
+    only their ``log pi`` is computed (vectorized, :func:`_assignment_log_prob`)."""
     V, top, E = prepared
     n, R, O = V.shape
     N = u.shape[0]
-    un = u.detach().t().contiguous().cpu().numpy()
-    fn = np.empty((n, 0), dtype=np.int64) if forced is None else forced.t().contiguous().cpu().numpy()
-    chosen, norm = _steps(E, un, fn, kc, stable=False)
-    if norm.min() < _TINY:
-        chosen, log_norm = _steps(V.cpu().numpy(), un, fn, kc, stable=True)
-        log_norm = torch.from_numpy(log_norm).to(V.device)
-    else:
-        log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, N // R, R)
-    chosen = torch.from_numpy(chosen).to(V.device)  # (n, N)
-    # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
-    picked = V.unsqueeze(1).expand(n, N // R, R, O).gather(-1, chosen.reshape(n, N // R, R, 1)).reshape(n, N)
-    log_pi = (picked - log_norm.reshape(n, N)).sum(0)
-    return chosen.t().contiguous(), log_pi
+    nbc = N // kc
+    parts, log_pi = [], []
+    if forced is not None:
+        parts.append(forced)
+        log_pi.append(_assignment_log_prob(V[:, :nbc].transpose(0, 1), forced))
+        kc, u = kc - 1, u[nbc:]
+        if R == N:
+            V, top, E = V[:, nbc:], top[:, nbc:], E[:, nbc:]
+            R = R - nbc
+    if kc:
+        M = kc * nbc
+        un = u.detach().t().contiguous().cpu().numpy()
+        chosen, norm = _steps(np.ascontiguousarray(E), un, kc, stable=False)
+        if norm.min() < _TINY:
+            chosen, log_norm = _steps(V.contiguous().cpu().numpy(), un, kc, stable=True)
+            log_norm = torch.from_numpy(log_norm).to(V.device)
+        else:
+            log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, M // R, R)
+        chosen = torch.from_numpy(chosen).to(V.device)  # (n, M)
+        # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
+        picked = V.unsqueeze(1).expand(n, M // R, R, O).gather(-1, chosen.reshape(n, M // R, R, 1)).reshape(n, M)
+        parts.append(chosen.t())
+        log_pi.append((picked - log_norm.reshape(n, M)).sum(0))
+    return torch.cat(parts).contiguous(), torch.cat(log_pi)
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -325,9 +343,20 @@ def _iter_blocks(base: BaseDensity, value, batch: torch.Size, K: int, nb: int, r
     for k0, k1, b0, b1 in _blocks(base, K, nb, ref.element_size()):
         if (b0, b1) != key:
             with torch.no_grad():
-                sites = base.sites(base.take(value, torch.arange(b0, b1, device=ref.device), batch))
+                sites = {k: v.detach() for k, v in base.sites(base.take_range(value, b0, b1, batch)).items()}
             key, cache = (b0, b1), {}
         yield k0, k1, b0, b1, sites, cache
+
+
+def _assemble(parts: list, K: int, nb: int) -> torch.Tensor:
+    """The ``(K, nb)`` tensor from its blocks ``(k0, k1, b0, b1, (k1 - k0, b1 - b0))``
+    (one block: itself, no copy)."""
+    if len(parts) == 1:
+        return parts[0][-1]
+    if all(p[1] - p[0] == K for p in parts):  # whole draws, in order
+        return torch.cat([p[-1] for p in parts], 1)
+    # single draws split over elements, in order
+    return torch.stack([torch.cat([p[-1] for p in parts if p[2] == b], 0)[:, 0] for b in range(nb)], 1)
 
 
 def _setup(base: BaseDensity, value):
@@ -460,24 +489,25 @@ def importance_log_ratio(
         marg = _detached_marginals(base)
     grad = len(list(_blocks(base, K, nb, ref.element_size()))) > 1 and base.needs_grad(value)
     tensors = base.moving_tensors(value)
-    logs = ref.new_empty(K, nb)
-    log_pi = torch.empty(K, nb, dtype=torch.float64, device=ref.device)
+    logs, log_pi = [], []
     for k0, k1, b0, b1, sites, cache in _iter_blocks(base, value, batch, K, nb, ref):
-        rows = torch.arange(b0, b1, device=ref.device)
         with torch.no_grad():
             ub = {g: x[k0:k1, b0:b1] for g, x in u.items()}
-            perm, log_pi[k0:k1, b0:b1] = _block(base, sites, marg, k1 - k0, beta, ub, k0 == 0, cache=cache)
+            perm, lp = _block(base, sites, marg, k1 - k0, beta, ub, k0 == 0, cache=cache)
 
-        def piece(*_, rows=rows, perm=perm):
-            return base.log_prob_acted(base.take(value, rows, batch), perm)
+        def piece(*_, b0=b0, b1=b1, perm=perm):
+            return base.log_prob_acted(base.take_range(value, b0, b1, batch), perm)
 
         if grad:  # keep no permuted copies for the backward pass: recompute them there
-            logs[k0:k1, b0:b1] = torch.utils.checkpoint.checkpoint(
+            piece_logs = torch.utils.checkpoint.checkpoint(
                 piece, *tensors, use_reentrant=False, preserve_rng_state=False
             )
         else:
-            logs[k0:k1, b0:b1] = piece()
+            piece_logs = piece()
+        logs.append((k0, k1, b0, b1, piece_logs))
+        log_pi.append((k0, k1, b0, b1, lp))
         if progress is not None and k1 == K:
             progress(b1 - b0)
+    logs, log_pi = _assemble(logs, K, nb), _assemble(log_pi, K, nb)
     weights = logs - logs[:1] - log_pi.to(logs.dtype) - base.spec.log_order
     return (torch.logsumexp(weights, 0) - math.log(K)).reshape(batch)
