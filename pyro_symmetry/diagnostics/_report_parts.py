@@ -25,7 +25,18 @@ from ._layout import layer_groups, layer_of, layer_widths
 from .convergence import ConvergenceComparison
 from .kernel_mmd import canonical_form, mmd
 
-__all__ = ["barriers", "degenerate_notes", "estimate_mi", "failure", "figures", "mmd_by_layer", "rows"]
+__all__ = [
+    "barriers",
+    "degenerate_notes",
+    "estimate_mi",
+    "failure",
+    "figures",
+    "info",
+    "mi_section",
+    "mmd_by_layer",
+    "mmd_section",
+    "rows",
+]
 
 
 def failure(what: str, error: BaseException) -> str:
@@ -71,6 +82,39 @@ def estimate_mi(
                         progress=progress,
                     )
                 )
+    return out
+
+
+def mi_section(
+    posteriors: list | None, spec: PermutationSpec, estimator: tuple, seed: int, progress: bool, notes: list[str]
+) -> dict[str, list[MIEstimate]]:
+    """:func:`estimate_mi` of variational runs (``estimator = (method, samples, permutations)``);
+    why not, in ``notes``."""
+    if posteriors is None:
+        notes.append("I(g; w) needs variational runs (guides or (loc, scale) mappings): skipped for sample sets.")
+        return {}
+    try:
+        return estimate_mi(posteriors, spec, *estimator, seed, progress)
+    except Exception as e:  # noqa: BLE001 - e.g. point runs have no density: keep the rest
+        notes.append(failure("I(g; w)", e))
+        return {}
+
+
+def info(draws: Any, rows: list[dict], mi: dict, align: str, canonical: str) -> dict[str, Any]:
+    """The report's summary facts."""
+    run_ids = list(draws.run_index) or list(range(draws.num_chains))
+    out = {
+        "runs": draws.num_chains,
+        "draws per run": draws.num_draws,
+        "weights": rows[-1]["num_weights"],
+        "log|G|": f"{draws.spec.log_order:.2f}",
+        "alignment": f"align_many to the {align}" if draws.posteriors is not None else f"align_samples ({align})",
+        "MMD": f"runs {run_ids[0]} vs {run_ids[1]}, Gaussian kernel, canonical form after: {canonical}",
+    }
+    if mi:
+        est = mi["all"][0]
+        k = f", K = {est.num_permutations}" if est.num_permutations else ""
+        out["I(g;w) estimator"] = f"{est.method} ({est.num_samples} draws{k})"
     return out
 
 
@@ -163,6 +207,16 @@ def mmd_by_layer(draws: Any, spec: PermutationSpec, layers: Sequence[str], num_p
         after = mmd({k: cx[k] for k in sites}, {k: cy[k] for k in sites}, num_permutations=num_permutations, seed=seed)
         out[layer] = (before, after)
     return out, label
+
+
+def mmd_section(draws: Any, spec: PermutationSpec, num_permutations: int, seed: int, notes: list[str]):
+    """:func:`mmd_by_layer` (``({}, "–")`` with a note when it fails)."""
+    layers = list(layer_groups(spec, list(draws.samples)))
+    try:
+        return mmd_by_layer(draws, spec, layers, num_permutations, seed)
+    except Exception as e:  # noqa: BLE001 - keep the other sections
+        notes.append(failure("MMD", e))
+        return {}, "–"
 
 
 # ---------------------------------------------------------------------- figures

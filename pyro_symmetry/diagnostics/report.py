@@ -38,7 +38,6 @@ from ..alignment import BarrierResult, align_many
 from ..estimators import MIEstimate
 from ..groups import SpecError
 from . import _report_parts as parts
-from ._layout import layer_groups
 from ._report_format import (
     COLUMNS,
     FILES_NOTE,
@@ -227,10 +226,17 @@ class SymmetryReport:
 
 
 # ---------------------------------------------------------------------- public
-def _check_options(**values: Any) -> None:
+def _check_options(align: str, data: Any, loss_fn: Any, seed: Any, **counts: Any) -> None:
+    if align not in ("barycenter", "reference"):
+        raise ValueError(f"align must be 'barycenter' or 'reference', got {align!r}")
     minimum = {"barrier_pairs": 0, "barrier_points": 2, "num_weights_plotted": 0}
-    for name, value in values.items():
+    for name, value in counts.items():
         check_int(name, value, minimum=minimum.get(name, 1))
+    check_int("seed", seed)
+    if loss_fn is not None:
+        check_callable("loss_fn", loss_fn)
+    if data is not None and (not isinstance(data, (tuple, list)) or len(data) != 2):
+        raise TypeError(f"data must be a pair (x, y) of held-out tensors, got {type(data).__name__}")
 
 
 def symmetry_report(
@@ -317,9 +323,11 @@ def symmetry_report(
     >>> report = ps.diagnostics.symmetry_report(runs, data=(x_test, y_test), out_dir="report")
     >>> print(report)
     """
-    if align not in ("barycenter", "reference"):
-        raise ValueError(f"align must be 'barycenter' or 'reference', got {align!r}")
     _check_options(
+        align=align,
+        data=data,
+        loss_fn=loss_fn,
+        seed=seed,
         barrier_pairs=barrier_pairs,
         barrier_points=barrier_points,
         mi_samples=mi_samples,
@@ -327,11 +335,6 @@ def symmetry_report(
         mmd_permutations=mmd_permutations,
         num_weights_plotted=num_weights_plotted,
     )
-    check_int("seed", seed)
-    if loss_fn is not None:
-        check_callable("loss_fn", loss_fn)
-    if data is not None and (not isinstance(data, (tuple, list)) or len(data) != 2):
-        raise TypeError(f"data must be a pair (x, y) of held-out tensors, got {type(data).__name__}")
     if out_dir is not None:
         check_out_dir(Path(out_dir), overwrite)
     steps = ["draws", "alignment", "R-hat/ESS", "I(g;w)", "barriers", "MMD", "figures", "files"]
@@ -362,40 +365,16 @@ def symmetry_report(
     notes += parts.degenerate_notes(convergence)
 
     next(step)
-    mi: dict[str, list[MIEstimate]] = {}
-    if posteriors is None:
-        notes.append("I(g; w) needs variational runs (guides or (loc, scale) mappings): skipped for sample sets.")
-    else:
-        try:
-            mi = parts.estimate_mi(posteriors, spec, mi_method, mi_samples, mi_permutations, seed, progress)
-        except Exception as e:  # noqa: BLE001 - e.g. point runs have no density: keep the rest
-            notes.append(parts.failure("I(g; w)", e))
+    mi = parts.mi_section(posteriors, spec, (mi_method, mi_samples, mi_permutations), seed, progress, notes)
 
     next(step)
     options = {"pairs": barrier_pairs, "points": barrier_points, "seed": seed, "progress": progress}
     curves = parts.barriers(posteriors, many, loss_fn, data, draws.model, run_ids, options, notes)
 
     next(step)
-    layers = list(layer_groups(spec, list(draws.samples)))
-    mmd_results, canonical = {}, "–"
-    try:
-        mmd_results, canonical = parts.mmd_by_layer(draws, spec, layers, mmd_permutations, seed)
-    except Exception as e:  # noqa: BLE001 - keep the other sections
-        notes.append(parts.failure("MMD", e))
-
+    mmd_results, canonical = parts.mmd_section(draws, spec, mmd_permutations, seed, notes)
     rows = parts.rows(spec, convergence, mi, mmd_results, curves, draws)
-    info = {
-        "runs": draws.num_chains,
-        "draws per run": draws.num_draws,
-        "weights": rows[-1]["num_weights"],
-        "log|G|": f"{spec.log_order:.2f}",
-        "alignment": f"align_many to the {align}" if posteriors is not None else f"align_samples ({align})",
-        "MMD": f"runs {run_ids[0]} vs {run_ids[1]}, Gaussian kernel, canonical form after: {canonical}",
-    }
-    if mi:
-        est = mi["all"][0]
-        k = f", K = {est.num_permutations}" if est.num_permutations else ""
-        info["I(g;w) estimator"] = f"{est.method} ({est.num_samples} draws{k})"
+    info = parts.info(draws, rows, mi, align, canonical)
     report = SymmetryReport(rows, convergence, mi, curves, mmd_results, {}, info, notes, title, run_ids)
 
     next(step)
