@@ -143,19 +143,19 @@ def _steps(A: np.ndarray, u: np.ndarray, kc: int, stable: bool) -> tuple[np.ndar
     A4 = A.reshape(n, 1 if R == nbc else kc, nbc, S, n)
     u3 = u[:, :, None]
     opened = np.ones((N, n))
-    flat_open, row_start = opened.reshape(-1), np.arange(N) * n
+    rows = np.arange(N)
     chosen = np.empty((n, N), dtype=np.int64)
     norm = np.empty((n, N))
     e, c, thr, below = np.empty((N, O)), np.empty((N, O)), np.empty((N, 1)), np.empty((N, O), dtype=bool)
-    index = np.empty(N, dtype=np.int64)
+    column = np.empty(N, dtype=np.int64)
     shaped, last = e.reshape(kc, nbc, S, n), c[:, -1:]
     open4 = opened.reshape(kc, nbc, 1, n)
     closed = np.zeros((N, n))  # log domain: 0 open, -inf taken
-    closed4, flat_closed = closed.reshape(kc, nbc, 1, n), closed.reshape(-1)
-    mul, less, count, add = np.multiply, np.less, np.add.reduce, np.add
+    closed4 = closed.reshape(kc, nbc, 1, n)
+    mul, less, count = np.multiply, np.less, np.add.reduce
     for t in range(n):
         if stable:
-            add(A4[t], closed4, out=shaped)
+            np.add(A4[t], closed4, out=shaped)
             m = e.max(1)
             np.exp(e - m[:, None], out=e)
         else:
@@ -166,14 +166,10 @@ def _steps(A: np.ndarray, u: np.ndarray, kc: int, stable: bool) -> tuple[np.ndar
         less(c, thr, out=below)
         o = chosen[t]
         count(below, 1, out=o)
-        if S == 1:
-            add(row_start, o, out=index)
-        else:
-            np.remainder(o, n, out=index)
-            add(index, row_start, out=index)
-        flat_open[index] = 0.0
+        col = o if S == 1 else np.remainder(o, n, out=column)
+        opened[rows, col] = 0.0
         if stable:
-            flat_closed[index] = -np.inf
+            closed[rows, col] = -np.inf
             norm[t] = m + np.log(last[:, 0])
         else:
             norm[t] = last[:, 0]
