@@ -174,3 +174,22 @@ def test_passive_axes_are_permuted_but_not_flipped_by_the_factors():
     assert torch.allclose(permanent_log_ratio(base, w), exact, atol=1e-9)
     perm, log_pi = plackett_luce_proposal(base, w, 6, 1.0, torch.Generator().manual_seed(2))
     assert torch.allclose(log_pi, proposal_log_prob(base, w, perm), atol=1e-9)
+
+
+def test_factor_estimators_refuse_sliced_axes_by_name():
+    """A group on a slice of an axis (a fused projection's part): its neurons' factors are not
+    whole rows, so 'permanent' and 'importance' refuse it naming the group and the site."""
+    spec = ps.PermutationSpec(
+        {
+            "q": ps.NeuronGroup(2, incoming=[ps.Axis("qk.weight", 0, start=0)], outgoing=[("o.weight", 1)]),
+            "k": ps.NeuronGroup(2, incoming=[ps.Axis("qk.weight", 0, start=2)]),
+        },
+        {"qk.weight": (4, 3), "o.weight": (1, 2)},
+    )
+    base = BaseDensity(mean_field(spec.shapes, 0), spec)
+    w = base.sample((2,))
+    with pytest.raises(ps.SpecError, match="'q'.*slice.*'qk.weight'"):
+        importance_log_ratio(base, w, 4)
+    elements = spec.elements()  # enumeration by hand still works on the same spec
+    expected = torch.logsumexp(base.log_prob_acted(w, {g: p.unsqueeze(1) for g, p in elements.items()}), 0)
+    assert torch.allclose(exact_log_ratio(base, w), expected - base.log_kernel(w) - spec.log_order)

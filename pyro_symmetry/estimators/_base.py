@@ -207,7 +207,7 @@ class BaseDensity:
                 f"site -> Distribution / (loc, scale); got {type(q).__name__}"
             )
         self.spec, self.layout = spec, layout
-        self._event_ndim = {s: spec.site_moves(s)[0] for s in spec.sites}
+        self._event_ndim = {s: spec.action(s).event_ndim for s in spec.sites}
         self._kernel = self._normal_kernel()
         dists = [self.flat] if self.flat is not None else [self.dists[s] for s in spec.sites]
         self._q_batched = any(d.batch_shape != () for d in dists)

@@ -32,6 +32,12 @@ def contrastive_log_ratio(
         ``log K`` and increases to ``I`` as ``K`` grows (InfoNCE). The gradient is
         pathwise (the uniform ``g_j`` do not depend on any parameter).
 
+    Notes
+    -----
+    The ``(K - 1) x batch`` permuted copies are evaluated in chunks by
+    :meth:`BaseDensity.log_prob_acted` (recomputed in the backward pass under autograd):
+    memory does not grow with ``K`` or the batch.
+
     References
     ----------
     Gelberg, van der Ouderaa, van der Wilk, Gal (2024), Variational inference
