@@ -12,6 +12,7 @@ output is identical (sha256) to the in-process one.
 
     python benchmarks/collections.py                         # N = 200 and 1000, align
     python benchmarks/collections.py --n 200 --ops align canonicalize
+    python benchmarks/collections.py --n 200 --ops wait      # 0.1 s of waiting per checkpoint
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def _warm() -> None:
     ps.align(w, spec.apply(w, spec.sample()), spec, method="weights", seed=0)
 
 
+def wait_then_copy(params):
+    """A checkpoint 'transform' that waits 0.1 s (a stand-in for I/O-bound work): its speed-up
+    measures the executor's parallelism whatever CPU share the machine gives the workers."""
+    time.sleep(0.1)
+    return params
+
+
 def run(op: str, coll, d: Path, out: Path, workers: int | None):
     """``(seconds, CPU seconds of the workers (or the driver), driver peak MB, [worker peak MB], summary)``."""
     cluster = client = None
@@ -116,8 +124,10 @@ def run(op: str, coll, d: Path, out: Path, workers: int | None):
             t0 = time.perf_counter()
             if op == "align":
                 summary = coll.align(d / "base.pt", out, **kw)
-            else:
+            elif op == "canonicalize":
                 summary = coll.canonicalize(out, reference=d / "base.pt", **kw)
+            else:
+                summary = coll.map(wait_then_copy, out, **kw)
             seconds = time.perf_counter() - t0
         cpu_seconds = cpu() - cpu0
         worker_mb = sorted(client.run(_maxrss_mb).values()) if client is not None else []
@@ -141,7 +151,7 @@ def check(summary, inverse: np.ndarray) -> int:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[200, 1000])
-    p.add_argument("--ops", nargs="+", default=["align"], choices=["align", "canonicalize"])
+    p.add_argument("--ops", nargs="+", default=["align"], choices=["align", "canonicalize", "wait"])
     p.add_argument("--noise", type=float, default=0.1, help="noise std relative to each site's std")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary dir)")
     p.add_argument("--malloc-trim", action="store_true", help="keep Dask's MALLOC_TRIM_THRESHOLD_=65536 for workers")
