@@ -119,12 +119,14 @@ def _log_matvec(c: torch.Tensor, s: torch.Tensor, transpose: bool) -> tuple[torc
 
 
 def log_coefficients(
-    prob: Problem, u: dict[str, torch.Tensor], g: str, bounds: bool = False
+    prob: Problem, u: dict[str, torch.Tensor], g: str, bounds: bool = False, pair_masses: list | None = None
 ) -> tuple[torch.Tensor, ...]:
     """``(log P_i, log Q_i)`` with ``M = sum_i P_i e^{2 u_i} + Q_i e^{-2 u_i} + const`` in ``u_g``.
 
     With ``bounds``, also the per-sample shifts ``(log S_P, log S_Q)`` ``(B, 1)``: a
     product flushed to zero on the way changes ``P_i`` by at most ``tiny * S_P`` each.
+    With ``pair_masses`` (a list), the log-mass ``(B,)`` of every two-group term whose
+    first group is ``g`` is appended to it (each term once over all groups).
     """
     ups, downs = [prob.log_up[g]], [prob.log_down[g]]
     zero = torch.zeros_like(prob.log_up[g][..., :1])
@@ -134,6 +136,8 @@ def log_coefficients(
             val, m = _log_matvec(t.c, 2 * t.db * u[t.b], transpose=False)
             (ups if t.da > 0 else downs).append(val)
             (up_shifts if t.da > 0 else down_shifts).append(m)
+            if pair_masses is not None:
+                pair_masses.append(torch.logsumexp(val + 2 * t.da * u[g], -1))
         if t.b == g:
             val, m = _log_matvec(t.c, 2 * t.da * u[t.a], transpose=True)
             (ups if t.db > 0 else downs).append(val)
@@ -182,8 +186,9 @@ def _sor_factor(before: torch.Tensor, after: torch.Tensor, sweeps: int) -> torch
 
 def _final_check(
     prob: Problem, u: dict[str, torch.Tensor], dead: dict[str, torch.Tensor], precision: float
-) -> tuple[torch.Tensor, bool]:
-    """The largest ``|gap|`` per sample, and whether every number behind it is trustworthy.
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The largest ``|gap|`` and ``log M(u)`` per sample, and whether every number behind
+    them is trustworthy.
 
     Trustworthy: finite log-scales and gaps, and for every live neuron the products
     flushed to zero in the coefficients (at most ``entries * tiny * shift`` of them)
@@ -194,18 +199,21 @@ def _final_check(
     worst = torch.zeros(ref.shape[0], dtype=ref.dtype, device=ref.device)
     log_floor = math.log(prob.entries * torch.finfo(ref.dtype).tiny / precision)
     ok = True
+    parts: list[torch.Tensor] = []
     for g in prob.groups:
-        log_p, log_q, shift_p, shift_q = log_coefficients(prob, u, g, bounds=True)
+        log_p, log_q, shift_p, shift_q = log_coefficients(prob, u, g, bounds=True, pair_masses=parts)
         worst = torch.maximum(worst, _log_gap(log_p, log_q, u[g], dead[g]).abs().amax(-1))
         lost = ((shift_p + log_floor > log_p) | (shift_q + log_floor > log_q)) & ~dead[g]
         ok = ok and not bool(lost.any()) and bool(torch.isfinite(u[g]).all())
-    return worst, ok and bool(torch.isfinite(worst).all())
+        parts += [torch.logsumexp(prob.log_up[g] + 2 * u[g], -1), torch.logsumexp(prob.log_down[g] - 2 * u[g], -1)]
+    log_mass = torch.logsumexp(torch.stack(parts), 0)
+    return worst, log_mass, ok and bool(torch.isfinite(worst).all())
 
 
 def solve(
     prob: Problem, dead: dict[str, torch.Tensor], tol: float, max_iters: int, relax: bool
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, bool]:
-    """Block coordinate descent on one sub-batch: ``(u, residual, sweeps, trustworthy)``.
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int, bool]:
+    """Block coordinate descent on one sub-batch: ``(u, residual, log M(u), sweeps, trustworthy)``.
 
     ``dead`` neurons (no incoming or no outgoing mass) are pinned at ``u = 0``.
     """
@@ -233,5 +241,5 @@ def solve(
             history.append(worst)
             if iterations == _SOR_WARMUP:
                 omega = 0.25 * _sor_factor(history[1], history[-1], _SOR_WARMUP - 2).unsqueeze(-1)
-    worst, ok = _final_check(prob, u, dead, precision=min(tol, 1e-3) * 1e-2)
-    return u, torch.tanh(0.5 * worst), iterations, ok
+    worst, log_mass, ok = _final_check(prob, u, dead, precision=min(tol, 1e-3) * 1e-2)
+    return u, torch.tanh(0.5 * worst), log_mass, iterations, ok
