@@ -99,81 +99,78 @@ def markdown(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=16, help="hidden width (one ReLU layer)")
     parser.add_argument("--runs", type=int, default=48, help="independent VI runs (an even number)")
     parser.add_argument("--draws", type=int, default=8, help="checkpoints (posterior draws) saved per run")
     parser.add_argument("--steps", type=int, default=1000, help="SVI steps per run")
     parser.add_argument("--quick", action="store_true", help="16 runs x 6 draws, 200 steps (under a minute)")
-    parser.add_argument(
-        "--scheduler", default=None, help="address of a running Dask scheduler (default: a LocalCluster)"
-    )
+    parser.add_argument("--scheduler", default=None, help="a running Dask scheduler (default: a LocalCluster)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    parser.add_argument("--barycenter-iters", type=int, default=5, help="streaming barycenter passes (at most)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="out/checkpoint_collection", help="directory for checkpoints and results")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--barycenter-iters", type=int, default=5, help="streaming barycenter passes (at most)")
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.draws, args.steps, args.barycenter_iters = 16, 6, 200, 2
     if args.runs < 4 or args.runs % 2 or args.draws < 4:
         parser.error("--runs must be an even number >= 4 and --draws >= 4")
-    torch.set_num_threads(1)
-    progress = not args.no_progress
-    t0 = time.perf_counter()
-    ckpt_dir, canon_dir = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "canonical")
-    os.makedirs(ckpt_dir, exist_ok=True)
+    return args
 
-    # 1. Train and save (once: a second call with the same --out reuses the checkpoints, and
-    #    the canonicalization below then finds its outputs complete and skips them) ---------
-    x_tr, y_tr, x_te, y_te = load_data(args.seed)
-    spec = ps.models.BayesianMLP(64, [args.hidden], 10, activation="relu").spec
+
+def train_and_save(args: argparse.Namespace, ckpt_dir: str, x_tr: torch.Tensor, y_tr: torch.Tensor) -> None:
+    """Train the runs and save their draws, once: a second call with the same ``--out`` reuses
+    the checkpoints (and the canonicalization then finds its outputs complete and skips them)."""
     marker = os.path.join(ckpt_dir, "_complete.json")
     config = {"runs": args.runs, "draws": args.draws, "steps": args.steps, "hidden": args.hidden, "seed": args.seed}
-    if not (os.path.exists(marker) and json.load(open(marker)) == config):
-        runs = ps.train_runs(
-            lambda: ps.models.BayesianMLP(64, [args.hidden], 10, activation="relu"),
-            lambda m: AutoNormal(m, init_scale=0.05),
-            (x_tr, y_tr),
-            args.runs,
-            steps=args.steps,
-            seed=args.seed,
-            optim=pyro.optim.ClippedAdam({"lr": 0.02}),
-            progress=progress,
-        )
-        save_draws(runs, args.draws, ckpt_dir, args.seed)
-        del runs
-        with open(marker, "w") as f:
-            json.dump(config, f)
-    else:
-        print(f"reusing the checkpoints in {ckpt_dir}")
-    t_train = time.perf_counter() - t0
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == config:
+                print(f"reusing the checkpoints in {ckpt_dir}")
+                return
+    runs = ps.train_runs(
+        lambda: ps.models.BayesianMLP(64, [args.hidden], 10, activation="relu"),
+        lambda m: AutoNormal(m, init_scale=0.05),
+        (x_tr, y_tr),
+        args.runs,
+        steps=args.steps,
+        seed=args.seed,
+        optim=pyro.optim.ClippedAdam({"lr": 0.02}),
+        progress=not args.no_progress,
+    )
+    save_draws(runs, args.draws, ckpt_dir, args.seed)
+    with open(marker, "w") as f:
+        json.dump(config, f)
 
-    # 2. Remove the symmetries as a collection, on the cluster ----------------------------
-    raw = ps.collections.from_files(os.path.join(ckpt_dir, "run*_draw*.pt"), spec)
+
+def canonical_forms(args: argparse.Namespace, raw, canon_dir: str):
+    """Minimum mass + alignment to the streaming barycenter, on the Dask cluster."""
     client, cluster = start_cluster(args.scheduler, args.workers)
     try:
-        t1 = time.perf_counter()
-        iters = args.barycenter_iters
-        summary = raw.canonicalize(canon_dir, reference="barycenter", barycenter_iters=iters, executor=client,
-                                   progress=progress)  # fmt: skip
-        t_canon = time.perf_counter() - t1
-        print(f"\n{summary!r}\n({t_canon:.1f} s on {len(client.nthreads())} workers)")
+        t0 = time.perf_counter()
+        summary = raw.canonicalize(canon_dir, reference="barycenter", barycenter_iters=args.barycenter_iters,
+                                   executor=client, progress=not args.no_progress)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        print(f"\n{summary!r}\n({seconds:.1f} s on {len(client.nthreads())} workers)")
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    canon = summary.collection(spec)
+    return summary, seconds
 
-    # 3. Diagnostics, streamed -------------------------------------------------------------
+
+def diagnose(args: argparse.Namespace, collections: dict, x_te: torch.Tensor, y_te: torch.Tensor):
+    """R-hat across runs, MMD between halves, ensemble predictions: ``(results, R-hats)``."""
+    names = next(iter(collections.values())).names
     half = args.runs // 2
-    first = [i for i, n in enumerate(raw.names) if run_of(n) < half]
-    second = [i for i, n in enumerate(raw.names) if run_of(n) >= half]
-    early = [i for i, n in enumerate(raw.names) if draw_of(n) < args.draws // 2]
-    late = [i for i, n in enumerate(raw.names) if draw_of(n) >= args.draws // 2]
-    rows, rhats, results = [], {}, {}
-    for label, coll in (("raw", raw), ("canonical (min mass + barycenter)", canon)):
+    first = [i for i, n in enumerate(names) if run_of(n) < half]
+    second = [i for i, n in enumerate(names) if run_of(n) >= half]
+    early = [i for i, n in enumerate(names) if draw_of(n) < args.draws // 2]
+    late = [i for i, n in enumerate(names) if draw_of(n) >= args.draws // 2]
+    results, rhats = {}, {}
+    for label, coll in collections.items():
         conv = dc.rhat_ess(coll, chains=run_of)
         rhats[label] = np.concatenate([np.ravel(v) for v in conv.rhat.values()])
         runs_ab = dc.mmd(coll[first], coll[second], num_permutations=200, seed=args.seed)
@@ -186,20 +183,23 @@ def main(argv: list[str] | None = None) -> dict:
                           "accuracy": pred.metrics["accuracy"], "nll": pred.metrics["nll"],
                           "disagreement": pred.metrics["disagreement"],
                           "mutual_information": pred.metrics["mutual_information"]}  # fmt: skip
-        r = results[label]
-        rows.append([label, f"{r['rhat_median']:.3f}", f"{r['rhat_max']:.2f}", f"{100 * r['frac_rhat>1.01']:.1f}",
-                     f"{100 * r['frac_rhat>1.1']:.1f}", f"{r['mmd2_runs']:.4f}", f"{r['mmd2_null']:.4f}",
-                     f"{100 * r['accuracy']:.1f}", f"{r['disagreement']:.3f}"])  # fmt: skip
-    n = len(raw)
+    return results, rhats
+
+
+def report(args: argparse.Namespace, n: int, results: dict, rhats: dict) -> None:
+    half = args.runs // 2
+    method = next(iter(results.values()))["mmd_method"]
     print(
         f"\n{args.runs} runs x {args.draws} checkpoints = {n} files; R-hat with runs as chains; unbiased "
-        f"MMD^2 (Gaussian kernel, median bandwidth; {runs_ab.method}) between runs 0-{half - 1} and "
+        f"MMD^2 (Gaussian kernel, median bandwidth; {method}) between runs 0-{half - 1} and "
         f"{half}-{args.runs - 1}, and between the first and second half of every run's draws (no difference)\n"
     )
     header = ["checkpoints", "R-hat median", "R-hat max", "R-hat > 1.01 (%)", "R-hat > 1.1 (%)", "MMD^2 runs A vs B",
               "MMD^2 draws 1st vs 2nd half", "ensemble accuracy (%)", "disagreement"]  # fmt: skip
+    rows = [[label, f"{r['rhat_median']:.3f}", f"{r['rhat_max']:.2f}", f"{100 * r['frac_rhat>1.01']:.1f}",
+             f"{100 * r['frac_rhat>1.1']:.1f}", f"{r['mmd2_runs']:.4f}", f"{r['mmd2_null']:.4f}",
+             f"{100 * r['accuracy']:.1f}", f"{r['disagreement']:.3f}"] for label, r in results.items()]  # fmt: skip
     print(markdown(header, rows))
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bins = np.linspace(1.0, max(2.0, float(np.nanmax(np.concatenate(list(rhats.values()))))), 40)
     for label, r in rhats.items():
@@ -210,6 +210,23 @@ def main(argv: list[str] | None = None) -> dict:
     fig.savefig(os.path.join(args.out, "rhat.png"), dpi=100)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    ckpt_dir, canon_dir = os.path.join(args.out, "checkpoints"), os.path.join(args.out, "canonical")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    x_tr, y_tr, x_te, y_te = load_data(args.seed)
+    train_and_save(args, ckpt_dir, x_tr, y_tr)
+    t_train = time.perf_counter() - t0
+    spec = ps.models.BayesianMLP(64, [args.hidden], 10, activation="relu").spec
+    raw = ps.collections.from_files(os.path.join(ckpt_dir, "run*_draw*.pt"), spec)
+    summary, t_canon = canonical_forms(args, raw, canon_dir)
+    canon = summary.collection(spec)
+    results, rhats = diagnose(args, {"raw": raw, "canonical (min mass + barycenter)": canon}, x_te, y_te)
+    report(args, len(raw), results, rhats)
     print(f"\nresults in {args.out}/ ({time.perf_counter() - t0:.0f} s, of which training and saving "
           f"{t_train:.0f} s, canonical forms {t_canon:.0f} s)")  # fmt: skip
     return results
