@@ -506,11 +506,11 @@ def big(tmp_path_factory):
 
 def test_memory_of_transforms_stays_bounded(big):
     d, coll, size = big
-    budget = 5 * size  # a few checkpoints at a time; the collection holds 16 (8 for the barycenter)
+    budget = 5 * size  # a few checkpoints at a time; the collection holds 16 (6 for the barycenter)
     run = lambda c, out: lambda: c.map(double_floats, d / out, progress=False)  # noqa: E731
     assert _peak(run(coll, "all"), run(coll[:2], "warm")) < budget
     bary = lambda c: lambda: c.barycenter(progress=False, max_iters=1)  # noqa: E731
-    assert _peak(bary(coll[:8]), bary(coll[:2])) < budget
+    assert _peak(bary(coll[:6]), bary(coll[:2])) < budget
 
 
 def test_memory_of_streamed_diagnostics_stays_bounded(big):

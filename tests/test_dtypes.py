@@ -151,7 +151,8 @@ def test_scaling_keeps_the_dtype(dtype):
     before = _frozen(w)
     res = ps.min_mass(w, model.spec)
     assert _dtypes(res.params) == {dtype} and _dtypes(res.log_scales) == {dtype}
-    assert res.mass_before.dtype == dtype and res.mass_after.dtype == dtype and res.residual.dtype == dtype
+    # the masses are float64 whatever the input (range-safe: squared weights of float32 inputs overflow)
+    assert res.mass_before.dtype == res.mass_after.dtype == torch.float64 and res.residual.dtype == dtype
     for permutation in ("sort", "align"):
         canon = ps.canonicalize(w, model.spec, permutation=permutation)
         assert _dtypes(canon.params) == {dtype} and _dtypes(canon.log_scales) == {dtype}
@@ -192,10 +193,15 @@ def test_train_runs_in_the_model_dtype(dtype):
 
 
 # Where tensors may leave torch: the LAP solver (scipy) and the ArviZ / matplotlib boundary.
-NUMPY_ALLOWED = {"alignment/core.py", "diagnostics/inference_data.py", "diagnostics/plots.py"}
+NUMPY_ALLOWED = {
+    "alignment/core.py",
+    "diagnostics/inference_data.py",
+    "diagnostics/plots.py",
+    "diagnostics/_collection_data.py",  # the dask-backed xarray tree of a collection
+}
 MODULES = [
     "groups",
-    "models.py",
+    "models",
     "posterior.py",
     "distributions/pushforward.py",
     "alignment",
@@ -238,6 +244,7 @@ def test_no_numpy_or_host_sync_on_hot_paths():
         "diagnostics/plots.py",
         "alignment/core.py",
         "diagnostics/kernel_mmd.py",
+        "diagnostics/_collection_data.py",  # one numpy block per checkpoint file read
     }
     assert set(in_loops) <= allowed, {k: v for k, v in in_loops.items() if k not in allowed}
     assert {m for _, m in in_loops.get("alignment/core.py", ())} <= {"tolist"}

@@ -59,4 +59,5 @@ def test_getting_started_journey(digits_small, tmp_path):
     md = report.to_markdown()
     assert "R-hat" in md and "MMD" in md
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
-    assert list(tmp_path.glob("*.png"))
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html  # one self-contained file, figures embedded

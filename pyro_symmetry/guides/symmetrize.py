@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,9 +55,8 @@ class Symmetrize(SymmetryTerm, AutoGuide):
     Parameters
     ----------
     guide : AutoContinuous
-        Not yet part of another guide. It becomes this guide's part: its
-        ``create_plates`` (for subsampling) moves to the ``Symmetrize``, which creates
-        the plates, as an ``AutoGuideList`` does for its parts.
+        Not yet part of another guide. It becomes this guide's part, and the
+        ``Symmetrize`` creates the plates for it, as an ``AutoGuideList`` does for its parts.
     spec : PermutationSpec, optional
         Defaults to the model's ``.spec``.
     num_permutations, estimator, beta, check_invariance, gradient
@@ -65,6 +64,11 @@ class Symmetrize(SymmetryTerm, AutoGuide):
         a diagonal Normal (``AutoDiagonalNormal``); ``"importance"`` scores its
         proposal with the diagonal marginals of ``q`` (or per-component factors of
         a mixture), which keeps the bound valid.
+    create_plates : callable, optional
+        As for ``AutoNormal``: called with the model's arguments, returns the plates
+        (e.g. ``pyro.plate("data", N, subsample=idx)`` for minibatches chosen by the
+        caller). Pyro's ``AutoContinuous`` guides have no such option; a wrapped guide
+        that has one passes it on here.
 
     Raises
     ------
@@ -110,6 +114,7 @@ class Symmetrize(SymmetryTerm, AutoGuide):
         beta: float = 1.0,
         check_invariance: bool = True,
         gradient: str = "stl",
+        create_plates: Callable | None = None,
     ) -> None:
         if not isinstance(guide, AutoContinuous):
             raise TypeError(
@@ -121,7 +126,11 @@ class Symmetrize(SymmetryTerm, AutoGuide):
                 f"guide ({type(guide).__name__}) is already a part of another guide (an AutoGuideList or a "
                 "Symmetrize); wrap a fresh guide"
             )
-        super().__init__(guide.model, create_plates=guide.create_plates)
+        if create_plates is not None and guide.create_plates is not None:
+            raise ValueError("pass create_plates to Symmetrize or to the guide it wraps, not to both")
+        if create_plates is not None and not callable(create_plates):
+            raise TypeError(f"create_plates must be callable, got {type(create_plates).__name__}")
+        super().__init__(guide.model, create_plates=create_plates or guide.create_plates)
         spec = spec if spec is not None else find_spec(guide.model)
         self._init_symmetry(spec, num_permutations, estimator, beta, check_invariance, gradient)
         self.layout: FlatLayout | None = None
