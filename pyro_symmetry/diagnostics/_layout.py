@@ -9,8 +9,8 @@ has its layer's inputs on the other axis, while one whose grouped axis is *outgo
 ``(hidden, out)``) has its layer's own (output) neurons there. Nothing else is
 guessed: an axis no group determines gets a site-specific name and no width.
 
-:func:`axis_roles` is the one place in ``diagnostics`` that reads the groups' axis
-tuples (the ``groups`` refactor will answer it through its per-site action).
+:func:`axis_roles` is the one place in ``diagnostics`` that reads where the groups act,
+through the spec's per-site action (``spec.action(site)``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from ..groups import PermutationSpec
+from ..groups import PermutationSpec, SiteAction, SpecError
 
 __all__ = ["AxisRole", "axis_roles", "layer_groups", "layer_name", "layer_of", "layer_widths", "site_dims"]
 
@@ -47,8 +47,34 @@ def layer_name(site: str) -> str:
     return layer_of(site).replace(".", "_")
 
 
+def _actions(spec: PermutationSpec, shapes: Mapping[str, Sequence[int]]) -> dict[str, SiteAction]:
+    """``site -> SiteAction`` for every spec site the draws have, read against the draws'
+    own shapes when the spec does not know them. Sites whose shape does not fit the spec
+    are left out (they are checked elsewhere)."""
+    bound = spec
+    if spec.shapes is None and all(s in shapes for s in spec.sites):
+        try:
+            bound = spec.with_shapes({s: tuple(shapes[s]) for s in spec.sites})
+        except SpecError:
+            bound = spec  # a spec that does not fit the draws: read what it says without shapes
+    out = {}
+    for site in bound.sites:
+        if site not in shapes:
+            continue
+        try:
+            action = bound.action(site, batched=False)
+        except SpecError:
+            continue
+        if action.event_ndim <= len(shapes[site]):
+            out[site] = action
+    return out
+
+
 def axis_roles(spec: PermutationSpec | None, shapes: Mapping[str, Sequence[int]]) -> dict[tuple[str, int], AxisRole]:
     """``(site, event axis >= 0) -> AxisRole`` for every axis the spec determines.
+
+    Read from the spec's per-site action: an axis one group's incoming or outgoing span
+    covers whole. Sliced axes (several groups on one axis) and nested groups name no axis.
 
     Parameters
     ----------
@@ -59,13 +85,14 @@ def axis_roles(spec: PermutationSpec | None, shapes: Mapping[str, Sequence[int]]
     roles: dict[tuple[str, int], AxisRole] = {}
     if spec is None:
         return roles
-    for name, group in spec.groups.items():
-        for role, axes in (("incoming", group.incoming), ("outgoing", group.outgoing)):
-            for ax in axes:
-                shape = shapes.get(ax.site)
-                if shape is None or not -len(shape) <= ax.axis < len(shape):
-                    continue  # a site the draws lack, or a spec that does not fit them (checked elsewhere)
-                roles[(ax.site, ax.axis % len(shape))] = AxisRole("group", name, role, ax.inner)
+    actions = _actions(spec, shapes)
+    for name in spec.groups:
+        for site, action in actions.items():
+            lead = len(shapes[site]) - action.event_ndim  # the draws' own dims the spec leaves out
+            for span in action.spans_of(name):
+                if span.role == "passive" or not span.whole or len(span.shape) != 1:
+                    continue
+                roles[(site, lead + span.axis)] = AxisRole("group", name, span.role, span.inner)
     for site, shape in shapes.items():
         grouped = [(k, roles[(site, k)]) for k in range(len(shape)) if (site, k) in roles]
         if len(shape) == 2 and len(grouped) == 1:  # (inner > 1: a linear layer after a conv flatten)
@@ -112,8 +139,9 @@ def layer_groups(spec: PermutationSpec, sites: Sequence[str]) -> dict[str, str |
     e.g. the output layer), for the layers of ``sites`` in order."""
     owner: dict[str, str] = {}
     for name, group in spec.groups.items():
-        for ax in group.incoming:
-            owner.setdefault(layer_of(ax.site), name)
+        for role, ax in group.roles():
+            if role == "incoming":
+                owner.setdefault(layer_of(ax.site), name)
     return {layer: owner.get(layer) for layer in dict.fromkeys(layer_of(s) for s in sites)}
 
 

@@ -1,6 +1,7 @@
 """Where the activation symmetries of a spec act: per site, the event axes of each group
 and the direction (incoming ``+1`` / outgoing ``-1``). Shared by rescaling, min-mass and
-the sign convention."""
+the sign convention. Read only through the spec's group-action interface
+(``spec.action(site)``, ``NeuronGroup.roles/scalable/signed``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..groups import PermutationSpec, SpecError
+from ..groups import NeuronGroup, PermutationSpec, SpecError
 
 __all__ = [
     "SiteAxis",
@@ -19,6 +20,7 @@ __all__ = [
     "reduce_squares",
     "site_axes",
     "split_event",
+    "symmetry_name",
 ]
 
 
@@ -36,22 +38,52 @@ def detached(params: Mapping[str, object]) -> dict[str, object]:
     return {k: v.detach() if torch.is_tensor(v) else v for k, v in params.items()}
 
 
+def symmetry_name(group: NeuronGroup) -> str:
+    """``"scale"``, ``"sign"`` or ``"none"``: the group's activation symmetry as the user
+    declared it (for messages), read through :attr:`NeuronGroup.scalable`/``signed``."""
+    return "scale" if group.scalable else "sign" if group.signed else "none"
+
+
 def groups_with(spec: PermutationSpec, symmetry: str) -> list[str]:
-    """Names of the groups whose ``activation_symmetry`` is ``symmetry``, in spec order."""
-    return [k for k, g in spec.groups.items() if g.activation_symmetry == symmetry]
+    """Names of the groups with a scaling (``"scale"``) or sign-flip (``"sign"``) symmetry, in spec order."""
+    return [k for k, g in spec.groups.items() if symmetry_name(g) == symmetry]
 
 
 def site_axes(spec: PermutationSpec, groups: list[str] | tuple[str, ...]) -> dict[str, tuple[int, list[SiteAxis]]]:
-    """``site -> (event_ndim, [SiteAxis])`` for every site one of ``groups`` touches."""
+    """``site -> (event_ndim, [SiteAxis])`` for every site one of ``groups`` scales.
+
+    Read from the spec's per-site action (:meth:`PermutationSpec.action`): the incoming and
+    outgoing spans of each group, in the order the group declares its axes. Passive spans
+    (a conv's rows before a BatchNorm, running statistics) are never rescaled and are left
+    out. Sites are listed in the order the groups first scale them.
+
+    Raises
+    ------
+    SpecError
+        If one of ``groups`` acts on a slice of an axis or is nested in another group:
+        rescaling, min-mass and sign conventions need each group to own whole axes.
+    """
     out: dict[str, tuple[int, list[SiteAxis]]] = {}
     for name in groups:
-        g = spec.groups[name]
-        for direction, axes in ((1, g.incoming), (-1, g.outgoing)):
-            for ax in axes:
-                if ax.site not in out:
-                    out[ax.site] = (spec.site_moves(ax.site)[0], [])
-                nd = out[ax.site][0]
-                out[ax.site][1].append(SiteAxis(ax.axis if ax.axis >= 0 else nd + ax.axis, ax.inner, name, direction))
+        seen: set[tuple[str, str]] = set()
+        for role, ax in spec.groups[name].roles():
+            if role == "passive" or (ax.site, role) in seen:
+                continue
+            seen.add((ax.site, role))
+            action = spec.action(ax.site)
+            for span in action.spans_of(name):
+                if span.role != role:
+                    continue
+                if not span.whole or len(span.shape) != 1:
+                    where = f"entries [{span.start}, {span.stop}) of axis {span.axis - action.event_ndim}"
+                    what = "is nested in another group" if len(span.shape) != 1 else f"acts on {where}"
+                    raise SpecError(
+                        f"group {name!r} {what} of site {ax.site!r}: rescaling, min-mass and sign conventions "
+                        "support only groups that own whole axes"
+                    )
+                direction = 1 if role == "incoming" else -1
+                entry = out.setdefault(ax.site, (action.event_ndim, []))
+                entry[1].append(SiteAxis(span.axis, span.inner, name, direction))
     return out
 
 
@@ -66,10 +98,10 @@ def check_group_tensors(
         if k not in spec.groups:
             raise SpecError(f"{what} names group {k!r}, which is not in the spec (groups: {sorted(spec.groups)})")
         g = spec.groups[k]
-        if g.activation_symmetry != symmetry:
+        if symmetry_name(g) != symmetry:
             kind = {"scale": "positively homogeneous (ReLU-like)", "sign": "odd (tanh-like)"}[symmetry]
             raise SpecError(
-                f"{what}[{k!r}]: group {k!r} has activation_symmetry={g.activation_symmetry!r}, so its activation is "
+                f"{what}[{k!r}]: group {k!r} has activation_symmetry={symmetry_name(g)!r}, so its activation is "
                 f"not {kind} and this transformation would change the network's function"
             )
         v = torch.as_tensor(v)

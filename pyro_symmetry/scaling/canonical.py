@@ -172,7 +172,7 @@ def sort_permutation(
 def _batch_shape(params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Size:
     shapes = []
     for site in spec.sites:
-        nd = spec.site_moves(site)[0]
+        nd = spec.action(site).event_ndim
         x = params[site]
         shapes.append(x.shape[: x.dim() - nd])
     return torch.broadcast_shapes(*shapes)
@@ -183,7 +183,7 @@ def _distance(x: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], sp
     around ``1e20`` would overflow a float32 sum of squares and make every distance Inf)."""
     total = None
     for site in spec.sites:
-        d = mass_of_site(x[site] - ref[site], spec.site_moves(site)[0])
+        d = mass_of_site(x[site] - ref[site], spec.action(site).event_ndim)
         total = d if total is None else total + d
     return total
 
@@ -376,7 +376,7 @@ def _align(
     if reference is None:
         # The first sample in sorted order: a reference that is itself canonical, so every
         # element of an orbit (one network, or the first of a batch) meets the same one.
-        first = {s: x[s][(0,) * (x[s].dim() - spec.site_moves(s)[0])] for s in spec.sites}
+        first = {s: x[s][(0,) * (x[s].dim() - spec.action(s).event_ndim)] for s in spec.sites}
         ref = spec.apply(first, sort_permutation(first, spec, sort_key))
     elif isinstance(reference, Mapping):
         check_devices({f"reference[{k!r}]": v for k, v in reference.items()})

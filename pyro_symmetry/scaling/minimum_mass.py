@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from .._validation import check_devices, check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, detached, groups_with, site_axes
+from ._axes import SiteAxis, detached, groups_with, site_axes, symmetry_name
 from ._mass_problem import Problem, build_problem, log_coefficients, solve
 from .rescaling import mass, mass_sites, scale_site
 
@@ -228,7 +228,7 @@ def min_mass(
     if not groups:
         raise SpecError(
             "min_mass needs a group with a positively homogeneous activation (activation_symmetry='scale'); "
-            f"the spec's groups are {{{', '.join(f'{k}: {g.activation_symmetry}' for k, g in spec.groups.items())}}}"
+            f"the spec's groups are {{{', '.join(f'{k}: {symmetry_name(g)}' for k, g in spec.groups.items())}}}"
         )
     if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 0:
         raise ValueError(f"max_iters must be a non-negative int, got {max_iters!r}")

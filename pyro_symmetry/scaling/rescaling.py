@@ -107,8 +107,9 @@ def rescale(
         Sites no listed group touches pass through unchanged.
     spec : PermutationSpec
     log_scales : mapping ``group -> Tensor (*batch_u, n)``
-        Log-scales ``u`` of some or all groups whose ``activation_symmetry`` is
-        ``"scale"``; groups left out are not rescaled.
+        Log-scales ``u`` of some or all groups with a scaling symmetry
+        (:attr:`NeuronGroup.scalable`, ``activation_symmetry="scale"``); groups left out
+        are not rescaled.
 
     Returns
     -------
@@ -121,8 +122,9 @@ def rescale(
     ------
     SpecError
         If ``log_scales`` names a group whose activation is not positively
-        homogeneous (``activation_symmetry != "scale"``: tanh, GELU, or a group
-        followed by a norm layer), an unknown group, or has the wrong size.
+        homogeneous (not :attr:`NeuronGroup.scalable`: tanh, GELU, or a group
+        followed by a norm layer), an unknown group, or has the wrong size; or if a
+        listed group acts on a slice of an axis or is nested (not supported).
     ValueError
         If a tensor is on the meta device or the tensors are on different devices, or
         if a rescaled entry overflows the dtype (e.g. float32 weights of ``1e30`` times
@@ -190,7 +192,7 @@ def _is_bias(spec: PermutationSpec, site: str) -> bool:
     """A bias: a site with one event dim (a vector over one layer's neurons) whose name
     does not end in ``"weight"`` (a norm layer's scale ``"bn.weight"`` is a weight, as in
     Laurent et al.'s code, which counts batch-norm weights but no biases)."""
-    return spec.site_moves(site)[0] == 1 and not site.endswith("weight")
+    return spec.action(site).event_ndim == 1 and not site.endswith("weight")
 
 
 def mass_sites(spec: PermutationSpec, include_biases: bool = False) -> tuple[str, ...]:
@@ -284,7 +286,7 @@ def mass(
     for site in sites:
         x = params[site]
         check_tensor(f"params[{site!r}]", x, floating=True)
-        nd = spec.site_moves(site)[0] if site in spec.sites else None
+        nd = spec.action(site).event_ndim if site in spec.sites else None
         if nd is None:
             if spec.shapes is None or site not in spec.shapes:
                 raise SpecError(f"the spec does not know the shape of site {site!r}; use spec.with_shapes(...)")
