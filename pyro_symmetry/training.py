@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyro
@@ -39,9 +39,12 @@ __all__ = ["TrainedRun", "train_runs"]
 ON_ERROR = ("raise", "keep")
 
 
-@dataclass
+@dataclass(frozen=True, repr=False, eq=False)  # eq on tensors is ambiguous: identity
 class TrainedRun:
     """One fitted SVI run (or one that failed, with ``on_error="keep"``).
+
+    Its ``repr`` is one short line (seed, steps, final loss, error), not the loss
+    history or the parameters: ``TrainedRun(seed=0, steps=300, final_loss=123.4, error=None)``.
 
     Attributes
     ----------
@@ -71,8 +74,27 @@ class TrainedRun:
     model: Any
     losses: torch.Tensor
     seed: int | None
-    state: dict = field(repr=False)
+    state: dict
     error: BaseException | None = None
+
+    @property
+    def steps(self) -> int:
+        """Number of SVI steps the run was given (the length of :attr:`losses`)."""
+        return int(self.losses.shape[0]) if torch.is_tensor(self.losses) and self.losses.dim() else 0
+
+    @property
+    def final_loss(self) -> float:
+        """The loss after the last step (NaN if the run did not reach it)."""
+        return float(self.losses[-1]) if self.steps else math.nan
+
+    def __repr__(self) -> str:
+        err = "None" if self.error is None else f"{type(self.error).__name__}({_clip(str(self.error), 60)!r})"
+        return f"TrainedRun(seed={self.seed}, steps={self.steps}, final_loss={self.final_loss:.6g}, error={err})"
+
+
+def _clip(text: str, width: int) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= width else line[: width - 3] + "..."
 
 
 def _split_data(data: Any) -> tuple[tuple, dict]:
@@ -373,10 +395,8 @@ def _check_arguments(
     num_threads: Any,
     on_error: Any,
 ) -> tuple[Task, bool | None]:
-    if isinstance(num_runs, bool) or not isinstance(num_runs, int) or num_runs < 1:
-        raise ValueError(f"num_runs must be a positive int, got {num_runs!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    check_int("num_runs", num_runs, minimum=1)
+    check_int("steps", steps, minimum=1)
     check_callable("make_model", make_model)
     check_callable("make_guide", make_guide)
     check_int("seed", seed)
@@ -444,7 +464,7 @@ def _finish(runs: list[TrainedRun], on_error: str) -> list[TrainedRun]:
             )
             if on_error == "raise":
                 raise err
-            run.error = err
+            runs[r] = replace(run, error=err)
     failed = [(r, run) for r, run in enumerate(runs) if run.error is not None]
     if failed:
         listed = "; ".join(f"run {r} (seed {run.seed}): {type(run.error).__name__}: {run.error}" for r, run in failed)

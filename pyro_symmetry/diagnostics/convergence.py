@@ -15,6 +15,7 @@ R-hat is the rank-normalized split R-hat and ESS the bulk ESS of
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +55,11 @@ def _fmt(x: float, fmt: str) -> str:
     return "n/a" if math.isnan(x) else format(x, fmt)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False, eq=False)
 class ConvergenceSummary:
     """Per-weight R-hat and bulk ESS with per-layer aggregates.
+
+    Its ``repr`` is one line of overall aggregates (``str()`` prints the per-layer table).
 
     Degenerate draws never read as converged. A weight whose every (split) run is
     constant (point estimates, ``AutoDelta``, Gaussians with tiny scales) has R-hat
@@ -129,6 +132,15 @@ class ConvergenceSummary:
     def table(self) -> list[dict[str, Any]]:
         """One row per layer and a last row ``"all"``."""
         return [self.row(layer) for layer in self.layer_names] + [self.row(None)]
+
+    def __repr__(self) -> str:
+        row = self.row(None)
+        return (
+            f"ConvergenceSummary(chains={self.num_chains}, draws={self.num_draws}, weights={row['num_weights']}, "
+            f"layers={len(self.layer_names)}, rhat_max={_fmt(row['rhat_max'], '.4g')}, "
+            f"frac_rhat>1.01={row['frac_rhat>1.01']:.3g}, ess_min={_fmt(row['ess_min'], '.4g')}, "
+            f"degenerate={row['degenerate']})"
+        )
 
     def __str__(self) -> str:
         head = (
@@ -253,9 +265,13 @@ def rhat_ess(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False, eq=False)
 class ConvergenceComparison:
-    """R-hat/ESS of the same draws before and after alignment."""
+    """R-hat/ESS of the same draws before and after alignment.
+
+    Its ``repr`` is one line: the largest R-hat and the share of weights above 1.01,
+    before -> after (the draws themselves are not printed).
+    """
 
     before: ConvergenceSummary
     after: ConvergenceSummary
@@ -273,12 +289,20 @@ class ConvergenceComparison:
             rows.append(row)
         return rows
 
+    def __repr__(self) -> str:
+        b, a = self.before.row(None), self.after.row(None)
+        return (
+            f"ConvergenceComparison(chains={self.before.num_chains}, draws={self.before.num_draws}, "
+            f"weights={b['num_weights']}, rhat_max={_fmt(b['rhat_max'], '.4g')} -> {_fmt(a['rhat_max'], '.4g')}, "
+            f"frac_rhat>1.01={b['frac_rhat>1.01']:.3g} -> {a['frac_rhat>1.01']:.3g})"
+        )
+
 
 def rhat_ess_before_after(
     runs: Any,
     spec: Any = None,
     *,
-    align: str = "barycenter",
+    reference: str = "barycenter",
     num_samples: int = 100,
     seed: int = 0,
     draws: RunDraws | None = None,
@@ -293,9 +317,11 @@ def rhat_ess_before_after(
         chains are re-aligned draw by draw. Failed runs (``run.error`` set) are skipped with a
         warning; ``ValueError`` if fewer than 2 remain.
     spec : PermutationSpec, optional (default: the model's ``.spec``)
-    align : {"barycenter", "reference"}
+    reference : {"barycenter", "reference"}
+        What the runs are aligned to (as :func:`align_draws`): an iteratively refined
+        barycenter, or run 0. ``align=`` is a deprecated spelling.
     num_samples : int
-        Draws per run.
+        Draws of the weights per run.
     seed : int
     draws : RunDraws, optional
         Reuse draws already collected with :func:`collect_draws`.
@@ -307,8 +333,13 @@ def rhat_ess_before_after(
         ``.before``/``.after`` summaries; ``.after.fraction_above(1.01)`` is the
         share of weights still unconverged once symmetry is removed.
     """
+    if "align" in align_kwargs:
+        warnings.warn(
+            "rhat_ess_before_after(align=...) is deprecated; use reference=...", DeprecationWarning, stacklevel=2
+        )
+        reference = align_kwargs.pop("align")
     if draws is None:
         draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
     check_enough_chains(draws, 2, "R-hat across runs")
-    aligned = align_draws(draws, spec, align, **align_kwargs)
+    aligned = align_draws(draws, spec, reference, **align_kwargs)  # positional: align_draws' own name may differ
     return ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)

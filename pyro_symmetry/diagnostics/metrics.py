@@ -8,13 +8,22 @@ scikit-learn's definitions (``average_precision_score``, ``roc_curve``) and are
 tested against them.
 
 Out-of-distribution detection treats OOD inputs as the positive class and a
-higher score as "more likely OOD" (e.g. the predictive entropy or the mutual
-information of each input).
+higher score as "more likely OOD" (e.g. the predictive entropy or the predictive
+mutual information of each input).
+
+Two mutual informations appear in this package, with distinct names:
+:func:`predictive_mutual_information` here is ``I(y; w | x)``, the epistemic part of
+a prediction's uncertainty (Houlsby et al., 2011, "BALD"); :func:`pyro_symmetry.mutual_information`
+is ``I(g; w)``, the information between a group element and the weights of a
+symmetrized posterior (Gelberg et al., 2024). ``metrics.mutual_information`` is a
+deprecated alias of the former.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -26,9 +35,9 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "fpr_at_tpr",
-    "mutual_information",
     "nll",
     "predictive_entropy",
+    "predictive_mutual_information",
     "reliability_diagram",
 ]
 
@@ -107,8 +116,11 @@ def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
     return _entropy(_mean_probs(probs))
 
 
-def mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
+def predictive_mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
     """``(N,)`` epistemic uncertainty ``I(y; w | x) = H[E_w p] - E_w H[p]`` (nats).
+
+    The mutual information between an input's label and the weights (Houlsby et al.,
+    2011), not the ``I(g; w)`` of :func:`pyro_symmetry.mutual_information`.
 
     Parameters
     ----------
@@ -116,13 +128,32 @@ def mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
         Predictions of ``S`` posterior samples.
     """
     if not torch.is_tensor(prob_samples) or prob_samples.dim() != 3:
-        raise ValueError("mutual_information needs per-sample predictions of shape (S, N, C)")
+        raise ValueError("predictive_mutual_information needs per-sample predictions of shape (S, N, C)")
     _check_probs(prob_samples, "prob_samples")
     return (_entropy(prob_samples.mean(0)) - _entropy(prob_samples).mean(0)).clamp_min(0.0)
 
 
-class ReliabilityDiagram(NamedTuple):
+def mutual_information(prob_samples: torch.Tensor) -> torch.Tensor:
+    """Deprecated alias of :func:`predictive_mutual_information` (removed in the next release).
+
+    Renamed so that it is not confused with :func:`pyro_symmetry.mutual_information`, ``I(g; w)``.
+    """
+    warnings.warn(
+        "pyro_symmetry.diagnostics.metrics.mutual_information is deprecated and will be removed in the next "
+        "release; use metrics.predictive_mutual_information (I(y; w | x)), not to be confused with "
+        "ps.mutual_information (I(g; w))",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return predictive_mutual_information(prob_samples)
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class ReliabilityDiagram:
     """Data of a reliability diagram with ``B`` equal-width confidence bins.
+
+    Unpacks as ``edges, confidence, accuracy, counts, ece = diagram`` (it was a named
+    tuple); its ``repr`` is one line: number of bins, non-empty bins and the ECE.
 
     Attributes
     ----------
@@ -141,6 +172,16 @@ class ReliabilityDiagram(NamedTuple):
     accuracy: torch.Tensor
     counts: torch.Tensor
     ece: torch.Tensor
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, f.name) for f in fields(self))  # no copies (astuple deep-copies)
+
+    def __repr__(self) -> str:
+        nonempty = int((self.counts > 0).sum())
+        return (
+            f"ReliabilityDiagram(num_bins={self.counts.numel()}, nonempty_bins={nonempty}, "
+            f"inputs={int(self.counts.sum())}, ece={float(self.ece):.4g})"
+        )
 
 
 def reliability_diagram(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> ReliabilityDiagram:
@@ -253,16 +294,24 @@ def evaluate(
     labels : Tensor ``(N,)``
     ood_prob_samples : Tensor ``(S, M, C)``, optional
         Predictions on out-of-distribution inputs; adds ``aupr`` and ``fpr95``.
-    ood_score : {"entropy", "mutual_information"}
-        Per-input OOD score.
+    ood_score : {"entropy", "predictive_mutual_information"}
+        Per-input OOD score (``"mutual_information"``: deprecated spelling of the latter).
 
     Returns
     -------
     dict with ``accuracy``, ``nll``, ``brier``, ``ece``, ``entropy`` (mean),
-    ``mutual_information`` (mean), and ``aupr``, ``fpr95`` when OOD data are given.
+    ``mutual_information`` (mean of :func:`predictive_mutual_information`, ``(S, N, C)``
+    input only), and ``aupr``, ``fpr95`` when OOD data are given.
     """
-    if ood_score not in ("entropy", "mutual_information"):
-        raise ValueError(f"ood_score must be 'entropy' or 'mutual_information', got {ood_score!r}")
+    if ood_score == "mutual_information":
+        warnings.warn(
+            "ood_score='mutual_information' is deprecated; use ood_score='predictive_mutual_information'",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        ood_score = "predictive_mutual_information"
+    if ood_score not in ("entropy", "predictive_mutual_information"):
+        raise ValueError(f"ood_score must be 'entropy' or 'predictive_mutual_information', got {ood_score!r}")
     out = {
         "accuracy": accuracy(prob_samples, labels),
         "nll": nll(prob_samples, labels),
@@ -271,7 +320,7 @@ def evaluate(
         "entropy": predictive_entropy(prob_samples).mean(),
     }
     if prob_samples.dim() == 3:
-        out["mutual_information"] = mutual_information(prob_samples).mean()
+        out["mutual_information"] = predictive_mutual_information(prob_samples).mean()
     if ood_prob_samples is not None:
         _mean_probs(ood_prob_samples, "ood_prob_samples")
         if ood_prob_samples.shape[-1] != prob_samples.shape[-1]:
@@ -279,8 +328,9 @@ def evaluate(
                 f"ood_prob_samples has {ood_prob_samples.shape[-1]} classes but prob_samples has "
                 f"{prob_samples.shape[-1]}"
             )
-        if ood_score == "mutual_information":
-            s_in, s_out = mutual_information(prob_samples), mutual_information(ood_prob_samples)
+        if ood_score == "predictive_mutual_information":
+            s_in = predictive_mutual_information(prob_samples)
+            s_out = predictive_mutual_information(ood_prob_samples)
         else:
             s_in, s_out = predictive_entropy(prob_samples), predictive_entropy(ood_prob_samples)
         out["aupr"] = aupr(s_in, s_out)
