@@ -3,6 +3,7 @@
 Layers (each imports only those below it)::
 
     diagnostics   ArviZ data, R-hat/ESS, MMD, metrics, report (``ps.diagnostics``)
+    collections   lazy checkpoint collections, transforms on executors (``ps.collections``)
     training      multi-run SVI
     guides        AutoSymmetrizedNormal, Symmetrize
     estimators    log S(w) and I(g; w): exact, permanent, contrastive, importance
@@ -15,6 +16,7 @@ Layers (each imports only those below it)::
 """
 
 from . import (
+    collections,  # checkpoints read lazily; ps.collections.from_files(...)
     diagnostics,  # noqa: E402  (top layer, imported last)
     models,
 )
@@ -52,6 +54,7 @@ __all__ = [
     "ModelLoss",
     "Posterior",
     "as_posterior",
+    "collections",
     "error_loss",
     "nll_loss",
     "FlatLayout",

@@ -6,9 +6,11 @@ deviations). Supported inputs:
 
 * ``torch.save`` files of a state dict or any dict of tensors (``key=`` picks a sub-dict,
   e.g. ``key="model"`` for ``{"model": state_dict, "optimizer": ...}``);
-* Pyro param-store files (``pyro.get_param_store().save(path)``) of an ``AutoNormal``
-  guide: ``AutoNormal.locs.<site>`` is the point, ``AutoNormal.scales.<site>`` its scale
-  (both constrained, as the guide reads them);
+* Pyro param-store files (``pyro.get_param_store().save(path)``, i.e.
+  ``torch.save(pyro.get_param_store().get_state(), path)``) of an ``AutoNormal`` guide:
+  ``AutoNormal.locs.<site>`` is the point, ``AutoNormal.scales.<site>`` its scale (both
+  constrained, as the guide reads them); of an ``AutoDelta`` guide: ``AutoDelta.<site>``
+  is the point;
 * files this package writes for Gaussian results: ``{"loc": {...}, "scale": {...}}``;
 * ``.safetensors`` files, when the ``safetensors`` package is installed.
 
@@ -46,6 +48,7 @@ __all__ = [
 
 KeyArg = None | str | Sequence[str] | Mapping[str, str] | Callable[[str], "str | None"]
 _PARAM = re.compile(r"^(?P<prefix>.+?)\.(?P<kind>locs|scales)\.(?P<site>.+)$")
+_DELTA = re.compile(r"^AutoDelta\.(?P<site>.+)$")
 
 
 class CheckpointError(ValueError):
@@ -170,26 +173,32 @@ def _tensors(d: Mapping, name: str, what: str) -> dict[str, torch.Tensor]:
     return {str(k): v.detach() for k, v in d.items()}
 
 
-def _param_store(state: Mapping, name: str) -> tuple[dict, dict]:
-    """``(locs, scales)`` of an AutoNormal guide's param-store state, constrained."""
+def _constrained(value: torch.Tensor, constraint: Any) -> torch.Tensor:
     from torch.distributions import biject_to
 
+    return value.detach() if constraint is None else biject_to(constraint)(value.detach()).detach()
+
+
+def _param_store(state: Mapping, name: str) -> tuple[dict, dict | None]:
+    """``(locs, scales)`` of an AutoNormal guide's param-store state, constrained; ``(points,
+    None)`` for an AutoDelta guide's (its parameters are the MAP point of each site)."""
     params, constraints = state["params"], state["constraints"]
-    locs, scales, prefixes, other = {}, {}, set(), []
+    locs, scales, prefixes = {}, {}, set()
     for pname, value in params.items():
         m = _PARAM.match(pname)
         if m is None:
-            other.append(pname)
             continue
         prefixes.add(m["prefix"])
-        c = constraints.get(pname)
-        v = value.detach() if c is None else biject_to(c)(value.detach())
-        (locs if m["kind"] == "locs" else scales)[m["site"]] = v.detach()
+        (locs if m["kind"] == "locs" else scales)[m["site"]] = _constrained(value, constraints.get(pname))
     if not locs:
+        delta = {pname: _DELTA.match(pname) for pname in params}
+        if delta and all(delta.values()):
+            return {m["site"]: _constrained(params[p], constraints.get(p)) for p, m in delta.items()}, None
         raise CheckpointError(
             name,
-            f"is a Pyro param store without AutoNormal locs/scales (params: {sorted(params)[:6]}); "
-            "AutoDiagonalNormal and other guides keep a flat vector: save the sites' (loc, scale) instead",
+            f"is a Pyro param store without AutoNormal locs/scales or AutoDelta points (params: "
+            f"{sorted(params)[:6]}); AutoDiagonalNormal and other guides keep a flat vector: save the sites' "
+            "(loc, scale) instead",
         )
     if len(prefixes) > 1:
         raise CheckpointError(name, f"holds the parameters of several guides {sorted(prefixes)}; save one per file")

@@ -314,9 +314,10 @@ def from_files(
         A mapping ``file name -> site name`` renames entries (others keep their names); a
         callable ``name -> site name or None`` renames or drops them. Files may be state
         dicts or dicts of tensors, Pyro param-store files of an ``AutoNormal`` guide
-        (``pyro.get_param_store().save(path)``: the locs are the points, the scales are
-        kept), ``{"loc": ..., "scale": ...}`` results of this package, or ``.safetensors``
-        files (needs the ``safetensors`` package).
+        (``pyro.get_param_store().save(path)`` or ``torch.save(pyro.get_param_store()
+        .get_state(), path)``: the locs are the points, the scales are kept) or of an
+        ``AutoDelta`` guide (its points), ``{"loc": ..., "scale": ...}`` results of this
+        package, or ``.safetensors`` files (needs the ``safetensors`` package).
     on_error : {"raise", "skip"}
         A file that cannot be read (corrupt, truncated, missing) or does not fit the
         collection (other sites, shapes or dtypes, NaN/Inf values) raises a

@@ -10,9 +10,14 @@ matplotlib::
     ps.diagnostics.mmd(x, y, symmetry_aware=True, spec=spec)   # MMDResult
     ps.diagnostics.metrics.expected_calibration_error(probs, y)
     ps.diagnostics.symmetry_report(runs, spec, data=(x, y), out_dir="report")
+
+Checkpoint collections (:mod:`pyro_symmetry.collections`, read lazily) are accepted by
+``to_inference_data`` (a tree backed by dask arrays) and ``mmd`` (streamed estimators);
+the rest of their streamed diagnostics (R-hat/ESS block by block, moments, predictive
+metrics and ensemble diversity) are in ``ps.diagnostics.collections``.
 """
 
-from . import convergence, draws, inference_data, kernel_mmd, metrics, plots, report
+from . import collections, convergence, draws, inference_data, kernel_mmd, metrics, plots, report
 from .convergence import ConvergenceComparison, ConvergenceSummary, rhat_ess, rhat_ess_before_after
 from .draws import RunDraws, align_draws, collect_draws, with_model_data
 from .inference_data import draws_to_datatree, site_dims, to_inference_data
@@ -28,6 +33,7 @@ __all__ = [
     "align_draws",
     "canonical_form",
     "collect_draws",
+    "collections",
     "convergence",
     "draws",
     "draws_to_datatree",

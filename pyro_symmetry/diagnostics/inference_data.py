@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..groups import PermutationSpec
+from ..collections import Collection
+from ..groups import PermutationSpec, SpecError
 from . import _layout
 from .draws import RunDraws, align_draws, collect_draws, gather_draws, with_model_data  # noqa: F401 - old home
 
@@ -105,8 +106,15 @@ def to_inference_data(
     posterior_predictive: bool = False,
     seed: int = 0,
     progress: bool = False,
+    chains: Any = None,
 ) -> Any:
     """Several runs as one ArviZ ``xarray.DataTree``: each run is a chain.
+
+    A :class:`~pyro_symmetry.collections.Collection` (checkpoints read lazily) gives a tree
+    backed by dask arrays instead, one chunk per checkpoint and site, read when computed
+    (:func:`ps.diagnostics.collections.to_inference_data
+    <pyro_symmetry.diagnostics.collections.to_inference_data>`); only ``chains`` and
+    ``spec`` apply to it.
 
     Parameters
     ----------
@@ -121,7 +129,8 @@ def to_inference_data(
         ``observed_data`` and ``posterior_predictive`` are kept, so a tree can be read back
         and re-aligned). A run marked as failed (``run.error`` is not None, see
         ``train_runs(on_error="keep")``) is skipped with a warning naming it;
-        ``ValueError`` if every run failed.
+        ``ValueError`` if every run failed. Or a
+        :class:`~pyro_symmetry.collections.Collection` (see above).
     num_samples : int
         Draws per variational run (sample sets keep their own draws).
     symmetric : bool
@@ -151,6 +160,11 @@ def to_inference_data(
     progress : bool
         Progress bars over draws where the model is run one draw at a time, and over
         alignment sweeps.
+    chains : None, int, index lists or callable
+        Collections only: which checkpoints form each chain (default: one chain of every
+        checkpoint; ``k``: ``k`` consecutive equal chains; ``name -> label``), see
+        :func:`ps.diagnostics.collections.chain_groups
+        <pyro_symmetry.diagnostics.collections.chain_groups>`.
 
     Raises
     ------
@@ -196,6 +210,18 @@ def to_inference_data(
     Vehtari et al. (2017, 2021): PSIS-LOO, rank-normalized R-hat; Magnusson et al. (2019):
     LOO for approximate posteriors; Laurent, Aldea, Franchi (ICLR 2024).
     """
+    if isinstance(runs, Collection):
+        options = {
+            "num_samples": num_samples != 100,
+            "symmetric": symmetric,
+            "align": align is not None,
+            "data": data is not None,
+            "model": model is not None,
+            "posterior_predictive": posterior_predictive,
+        }
+        return _collection_tree(runs, spec, chains, [k for k, given in options.items() if given])
+    if chains is not None:
+        raise ValueError("chains= applies to a Collection; runs are chains already (one chain per run)")
     if align not in ALIGN_METHODS:
         raise ValueError(f"align must be None, 'reference' or 'barycenter', got {align!r}")
     draws = gather_draws(
@@ -208,3 +234,21 @@ def to_inference_data(
             draws, data, model=model, posterior_predictive=posterior_predictive, seed=seed, progress=progress
         )
     return draws_to_datatree(draws)
+
+
+def _collection_tree(collection: Collection, spec: PermutationSpec | None, chains: Any, refused: list[str]) -> Any:
+    """``to_inference_data`` of a Collection: the dask-backed tree of
+    :func:`pyro_symmetry.diagnostics.collections.to_inference_data` (its draws are the
+    checkpoints' points, or the means of Gaussian checkpoints, read when computed)."""
+    from ._collection_data import to_inference_data as lazy_tree
+
+    if refused:
+        raise ValueError(
+            f"to_inference_data of a Collection does not take {', '.join(refused)}: its draws are the "
+            "checkpoints themselves, read lazily. Remove the symmetry out of core first "
+            "(coll.align(reference, out_dir).collection(spec), or coll.canonicalize(out_dir)), and compute "
+            "predictive quantities with ps.diagnostics.collections.predictive"
+        )
+    if spec is not None and spec.groups != collection.spec.groups:
+        raise SpecError(f"spec {spec!r} is not the collection's spec {collection.spec!r}")
+    return lazy_tree(collection, chains=chains)

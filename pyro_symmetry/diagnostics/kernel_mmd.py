@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .._validation import check_finite, check_int, check_real, check_spec
+from ..collections import Collection
 from ..groups import PermutationSpec, SpecError
 from ..scaling import canonicalize
 from ._inputs import sample_set
@@ -279,8 +280,15 @@ def mmd(
     canonical: str = "align",
     reference: Any = None,
     scaling: bool | None = None,
+    **collection_options: Any,
 ) -> MMDResult:
     """Unbiased ``MMD^2`` between two sample sets and its permutation-test p-value.
+
+    Two :class:`~pyro_symmetry.collections.Collection` s (checkpoints read lazily) are
+    compared by the streamed estimators of :func:`ps.diagnostics.collections.mmd
+    <pyro_symmetry.diagnostics.collections.mmd>` (in memory when the pooled draws fit, else
+    exact distances accumulated over blocks of weights, else random features), which equal
+    this function's result on collections that fit.
 
     Parameters
     ----------
@@ -312,10 +320,16 @@ def mmd(
     scaling : bool, optional
         Remove scaling (ReLU: minimum mass) and sign symmetries first (default: when
         the spec has them).
+    **collection_options
+        Collections only: ``method``, ``max_bytes``, ``num_features``,
+        ``median_subsample``, ``sites``, ``progress`` of
+        :func:`ps.diagnostics.collections.mmd <pyro_symmetry.diagnostics.collections.mmd>`.
 
     Returns
     -------
     MMDResult
+        (:class:`~pyro_symmetry.diagnostics.collections.CollectionMMD` for collections: the
+        same fields, plus the estimator used and its standard error.)
 
     Notes
     -----
@@ -335,6 +349,15 @@ def mmd(
     Gretton et al., A kernel two-sample test, JMLR 2012; Schrab et al., MMD
     aggregated two-sample test, JMLR 2023; Laurent, Aldea, Franchi, ICLR 2024.
     """
+    shared = {"kernel": kernel, "bandwidths": bandwidths, "num_bandwidths": num_bandwidths,
+              "bandwidth_ratio": bandwidth_ratio, "num_permutations": num_permutations, "seed": seed}  # fmt: skip
+    if isinstance(x, Collection) or isinstance(y, Collection):
+        return _collection_mmd(x, y, symmetry_aware, shared, collection_options)
+    if collection_options:
+        raise TypeError(
+            f"mmd() got unexpected keyword arguments {sorted(collection_options)} "
+            "(method, max_bytes, num_features, median_subsample, sites and progress apply to Collections only)"
+        )
     kinds = KERNELS if kernel == "both" else (kernel,)
     if kernel != "both" and kernel not in KERNELS:
         raise ValueError(f"kernel must be 'gaussian', 'laplace' or 'both', got {kernel!r}")
@@ -401,3 +424,25 @@ def mmd(
         num_permutations=num_permutations,
         canonical=label,
     )
+
+
+def _collection_mmd(x: Any, y: Any, symmetry_aware: bool, shared: dict, options: dict) -> Any:
+    """``mmd`` of two Collections: :func:`pyro_symmetry.diagnostics.collections.mmd`."""
+    from ._collection_mmd import mmd as streamed_mmd
+
+    if not (isinstance(x, Collection) and isinstance(y, Collection)):
+        raise TypeError(
+            f"x and y must both be Collections (or both in-memory samples), got {type(x).__name__} and "
+            f"{type(y).__name__}"
+        )
+    if symmetry_aware:
+        raise ValueError(
+            "symmetry_aware=True computes canonical forms in memory; for Collections write them out of core "
+            "first, for both with one reference: pooled = ps.collections.from_files(files_x + files_y, spec); "
+            "out = pooled.align('barycenter', out_dir).collection(spec); then mmd(out[:n], out[n:])"
+        )
+    allowed = {"method", "max_bytes", "num_features", "median_subsample", "sites", "progress"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"mmd() got unexpected keyword arguments {unknown} (for Collections: {sorted(allowed)})")
+    return streamed_mmd(x, y, **shared, **options)
