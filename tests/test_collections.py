@@ -509,6 +509,10 @@ def test_memory_of_transforms_stays_bounded(big):
     budget = 5 * size  # a few checkpoints at a time; the collection holds 16 (6 for the barycenter)
     run = lambda c, out: lambda: c.map(double_floats, d / out, progress=False)  # noqa: E731
     assert _peak(run(coll, "all"), run(coll[:2], "warm")) < budget
+    align = lambda c, out: lambda: c.align(0, d / out, progress=False)  # noqa: E731
+    assert _peak(align(coll, "aligned"), align(coll[:2], "warm_align")) < budget
+    canon = lambda c, out: lambda: c.canonicalize(d / out, permutation="sort", progress=False)  # noqa: E731
+    assert _peak(canon(coll, "canonical"), canon(coll[:2], "warm_canon")) < budget
     bary = lambda c: lambda: c.barycenter(progress=False, max_iters=1)  # noqa: E731
     assert _peak(bary(coll[:6]), bary(coll[:2])) < budget
 
