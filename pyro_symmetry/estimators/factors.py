@@ -61,6 +61,53 @@ def _rows(x: torch.Tensor, axis: int, n: int, ndim: int) -> torch.Tensor:
     return x.reshape(*x.shape[: x.dim() - ndim], n, -1)
 
 
+#: An entry whose expansion adds terms larger than this many times its own size (plus one
+#: nat) is recomputed directly: the expansion's rounding error is relative to those terms.
+_CANCELLATION = 4.0
+#: Elements of the gathered rows that a direct recomputation holds at once.
+_DIRECT_ELEMENTS = 1 << 22
+
+
+def _factor_term(x: torch.Tensor, loc: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``T[..., i, j] = sum_k log N(x_ik | loc_jk, lam_jk^{-1/2})`` for rows ``x``
+    ``(*batch, n, m)`` and factors ``loc``, ``lam`` ``(n, m)`` (or broadcastable).
+
+    One matrix product per term of the quadratic expansion around ``c``, the neurons'
+    mean ``loc`` (any ``c`` gives the same value: ``x - loc = (x - c) - (loc - c)``), so
+    the terms are of the size of ``lam (x - c)^2`` rather than ``lam x^2``; with
+    ``|loc| / scale`` at 1e7 the uncentered expansion cancelled terms of 1e14 and lost
+    whole nats even in float64. Entries where the centered terms are still more than
+    :data:`_CANCELLATION` times the result (neurons whose ``loc`` lie far apart on the
+    scale of their ``scale``, evaluated near one of them) are recomputed directly as
+    ``-0.5 sum lam (x - loc)^2``: every entry is then right to its own rounding.
+    """
+    c = loc.mean(-2, keepdim=True)
+    xc, lc = x - c, loc - c
+    m = x.shape[-1]
+    quad = -0.5 * (xc * xc) @ lam.transpose(-1, -2)  # (*batch, n, n), <= 0
+    cross = xc @ (lc * lam).transpose(-1, -2)
+    lsum = (lc * lc * lam).sum(-1).unsqueeze(-2)
+    kern = quad + cross - 0.5 * lsum  # -0.5 sum lam (x - loc)^2 by the expansion
+    norm = (0.5 * lam.log().sum(-1) - 0.5 * m * math.log(2 * math.pi)).unsqueeze(-2)
+    with torch.no_grad():
+        redo = (lsum - 2.0 * quad) > _CANCELLATION * (kern.abs() + 1.0)
+        idx = redo.nonzero(as_tuple=True) if bool(redo.any()) else None
+    if idx is not None:
+        shape = kern.shape  # (*lead, n, n)
+        rows = shape[:-1] + (m,)
+        xe, le, lame = x.expand(rows), loc.expand(rows), lam.expand(rows)
+        lead, i, j = idx[:-2], idx[-2], idx[-1]
+        step = max(1, _DIRECT_ELEMENTS // max(1, m))
+        parts = []
+        for lo in range(0, i.numel(), step):
+            sel = slice(lo, lo + step)
+            li = tuple(t[sel] for t in lead)
+            d = xe[li + (i[sel],)] - le[li + (j[sel],)]
+            parts.append(-0.5 * (lame[li + (j[sel],)] * d * d).sum(-1))
+        kern = kern.index_put(idx, torch.cat(parts))
+    return kern + norm
+
+
 def neuron_log_factors(
     values: Mapping[str, torch.Tensor],
     marginals: Marginals,
@@ -91,7 +138,9 @@ def neuron_log_factors(
     Tensor ``(*batch, n, S, n)``
         ``A[..., i, s, j] = log q_j(sign_s * w_i)``, ``S = 2`` for a sign-flip group
         (``s = 1`` negates neuron ``i``'s coordinates, except on passive axes), else ``S = 1``. Computed with
-        one batched matrix product per site (quadratic expansion of the Gaussian).
+        one batched matrix product per site and term (quadratic expansion of the Gaussian
+        around the neurons' mean ``loc``; entries it would get wrong by cancellation are
+        recomputed directly, see :func:`_factor_term`).
     """
     if group not in spec.groups:
         raise SpecError(f"unknown group {group!r}; groups are {sorted(spec.groups)}")
@@ -109,17 +158,13 @@ def neuron_log_factors(
         lam = _rows(marginals.scale[site].to(dtype), axis, n, nd).pow(-2)
         if mixture:
             v = v.unsqueeze(-3)
-        m = v.shape[-1]
-        quad = -0.5 * (v * v) @ lam.transpose(-1, -2)
-        cross = v @ (loc * lam).transpose(-1, -2)
-        const = -0.5 * (loc * loc * lam).sum(-1) + 0.5 * lam.log().sum(-1) - 0.5 * m * math.log(2 * math.pi)
-        plus = quad + cross + const.unsqueeze(-2)
+        plus = _factor_term(v, loc, lam)
         if not signed:
             term = plus.unsqueeze(-2)  # (*batch, [C,] n, 1, n)
         elif passive:  # permuted with its neuron but never negated
             term = torch.stack([plus, plus], -2)
         else:
-            term = torch.stack([plus, quad - cross + const.unsqueeze(-2)], -2)  # (*batch, [C,] n, 2, n)
+            term = torch.stack([plus, _factor_term(-v, loc, lam)], -2)  # (*batch, [C,] n, 2, n)
         total = term if total is None else total + term
     S = 2 if signed else 1
     if total is None:
