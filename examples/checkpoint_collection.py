@@ -17,7 +17,7 @@ This example runs the same pipeline at toy scale, through the same code that sca
    symmetries do not change the function).
 
     python examples/checkpoint_collection.py                 # 48 runs x 8 draws, a 2-worker LocalCluster
-    python examples/checkpoint_collection.py --quick         # 16 runs x 6 draws, under a minute
+    python examples/checkpoint_collection.py --quick         # 16 runs x 6 draws, about a minute
     python examples/checkpoint_collection.py --scheduler tcp://host:8786 --out /shared/run1
 """
 
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=48, help="independent VI runs (an even number)")
     parser.add_argument("--draws", type=int, default=8, help="checkpoints (posterior draws) saved per run")
     parser.add_argument("--steps", type=int, default=1000, help="SVI steps per run")
-    parser.add_argument("--quick", action="store_true", help="16 runs x 6 draws, 200 steps (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="16 runs x 6 draws, 200 steps (about a minute)")
     parser.add_argument("--scheduler", default=None, help="a running Dask scheduler (default: a LocalCluster)")
     parser.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     parser.add_argument("--barycenter-iters", type=int, default=5, help="streaming barycenter passes (at most)")
@@ -171,10 +171,12 @@ def diagnose(args: argparse.Namespace, collections: dict, x_te: torch.Tensor, y_
     late = [i for i, n in enumerate(names) if draw_of(n) >= args.draws // 2]
     results, rhats = {}, {}
     for label, coll in collections.items():
-        conv = dc.rhat_ess(coll, chains=run_of)
+        tree = ps.diagnostics.to_inference_data(coll, chains=run_of)  # dask arrays: nothing read yet
+        conv = dc.rhat_ess(tree)  # the vectorized kernel, a block of weights at a time
         rhats[label] = np.concatenate([np.ravel(v) for v in conv.rhat.values()])
-        runs_ab = dc.mmd(coll[first], coll[second], num_permutations=200, seed=args.seed)
-        null = dc.mmd(coll[early], coll[late], num_permutations=200, seed=args.seed)
+        # the generic MMD dispatches Collections to the streamed estimators
+        runs_ab = ps.diagnostics.mmd(coll[first], coll[second], num_permutations=200, seed=args.seed)
+        null = ps.diagnostics.mmd(coll[early], coll[late], num_permutations=200, seed=args.seed)
         pred = dc.predictive(coll, predict, x_te, y_te)
         row = conv.row()
         results[label] = {"rhat_max": row["rhat_max"], "rhat_median": row["rhat_median"],
