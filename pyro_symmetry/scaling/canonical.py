@@ -241,6 +241,18 @@ def canonicalize(
        coordinate descent, exact for planted permutations of the reference.
        ``None``: no permutation step.
 
+    **Norm layers.** Only the scaling symmetries the spec declares are removed: a
+    channel's scale before a BatchNorm/LayerNorm (a free symmetry of the normalized
+    function, along which min-mass is degenerate, Laurent et al.) is not one of them:
+    :meth:`~pyro_symmetry.PermutationSpec.from_module` marks the pre-norm rows, biases
+    and running statistics *passive*, so they are only permuted, never rescaled or
+    sign-flipped; the channel's scale is fixed on the norm's affine weight and bias and
+    the next layers' columns (see :func:`~pyro_symmetry.scaling.min_mass`). Every element
+    of a ResNet's orbit (rescaling and permutation) maps to one canonical form
+    (``tests/test_scaling_norms.py``). Nested groups (attention heads' q/k and v
+    dimensions) have no sign convention yet: a spec with a signed nested group raises a
+    :class:`SpecError` naming it when ``scaling=True``.
+
     Applying ``canonicalize`` to its own output changes nothing (idempotent): min-mass
     and the sign convention are idempotent, a sorted network is its own sort, and an
     alignment is kept only where it brings a sample strictly closer to the reference

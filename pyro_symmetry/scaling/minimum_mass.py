@@ -150,6 +150,26 @@ def min_mass(
     Conv layers get one scale per channel (the kernel's squared entries are summed),
     a conv-to-linear flatten one scale per block of columns.
 
+    **Norm layers (the rule).** The per-channel scale of a layer whose output goes straight
+    into a BatchNorm (or a LayerNorm/GroupNorm) is normalized away: with batch statistics
+    it is a free symmetry along which the mass of that layer's rows decreases without
+    bound, so a minimum-mass representative does not exist there (Laurent et al. note
+    this degeneracy), and in eval mode it is not a symmetry at all unless the running
+    statistics move with it. Specs from :meth:`~pyro_symmetry.PermutationSpec.from_module`
+    mark those axes *passive* (the pre-norm rows and bias, the running statistics):
+    they are permuted with the channel but **never rescaled** here, and their squared
+    entries enter the mass as constants (they are part of ``mass_before`` and
+    ``mass_after`` when counted, unchanged). The channel's scaling symmetry is the one
+    the spec declares: the norm's affine weight and bias (incoming) against the columns
+    of the layers reading the channel (outgoing), residual streams tied across every
+    block. With a BatchNorm after every conv no site connects two scaled groups, so the
+    problem separates per channel and is solved exactly in one sweep. ``mass_before``
+    and ``mass_after`` are always the sum of squares of the counted sites of the input
+    and of the returned params (tested against brute force on ResNets and
+    transformers, ``tests/test_scaling_norms.py``). Groups acting on a slice of an axis
+    (concatenation skips) or nested groups are refused with a :class:`SpecError` naming
+    the group.
+
     **Algorithm.** Exact block coordinate descent: for one neuron, with its neighbours
     fixed, the mass is ``P e^{2u} + Q e^{-2u} + const``, minimized in closed form by
     ``u = log(Q / P) / 4`` (the neuron is balanced, ``in = out``). Groups that share no
@@ -205,7 +225,8 @@ def min_mass(
     Raises
     ------
     SpecError
-        If the spec has no ``"scale"`` group or a site is missing.
+        If the spec has no ``"scale"`` group, a site is missing, or a ``"scale"`` group
+        acts on a slice of an axis or is nested.
     ValueError
         If a weight is NaN/Inf, a tensor is on the meta device or the tensors are on
         different devices, or a sample cannot be represented even in float64 (weights

@@ -201,7 +201,9 @@ def mass_sites(spec: PermutationSpec, include_biases: bool = False) -> tuple[str
     Every site a ``"scale"`` group rescales except the biases: weight matrices, conv
     kernels and norm-layer scales (Laurent et al.'s mass counts the weights only). A bias
     is a one-dimensional site whose name does not end in ``"weight"`` (``fc1.bias``,
-    ``0.bias``). With ``include_biases=True`` the biases are counted too.
+    ``0.bias``). With ``include_biases=True`` the biases are counted too. Sites a group
+    acts on only *passively* (a stem conv whose output goes straight into a BatchNorm,
+    running statistics) are not rescaled and so not counted by default.
     """
     if not isinstance(include_biases, bool):
         raise TypeError(f"include_biases must be a bool, got {include_biases!r}")
