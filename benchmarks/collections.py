@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
             size = sum(f.stat().st_size for f in d.glob("ckpt_*.pt"))
             print(f"N = {n}: wrote {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", flush=True)
             coll = pc.from_files(d / "ckpt_*.pt", make_spec())
+            print(f"  load average before the runs: {', '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
             for op in args.ops:
                 results, sha = {}, {}
                 for label, workers in (("in-process", None), ("dask, 1 worker", 1), ("dask, 2 workers", 2)):
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                     results[label] = seconds
                     rows.append((n, op, label, seconds, driver, wmb, rec, cpu_s))
                     print(f"  {op:<12} {label:<16} {seconds:8.1f} s  {1000 * seconds / n:7.1f} ms/ckpt  "
-                          f"CPU {cpu_s:7.1f} s (x{cpu_s / seconds:.2f})  "
+                          f"CPU {cpu_s:7.1f} s (x{cpu_s / seconds:.2f})  load {os.getloadavg()[0]:.1f}  "
                           f"driver {driver:6.0f} MB  workers {[round(w) for w in wmb]} MB  "
                           f"recovered {rec}/{n}  failed {summary.failed}", flush=True)  # fmt: skip
                     shutil.rmtree(out)
