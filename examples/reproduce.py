@@ -833,10 +833,13 @@ def write_doc(path: Path, rows, text, timings, figures, args, total: float) -> N
     path.parent.mkdir(parents=True, exist_ok=True)
     static = path.parent / "_static" / "reproduction"
     static.mkdir(parents=True, exist_ok=True)
-    embedded = []
+    embedded, used = [], set()
     for fig, alt, caption in figures:
         if fig.exists():
-            dest = static / fig.name
+            # two examples both write barriers.png: the second gets its folder's name as a prefix
+            name = fig.name if fig.name not in used else f"{fig.parent.name}_{fig.name}"
+            used.add(name)
+            dest = static / name
             shutil.copyfile(fig, dest)
             embedded.append((os.path.relpath(dest, path.parent), alt, caption))
     mode = "quick" if args.quick else "full"
