@@ -170,6 +170,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_qsym_sampling.py", "tests/test_symmetrized_draws.py"),
     ),
     Mutant(
+        "apply-chunk-reuses-first-signs",
+        "groups: chunked spec.apply reuses the first chunk's sign flips (indices right)",
+        "pyro_symmetry/groups/_indexing.py",
+        "block = block * (sign[lo:hi] if sign.shape[0] > 1 else sign)",
+        "block = block * (sign[: hi - lo] if sign.shape[0] > 1 else sign)",
+        ("tests/test_mutants.py", "tests/test_groups.py"),
+    ),
+    Mutant(
+        "alignment-tolerance-1e-6",
+        "alignment: a step is accepted only if it improves the cost by 1e-6 of the energy",
+        "pyro_symmetry/alignment/core.py",
+        "rtol = 64 * cost_eps if rtol is None else rtol",
+        "rtol = 1e-6 if rtol is None else rtol",
+        ("tests/test_alignment_optimality.py",),
+    ),
+    Mutant(
         "mmd-kernel-pvalues-no-plus-one",
         "diagnostics/kernel_mmd: per-kernel p-values without their +1",
         "pyro_symmetry/diagnostics/kernel_mmd.py",
