@@ -306,6 +306,49 @@ def test_interrupted_map_resumes_without_redoing_or_losing(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+class InterruptingSource(FileSource):
+    """Counts reads; the ``stop_at``-th read raises KeyboardInterrupt (Ctrl-C half-way)."""
+
+    reads = 0
+    stop_at: int | None = None
+
+    def read(self, mmap: bool = False):
+        cls = type(self)
+        cls.reads += 1
+        if cls.stop_at is not None and cls.reads == cls.stop_at:
+            raise KeyboardInterrupt
+        return super().read(mmap)
+
+
+def test_interrupted_align_to_the_barycenter_resumes_half_way(tmp_path):
+    """Ctrl-C after half of the checkpoints of ``align("barycenter")``: the re-run reuses the
+    barycenter and the 5 finished outputs (not re-read, not rewritten), does the other 5, and
+    its outputs are byte-identical to an uninterrupted call's."""
+    write_planted(tmp_path, 10, noise=0.1)
+    make = lambda: pc.Collection([InterruptingSource(str(tmp_path / f"ck_{i}.pt")) for i in range(10)], SPEC)  # noqa: E731
+    InterruptingSource.reads, InterruptingSource.stop_at = 0, None
+    clean = make().align("barycenter", tmp_path / "clean", max_iters=2, progress=False)
+    total = InterruptingSource.reads  # signature + barycenter passes + 10 alignments
+    out = tmp_path / "out"
+    InterruptingSource.reads, InterruptingSource.stop_at = 0, total - 4  # reading the 6th checkpoint to align
+    with pytest.raises(KeyboardInterrupt):
+        make().align("barycenter", out, max_iters=2, progress=False)
+    first = {p.name: p.stat() for p in out.glob("ck_*.pt")}
+    assert sorted(first) == [f"ck_{i}.pt" for i in range(5)]
+    InterruptingSource.reads, InterruptingSource.stop_at = 0, None
+    summary = make().align("barycenter", out, max_iters=2, progress=False)
+    assert (summary.processed, summary.skipped, summary.failed) == (5, 5, 0)
+    assert InterruptingSource.reads == 1 + 5  # the signature, then only the unfinished checkpoints
+    for name, before in first.items():
+        now = (out / name).stat()
+        assert (now.st_ino, now.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert _done_records(out) == {f"ck_{i}.pt": 1 for i in range(10)}
+    sha = lambda s: {r["output"]: r["sha256"] for r in s.records()}  # noqa: E731
+    assert sha(summary) == sha(clean)
+    assert (out / "_reference.pt").read_bytes() == (tmp_path / "clean" / "_reference.pt").read_bytes()
+    assert not list(out.glob(".*.tmp"))
+
+
 _KILLED = """
 import sys, time, torch
 import pyro_symmetry as ps
