@@ -1,0 +1,456 @@
+"""One vocabulary across the public API (issue 13, item 7), checked on signatures and
+docstrings with :mod:`inspect`, and short readable ``repr`` s of every public result type.
+
+One name per concept:
+
+* the number of group elements is ``num_permutations`` (``num_samples``/``num_draws`` are
+  draws of the weights ``w``: a ``num_samples`` documented as group elements is a leftover);
+* the choice of ``I(g; w)`` / ``log q_sym`` estimator is ``estimator=`` (or ``<prefix>_estimator``);
+* the alignment reference (run 0, a barycenter, a given point) is ``reference=``;
+* the random stream is ``seed=``; progress bars are ``progress=``.
+
+The callables are every public function and class of ``ps.__all__``,
+``ps.diagnostics.__all__``, ``ps.diagnostics.metrics.__all__`` and ``ps.models.__all__``
+(classes with the public methods they define). A check that fails on purpose is listed in
+``KNOWN`` with its reason and marked ``xfail(strict=True)``: it turns red once fixed, to be
+removed from the list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import typing
+
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_symmetry as ps
+
+D, M = ps.diagnostics, ps.diagnostics.metrics
+MODULES = (("ps", ps), ("ps.diagnostics", D), ("ps.diagnostics.metrics", M), ("ps.models", ps.models))
+
+#: Estimator names: a parameter choosing among them is the estimator choice.
+ESTIMATORS = {"auto", "exact", "enumerate", "permanent", "contrastive", "importance"}
+#: Names other libraries use for concepts that have one name here.
+OTHER_NAMES = {
+    "num_permutations": {"num_perms", "n_permutations", "n_perms", "num_elements", "num_group_elements", "K", "k"},
+    "seed": {"rng", "random_state", "random_seed", "rng_seed", "rng_key"},
+    "progress": {"verbose", "show_progress", "progress_bar", "pbar", "quiet", "silent", "tqdm"},
+    "reference": {"align", "align_to", "alignment_method", "ref", "target"},
+}
+#: A ``num_samples`` documented with these words counts group elements, not draws of ``w``.
+GROUP_ELEMENT_WORDS = re.compile(r"group element|permutations?\b|``K``|terms of the|contrastive", re.IGNORECASE)
+
+#: ``(check, callable) -> reason``: checks failing on purpose (xfail strict); see the module docstring.
+KNOWN: dict[tuple[str, str], str] = {
+    (
+        "estimator",
+        "ps.diagnostics.symmetry_report",
+    ): "ps.diagnostics.symmetry_report still chooses its estimator with another name than estimator=",
+    ("estimator", "ps.log_q_sym"): "ps.log_q_sym still chooses its estimator with another name than estimator=",
+    ("estimator", "ps.log_s"): "ps.log_s still chooses its estimator with another name than estimator=",
+    (
+        "estimator",
+        "ps.mutual_information",
+    ): "ps.mutual_information still chooses its estimator with another name than estimator=",
+    (
+        "estimator",
+        "ps.symmetry_log_ratio",
+    ): "ps.symmetry_log_ratio still chooses its estimator with another name than estimator=",
+    ("fields", "MIEstimate"): "MIEstimate records its estimator as 'method'",
+    ("fields", "MinMassResult"): "MinMassResult.converged is Tensor, not bool",
+    ("fields", "SampleAlignment"): "SampleAlignment.converged is Tensor, not bool",
+    ("frozen", "CanonicalForm"): "CanonicalForm is not a frozen dataclass yet",
+    ("frozen", "MIEstimate"): "MIEstimate is not a frozen dataclass yet",
+    ("frozen", "MMDResult"): "MMDResult is not a frozen dataclass yet",
+    ("frozen", "MinMassResult"): "MinMassResult is not a frozen dataclass yet",
+    ("frozen", "SymmetryReport"): "SymmetryReport is not a frozen dataclass yet",
+    ("num_permutations", "ps.Symmetrized"): "ps.Symmetrized still calls the number of group elements num_samples",
+    (
+        "other_names",
+        "ps.diagnostics.symmetry_report",
+    ): "ps.diagnostics.symmetry_report still takes 'align'; rename (keep the old name as a deprecated alias)",
+    (
+        "other_names",
+        "ps.diagnostics.to_inference_data",
+    ): "ps.diagnostics.to_inference_data still takes 'align'; rename (keep the old name as a deprecated alias)",
+    (
+        "reference",
+        "ps.diagnostics.align_draws",
+    ): "ps.diagnostics.align_draws still chooses the alignment reference with another name than reference=",
+    (
+        "reference",
+        "ps.diagnostics.symmetry_report",
+    ): "ps.diagnostics.symmetry_report still chooses the alignment reference with another name than reference=",
+    (
+        "reference",
+        "ps.diagnostics.to_inference_data",
+    ): "ps.diagnostics.to_inference_data still chooses the alignment reference with another name than reference=",
+    ("repr", "AlignmentResult"): "repr(AlignmentResult) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "BarrierResult"): "repr(BarrierResult) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "CanonicalForm"): "repr(CanonicalForm) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "MMDResult"): "repr(MMDResult) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "ManyAlignment"): "repr(ManyAlignment) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "MinMassResult"): "repr(MinMassResult) prints its tensors (hundreds to thousands of characters)",
+    ("repr", "SampleAlignment"): "repr(SampleAlignment) prints its tensors (hundreds to thousands of characters)",
+    ("seed", "ps.mutual_information"): "ps.mutual_information takes generator= but no seed=",
+    ("seed", "ps.symmetry_log_ratio"): "ps.symmetry_log_ratio takes generator= but no seed=",
+    ("takes estimator", "ps.log_q_sym"): "ps.log_q_sym does not take estimator= yet",
+    ("takes estimator", "ps.log_s"): "ps.log_s does not take estimator= yet",
+    ("takes estimator", "ps.mutual_information"): "ps.mutual_information does not take estimator= yet",
+    ("takes estimator", "ps.symmetry_log_ratio"): "ps.symmetry_log_ratio does not take estimator= yet",
+    ("takes num_permutations", "ps.Symmetrized"): "ps.Symmetrized does not take num_permutations= yet",
+    ("takes reference", "ps.diagnostics.align_draws"): "ps.diagnostics.align_draws does not take reference= yet",
+}
+
+
+def _public_callables() -> dict[str, typing.Any]:
+    out = {}
+    for prefix, module in MODULES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.ismodule(obj) or not callable(obj) or (inspect.isclass(obj) and issubclass(obj, BaseException)):
+                continue
+            out[f"{prefix}.{name}"] = obj
+            if inspect.isclass(obj):
+                for attr, value in vars(obj).items():
+                    if not attr.startswith("_") and inspect.isfunction(value):
+                        out[f"{prefix}.{name}.{attr}"] = value
+    return out
+
+
+PUBLIC = _public_callables()
+
+
+def _signature(obj: typing.Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(obj)
+    except (TypeError, ValueError):  # builtins without a signature
+        return None
+
+
+def _param_docs(obj: typing.Any) -> dict[str, str]:
+    """``name -> type line and description`` from the numpy-style ``Parameters`` sections
+    of ``obj``'s docstring (and its ``__init__``'s, for a class)."""
+    docs = [inspect.getdoc(obj) or ""]
+    if inspect.isclass(obj):
+        docs.append(inspect.getdoc(obj.__init__) or "")
+    out: dict[str, str] = {}
+    for doc in docs:
+        lines, section, current = doc.splitlines(), None, []
+        for i, line in enumerate(lines):
+            if line.strip() and i + 1 < len(lines) and set(lines[i + 1].strip()) == {"-"}:
+                section, current = line.strip(), []
+                continue
+            if section not in ("Parameters", "Other Parameters") or set(line.strip()) == {"-"}:
+                continue
+            head = re.match(r"^(\*{0,2}[A-Za-z_][\w, *]*?)\s*(:.*)?$", line)
+            if line and not line[0].isspace() and head:
+                current = [n.strip().lstrip("*") for n in head.group(1).split(",")]
+                for n in current:
+                    out[n] = out.get(n, "") + (head.group(2) or "") + "\n"
+            else:
+                for n in current:
+                    out[n] += line + "\n"
+    return out
+
+
+def _params(name: str) -> list[inspect.Parameter]:
+    sig = _signature(PUBLIC[name])
+    if sig is None:
+        return []
+    return [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _cases(check: str) -> list:
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(check, n)])) if (check, n) in KNOWN else n
+        for n in sorted(PUBLIC)
+    ]
+
+
+def _deprecated(doc: str) -> bool:
+    return "deprecated" in doc.lower()
+
+
+# ---------------------------------------------------------------------- one name per concept
+@pytest.mark.parametrize("name", _cases("other_names"))
+def test_no_other_name_for_a_concept_that_has_one(name):
+    bad = [
+        f"{p.name!r} (the name is {concept!r})"
+        for p in _params(name)
+        for concept, others in OTHER_NAMES.items()
+        if p.name in others and not _deprecated(_param_docs(PUBLIC[name]).get(p.name, ""))
+    ]
+    assert not bad, f"{name} takes {', '.join(bad)}"
+
+
+@pytest.mark.parametrize("name", _cases("num_permutations"))
+def test_num_samples_never_counts_group_elements(name):
+    """``num_samples`` is draws of ``w``; the number of group elements is ``num_permutations``."""
+    docs = _param_docs(PUBLIC[name])
+    for p in _params(name):
+        if p.name in ("num_samples", "num_draws"):
+            doc = docs.get(p.name, "")
+            assert _deprecated(doc) or not GROUP_ELEMENT_WORDS.search(doc), (
+                f"{name}({p.name}=...) is documented as counting group elements ({doc.strip()!r}); "
+                "call it num_permutations"
+            )
+
+
+@pytest.mark.parametrize("name", _cases("estimator"))
+def test_the_estimator_choice_is_called_estimator(name):
+    docs = _param_docs(PUBLIC[name])
+    for p in _params(name):
+        if p.name == "estimator" or p.name.endswith("_estimator"):
+            continue
+        doc = docs.get(p.name, "")
+        choices = set(re.findall(r"[\"']([a-z_]+)[\"']", doc.splitlines()[0] if doc else ""))
+        by_default = isinstance(p.default, str) and p.default in ESTIMATORS
+        by_doc = len(choices & (ESTIMATORS - {"auto"})) >= 2
+        assert _deprecated(doc) or not (by_default or by_doc), (
+            f"{name}({p.name}={p.default!r}) chooses an estimator; call it estimator (or <prefix>_estimator)"
+        )
+
+
+@pytest.mark.parametrize("name", _cases("reference"))
+def test_the_alignment_reference_is_called_reference(name):
+    docs = _param_docs(PUBLIC[name])
+    for p in _params(name):
+        if p.name == "reference" or p.name.endswith("_reference"):
+            continue
+        doc = docs.get(p.name, "")
+        first = doc.splitlines()[0] if doc else ""
+        by_default = p.default == "barycenter"
+        by_doc = bool(re.search(r"[\"']barycenter[\"']", first))
+        assert _deprecated(doc) or not (by_default or by_doc), (
+            f"{name}({p.name}={p.default!r}) chooses the alignment reference; call it reference"
+        )
+
+
+#: Public callables that draw random numbers at the top level (not a distribution's own
+#: ``sample``/``rsample``, which follow torch's ``generator=`` convention).
+RANDOM = [
+    "ps.align",
+    "ps.align_many",
+    "ps.align_samples",
+    "ps.canonicalize",
+    "ps.check_invariance",
+    "ps.diagnostics.collect_draws",
+    "ps.diagnostics.mmd",
+    "ps.diagnostics.rhat_ess_before_after",
+    "ps.diagnostics.symmetry_report",
+    "ps.diagnostics.to_inference_data",
+    "ps.mutual_information",
+    "ps.nll_loss",
+    "ps.symmetry_log_ratio",
+    "ps.train_runs",
+]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[("seed", n)])) if ("seed", n) in KNOWN else n
+        for n in RANDOM
+    ],
+)
+def test_randomness_is_controlled_by_seed(name):
+    sig = _signature(PUBLIC[name])
+    assert sig is not None and "seed" in sig.parameters, f"{name} draws random numbers but takes no seed="
+
+
+#: Callables with a long loop a user waits on.
+LONG = [
+    "ps.align",
+    "ps.align_many",
+    "ps.align_samples",
+    "ps.diagnostics.collect_draws",
+    "ps.diagnostics.symmetry_report",
+    "ps.diagnostics.to_inference_data",
+    "ps.loss_barrier",
+    "ps.min_mass",
+    "ps.mutual_information",
+    "ps.train_runs",
+]
+
+
+@pytest.mark.parametrize("name", LONG)
+def test_long_steps_take_progress(name):
+    sig = _signature(PUBLIC[name])
+    assert sig is not None and "progress" in sig.parameters, f"{name} takes no progress="
+
+
+#: The callables whose number of group elements is a parameter, and those choosing an estimator.
+TAKES = {
+    "num_permutations": [
+        "ps.AutoSymmetrizedMeanField",
+        "ps.AutoSymmetrizedNormal",
+        "ps.Symmetrize",
+        "ps.Symmetrized",
+        "ps.mutual_information",
+        "ps.symmetry_log_ratio",
+    ],
+    "estimator": [
+        "ps.AutoSymmetrizedMeanField",
+        "ps.AutoSymmetrizedNormal",
+        "ps.Symmetrize",
+        "ps.Symmetrized",
+        "ps.log_q_sym",
+        "ps.log_s",
+        "ps.mutual_information",
+        "ps.symmetry_log_ratio",
+    ],
+    "reference": ["ps.align_many", "ps.align_samples", "ps.canonicalize", "ps.diagnostics.align_draws"],
+}
+
+
+@pytest.mark.parametrize(
+    "concept, name",
+    [
+        pytest.param(c, n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(f"takes {c}", n)]))
+        if (f"takes {c}", n) in KNOWN
+        else (c, n)
+        for c, names in TAKES.items()
+        for n in names
+    ],
+)
+def test_the_concept_has_its_name(concept, name):
+    sig = _signature(PUBLIC[name])
+    assert sig is not None and concept in sig.parameters, f"{name} should take {concept}= ({sig})"
+
+
+# ---------------------------------------------------------------------- deprecated aliases
+def test_metrics_predictive_mutual_information_has_its_own_name():
+    probs = torch.softmax(torch.randn(5, 7, 3, generator=torch.Generator().manual_seed(0)), -1)
+    assert "predictive_mutual_information" in M.__all__ and "mutual_information" not in M.__all__
+    with pytest.deprecated_call(match="predictive_mutual_information"):
+        old = M.mutual_information(probs)
+    assert torch.equal(old, M.predictive_mutual_information(probs))
+    y = torch.arange(7) % 3
+    with pytest.deprecated_call(match="ood_score"):
+        old = M.evaluate(probs, y, probs.flip(1), ood_score="mutual_information")
+    assert old == M.evaluate(probs, y, probs.flip(1), ood_score="predictive_mutual_information")
+
+
+def test_rhat_ess_before_after_align_is_a_deprecated_alias_of_reference(examples):
+    draws = examples["RunDraws"]()
+    new = D.rhat_ess_before_after(None, draws.spec, reference="reference", draws=draws)
+    with pytest.deprecated_call(match="reference="):
+        old = D.rhat_ess_before_after(None, draws.spec, align="reference", draws=draws)
+    for site in new.after.rhat:
+        assert (new.after.rhat[site] == old.after.rhat[site]).all()
+
+
+# ---------------------------------------------------------------------- result types
+#: Public dataclasses and named tuples that are not results (inputs, specs, losses).
+NOT_RESULTS = {"Axis", "FlatLayout", "ModelLoss", "NeuronGroup", "PermutationSpec", "PredictiveLoss"}
+
+
+def _result_types() -> dict[str, type]:
+    out = {}
+    for _, module in MODULES:
+        for name in module.__all__:
+            obj = getattr(module, name)
+            record = dataclasses.is_dataclass(obj) or (inspect.isclass(obj) and issubclass(obj, tuple))
+            if inspect.isclass(obj) and record and name not in NOT_RESULTS:
+                out[name] = obj
+    return out
+
+
+RESULT_TYPES = _result_types()
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """One realistic instance of every public result type: a 4-6-5-3 ReLU MLP classifier,
+    three short SVI runs, 100 draws."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    make_model = functools.partial(ps.models.BayesianMLP, 4, [6, 5], 3)
+    runs = ps.train_runs(
+        make_model, functools.partial(AutoNormal, init_scale=0.05), (x, y), 3, steps=30, progress=False
+    )
+    spec = runs[0].model.spec
+    draws = {k: v[0] for k, v in ps.as_posterior(runs[0].guide, spec).draws(100).items()}
+    other = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in draws.items()}
+    comparison = D.rhat_ess_before_after(runs, spec, num_samples=20)
+    probs = torch.softmax(torch.randn(10, 64, 3, generator=gen), -1)
+    out = {
+        "AlignmentResult": lambda: ps.align(runs[0], runs[1], spec, seed=0),
+        "ManyAlignment": lambda: ps.align_many(runs, spec, seed=0),
+        "SampleAlignment": lambda: ps.align_samples(draws, spec, seed=0),
+        "BarrierResult": lambda: ps.loss_barrier(ps.nll_loss(runs[0].model, x, y, num_samples=4), runs[0], runs[1]),
+        "MIEstimate": lambda: ps.mutual_information(runs[0].guide, spec, num_samples=32),
+        "CanonicalForm": lambda: ps.canonicalize(draws, spec),
+        "MinMassResult": lambda: ps.min_mass(draws, spec),
+        "TrainedRun": lambda: runs[0],
+        "ConvergenceComparison": lambda: comparison,
+        "ConvergenceSummary": lambda: comparison.before,
+        "RunDraws": lambda: comparison.draws_before,
+        "MMDResult": lambda: D.mmd(draws, other, num_permutations=100),
+        "ReliabilityDiagram": lambda: M.reliability_diagram(probs, y),
+        "SymmetryReport": lambda: D.symmetry_report(
+            runs,
+            spec,
+            data=(x, y),
+            out_dir=tmp_path_factory.mktemp("report"),
+            num_samples=20,
+            barrier_pairs=1,
+            barrier_points=5,
+            mi_samples=16,
+            mmd_permutations=20,
+            progress=False,
+            figures=False,
+        ),
+    }
+    return {name: functools.cache(build) for name, build in out.items()}  # built once, on first use
+
+
+def test_every_public_result_type_has_an_example(examples):
+    """A new public record fails here until it gets an example in ``examples``."""
+    assert set(RESULT_TYPES) == set(examples)
+
+
+def _cases_by_type(check: str) -> list:
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[(check, n)])) if (check, n) in KNOWN else n
+        for n in sorted(RESULT_TYPES)
+    ]
+
+
+@pytest.mark.parametrize("name", _cases_by_type("repr"))
+def test_result_repr_is_short(name, examples):
+    value = examples[name]()
+    assert isinstance(value, RESULT_TYPES[name])
+    text = repr(value)
+    assert len(text) < 300, f"repr({name}) is {len(text)} characters: {text[:300]}..."
+    assert "tensor([" not in text or len(text) < 200, f"repr({name}) prints tensors: {text}"
+
+
+@pytest.mark.parametrize("name", _cases_by_type("frozen"))
+def test_result_is_a_frozen_dataclass(name):
+    cls = RESULT_TYPES[name]
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen, f"{name} is not a frozen dataclass"
+
+
+@pytest.mark.parametrize("name", _cases_by_type("fields"))
+def test_result_fields_are_consistent(name, examples):
+    """``converged`` a bool, ``objective`` a float tensor (or a list of floats), the
+    estimator recorded as ``estimator``."""
+    value = examples[name]()
+    fields = {f.name for f in dataclasses.fields(value)} if dataclasses.is_dataclass(value) else set(value._fields)
+    if "converged" in fields:
+        assert type(value.converged) is bool, f"{name}.converged is {type(value.converged).__name__}, not bool"
+    if "objective" in fields:
+        obj = value.objective
+        ok = (torch.is_tensor(obj) and obj.is_floating_point()) or (
+            isinstance(obj, list) and all(isinstance(v, float) for v in obj)
+        )
+        assert ok, f"{name}.objective is {type(obj).__name__}"
+    assert "method" not in fields or name not in ("MIEstimate",), f"{name} records its estimator as 'method'"
