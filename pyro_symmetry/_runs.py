@@ -18,7 +18,6 @@ import math
 import os
 import pickle
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,11 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from tqdm.auto import tqdm
 
+from ._executors import cancel_all, wait_first
+from ._executors import submit as submit_task
 from ._state import isolated
 
-__all__ = ["Outcome", "Task", "build", "check_executor", "load", "run_on_executor", "train_one"]
+__all__ = ["Outcome", "Task", "build", "load", "run_on_executor", "train_one"]
 
 #: Runs in threads of one process (a thread pool, a Dask cluster with ``processes=False``)
 #: take turns: Pyro's handler stack and param store and torch's RNG are global to a process.
@@ -199,42 +200,6 @@ def run_task(task: Task, seed: int, attempt: int) -> Outcome:
 
 
 # ---------------------------------------------------------------------- executors
-def _is_dask(obj: Any) -> bool:
-    return type(obj).__module__.split(".")[0] == "distributed"
-
-
-def check_executor(executor: Any) -> None:
-    if executor is not None and not callable(getattr(executor, "submit", None)):
-        raise TypeError(
-            "executor must be None (in-process) or have a submit(fn, *args) method (a concurrent.futures "
-            f"Executor, a dask.distributed.Client), got {type(executor).__name__}"
-        )
-
-
-def _submit(executor: Any, fn: Callable, *args: Any) -> Any:
-    if _is_dask(executor) and type(executor).__name__ == "Client":
-        return executor.submit(fn, *args, pure=False)  # a retry must run again, not reuse a result
-    return executor.submit(fn, *args)
-
-
-def _wait_first(futures: Sequence[Any]) -> list[Any]:
-    """The futures of ``futures`` that are done, waiting until at least one is."""
-    if all(isinstance(f, cf.Future) for f in futures):
-        return list(cf.wait(futures, return_when=cf.FIRST_COMPLETED).done)
-    if all(_is_dask(f) for f in futures):
-        from distributed import wait
-
-        wait(list(futures), return_when="FIRST_COMPLETED")
-        return [f for f in futures if f.done()]
-    if not all(callable(getattr(f, "done", None)) for f in futures):
-        return [futures[0]]  # no done(): wait on each in turn (result() blocks)
-    while True:
-        done = [f for f in futures if f.done()]
-        if done:
-            return done
-        time.sleep(0.01)
-
-
 def _is_pickling_error(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}".lower()
     return isinstance(e, pickle.PicklingError) or "pickl" in text
@@ -263,14 +228,14 @@ def run_on_executor(executor: Any, task: Task, seeds: Sequence[int], on_error: s
 
     def submit(r: int) -> None:
         attempts[r] += 1
-        pending[_submit(executor, run_task, task, seeds[r], attempts[r])] = r
+        pending[submit_task(executor, run_task, task, seeds[r], attempts[r])] = r
 
     bar = tqdm(total=len(seeds), desc="runs", disable=not progress)
     try:
         for r in range(len(seeds)):
             submit(r)
         while pending:
-            for fut in _wait_first(list(pending)):
+            for fut in wait_first(list(pending)):
                 r = pending.pop(fut)
                 try:
                     out = fut.result()
@@ -285,9 +250,7 @@ def run_on_executor(executor: Any, task: Task, seeds: Sequence[int], on_error: s
                     out.error.add_note(f"{done} other run(s) had finished; on_error='keep' returns them")
                     raise out.error
     except BaseException:
-        for fut in pending:
-            with contextlib.suppress(Exception):
-                fut.cancel()
+        cancel_all(pending)
         raise
     finally:
         bar.close()

@@ -29,7 +29,8 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.poutine.util import site_is_subsample
 from tqdm.auto import tqdm
 
-from ._runs import Outcome, Task, check_executor, diverged, fresh_optim, load, run_on_executor, train_one
+from ._executors import check_executor
+from ._runs import Outcome, Task, diverged, fresh_optim, load, run_on_executor, train_one
 from ._state import isolated
 from ._validation import check_callable, check_finite, check_int
 
