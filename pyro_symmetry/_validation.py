@@ -1,11 +1,32 @@
-"""Input checks shared by every public entry point.
+"""Input checks shared by every public entry point, and the package's error rule.
 
-Each helper raises a clear error that names the argument (and the site, shape or value
-at fault) and returns the checked value, so a public function validates its inputs in a
-few lines instead of failing deep inside torch. ``TypeError`` is for a wrong kind of
-value (a float where an int is needed, an integer tensor where a floating-point one is),
-``ValueError`` for a wrong value (a negative count, NaN weights) and
-:class:`~pyro_symmetry.SpecError` (a ``ValueError``) for a spec, site or shape mismatch.
+**Error rule.** Every public function raises, for a bad input, one of three exception types, chosen by
+what is wrong (not by where it is noticed):
+
+``TypeError``
+    A wrong *kind* of value: a float or a bool where an ``int`` is needed, a string
+    where a tensor is, an integer tensor where a floating-point one is, an object
+    without the method a duck type needs (an ``executor`` without ``submit``).
+``ValueError``
+    A value of the right kind that is not allowed: a count below its minimum, an
+    unknown option string (``estimator="mc"``), out-of-range probabilities, a shape that
+    disagrees with another argument (labels against predictions), and **NaN or Inf**
+    where finite numbers are needed (a NaN never passes silently and never turns into a
+    verdict).
+:class:`~pyro_symmetry.SpecError` (a subclass of ``ValueError``)
+    A mismatch between a symmetry spec and a model, guide, posterior or parameter
+    mapping: a site missing or unknown, a site's shape or an axis length that is not
+    the spec's, a group the operation cannot handle (too large to enumerate, sliced for a
+    factorized estimator), a model that is not invariant under the spec.
+    ``except ValueError`` catches it too.
+
+Messages name the argument (and the site, group, axis and shape at fault, and the value
+received), and say what would be accepted. A deprecated spelling of an argument or a
+function warns with ``DeprecationWarning`` naming its replacement and keeps working for
+one release.
+
+Each helper here raises such an error and returns the checked value, so a public function
+validates its inputs in a few lines instead of failing deep inside torch.
 
 This module sits below every other one: it imports nothing from the package at import
 time (``groups`` itself uses it).
