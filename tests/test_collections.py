@@ -571,17 +571,16 @@ def test_memory_of_streamed_diagnostics_stays_bounded(big):
     half = lambda c: (c[: len(c) // 2], c[len(c) // 2 :])  # noqa: E731
     mmd = lambda c: lambda: dc.mmd(*half(c), sites=small, method="streamed", max_bytes=size)  # noqa: E731
     assert _peak(mmd(coll), mmd(coll[:4])) < budget
-    tree = lambda c: (
-        lambda: dc.rhat_ess(  # noqa: E731  (the dask-backed tree, block by block)
-            ps.diagnostics.to_inference_data(c, chains=2), var_names=small, max_bytes=size
-        )
-    )
+
+    def tree(c):  # the dask-backed tree, block by block
+        return lambda: dc.rhat_ess(ps.diagnostics.to_inference_data(c, chains=2), var_names=small, max_bytes=size)
+
     assert _peak(tree(coll), tree(coll[:8])) < budget
-    rff = lambda c: (
-        lambda: ps.diagnostics.mmd(  # noqa: E731
-            *half(c), sites=small, method="random_features", max_bytes=size, num_features=256
-        )
-    )
+
+    def rff(c):
+        kw = {"sites": small, "method": "random_features", "max_bytes": size, "num_features": 256}
+        return lambda: ps.diagnostics.mmd(*half(c), **kw)
+
     assert _peak(rff(coll), rff(coll[:4])) < budget
     moments = lambda c: lambda: dc.posterior_moments(c)  # noqa: E731
     assert _peak(moments(coll), moments(coll[:4])) < budget
