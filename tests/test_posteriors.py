@@ -129,8 +129,10 @@ def test_errors_name_the_site_axis_and_form():
         as_posterior({"a": torch.zeros(2), "b": (torch.zeros(2), torch.ones(2))})
     with pytest.raises(ValueError, match="must not be NaN|NaN"):
         as_posterior({"a": torch.tensor([float("nan")])})
-    with pytest.raises(TypeError, match="expected a fitted Pyro autoguide"):
+    with pytest.raises(TypeError, match="must be a fitted Pyro autoguide.*got a float"):
         as_posterior(3.0)
+    with pytest.raises(ps.SpecError, match="q0 must be a fitted Pyro autoguide.*got a list"):
+        as_posterior([1, 2], name="q0")
     with pytest.raises(ps.SpecError, match="not fitted"):
         as_posterior(AutoNormal(TutorialBNN()))
     with pytest.raises(ps.SpecError, match="not a density"):
@@ -141,3 +143,52 @@ def test_posterior_passes_through_and_binds_a_spec_without_shapes():
     p = as_posterior({k: torch.zeros(s) for k, s in SHAPES.items()})
     bound = as_posterior(p, tutorial_spec())
     assert isinstance(bound, Posterior) and bound.spec.shapes["layer1.weight"] == (6, 1)
+
+
+def test_gaussian_and_point_readers_are_views_of_as_posterior():
+    """``gaussian_params``/``point_params`` (and so ``align``, ``interpolate``) read every form
+    ``as_posterior`` reads: a ``train_runs`` result, an ``AutoDelta``, a ``Posterior``."""
+    model, guide = _fit(AutoNormal)
+    runs = ps.train_runs(TutorialBNN, AutoNormal, (X, Y), 2, steps=2, progress=False, vectorize=False)
+    for q in (guide, runs[0], as_posterior(guide)):
+        pairs = ps.gaussian_params(q)
+        loc, scale = as_posterior(q).gaussian()
+        assert set(pairs) == set(loc) and all(torch.equal(pairs[k][0], loc[k]) for k in loc)
+        assert all(torch.equal(pairs[k][1], scale[k]) for k in loc)
+    res = ps.align(runs[0], runs[1], SPEC)
+    assert res.objective[-1] <= res.objective[0]
+    _, delta = _fit(AutoDelta)
+    assert set(ps.point_params(delta)) == set(delta.median())
+    with pytest.raises(ps.SpecError, match="a Gaussian posterior is needed"):
+        ps.gaussian_params(delta)
+    chains = {k: torch.randn((2, 3, *s)) for k, s in SHAPES.items()}
+    with pytest.raises(ps.SpecError, match="set of draws"):
+        ps.point_params(as_posterior(chains, SPEC))
+
+
+def test_readers_keep_the_graph_only_when_asked():
+    net = torch.nn.Linear(2, 3)
+    live = ps.point_params(dict(net.named_parameters()), detach=False)
+    assert live["weight"] is net.weight or live["weight"].requires_grad
+    assert not ps.point_params(dict(net.named_parameters()))["weight"].requires_grad
+    _, guide = _fit(AutoNormal)
+    loc, scale = ps.gaussian_params(guide, detach=False)["layer1.weight"]
+    assert loc.requires_grad and scale.requires_grad
+    assert not any(t.requires_grad for t in ps.gaussian_params(guide)["layer1.weight"])
+
+
+def test_pushforward_reads_its_base_through_as_posterior():
+    _, guide = _fit(AutoNormal)
+    g = SPEC.sample(generator=torch.Generator().manual_seed(3))
+    loc, scale = as_posterior(guide).gaussian()
+    explicit = {k: dist.Normal(loc[k], scale[k]).to_event(loc[k].dim()) for k in loc}
+    value = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(4)) for k, v in loc.items()}
+    ref = ps.Pushforward(explicit, SPEC, g).log_prob(value)
+    pairs = {k: (loc[k], scale[k]) for k in loc}
+    for base in (guide, pairs, as_posterior(guide)):
+        torch.testing.assert_close(ps.Pushforward(base, SPEC, g).log_prob(value), ref)
+    _, flat = _fit(AutoDiagonalNormal)
+    pf = ps.Pushforward(flat, SPEC, g)  # the layout comes with the guide
+    assert pf.flat and pf.layout.shapes["layer1.weight"] == (6, 1)
+    with pytest.raises(ps.SpecError, match="set of draws"):
+        ps.Pushforward(as_posterior({k: torch.randn((2, 3, *s)) for k, s in SHAPES.items()}, SPEC), SPEC, g)

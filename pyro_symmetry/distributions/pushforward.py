@@ -20,6 +20,7 @@ from torch.distributions import constraints
 from .._validation import check_spec
 from ..groups import FlatLayout, GroupElement, PermutationSpec, SpecError, apply_flat, flat_permutation
 from ..groups.builders import _own_batch_ndim
+from ..posteriors import as_posterior
 
 __all__ = ["Pushforward", "PushforwardGuide", "pushforward_guide"]
 
@@ -37,11 +38,12 @@ class Pushforward(TorchDistribution):
 
     Parameters
     ----------
-    base : Distribution or mapping ``site -> Distribution``
-        Either one distribution over the flat latent vector (event shape ``(D,)``,
-        e.g. the posterior of an ``AutoDiagonalNormal``; then ``layout`` says
-        which sites the coordinates are), or one distribution per site whose
-        event shape is the site's shape (e.g. ``Normal(loc, scale).to_event(2)``).
+    base : posterior density in any form :func:`~pyro_symmetry.as_posterior` reads
+        One distribution over the flat latent vector (event shape ``(D,)``, e.g. the
+        posterior of an ``AutoDiagonalNormal``; then ``layout`` says which sites the
+        coordinates are), one distribution per site whose event shape is the site's
+        shape (e.g. ``Normal(loc, scale).to_event(2)``), a ``site -> (loc, scale)``
+        mapping, a fitted guide (its ``q``, live parameters) or a point.
     spec : PermutationSpec
     perm : mapping ``group -> LongTensor (*batch_g, n)``
         A (batched) group element; batch dims broadcast with the base's.
@@ -79,31 +81,26 @@ class Pushforward(TorchDistribution):
         if not isinstance(spec, PermutationSpec):
             raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
         gbatch = spec._check_element(perm)
-        self.spec, self.perm, self.layout = spec, dict(perm), layout
-        self.base = base
-        if isinstance(base, td.Distribution):
-            if layout is None:
-                raise SpecError("a flat base distribution needs layout=FlatLayout(...) to know its sites")
-            if not isinstance(layout, FlatLayout):
-                raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
-            if base.event_shape != (layout.dim,):
-                raise SpecError(f"base has event shape {tuple(base.event_shape)}, the layout needs ({layout.dim},)")
-            batch = _broadcast(gbatch, {"base": base.batch_shape})
-            self._index = flat_permutation(spec, perm, layout)
-            self._inv_index = flat_permutation(spec, spec.inverse(perm), layout)
-            super().__init__(batch, base.event_shape, validate_args=validate_args)
-        elif isinstance(base, Mapping):
-            missing = [s for s in spec.sites if s not in base]
-            if missing:
-                raise SpecError(f"sites {missing} of the spec have no distribution in base (have {sorted(base)})")
-            for k, d in base.items():
-                if not isinstance(d, td.Distribution):
-                    raise TypeError(f"base[{k!r}] must be a Distribution, got {type(d).__name__}")
-            batch = _broadcast(gbatch, {f"base[{k!r}]": d.batch_shape for k, d in base.items()})
-            self._inv = spec.inverse(perm)
-            super().__init__(batch, torch.Size(), validate_args=validate_args)
-        else:
-            raise SpecError(f"base must be a Distribution or a mapping site -> Distribution, got {type(base).__name__}")
+        self.spec, self.perm = spec, dict(perm)
+        # One reader for every form of q; the live parameters are kept (rsample differentiates).
+        q = as_posterior(base, name="base", layout=layout, detach=False)
+        if q.form == "draws":
+            raise SpecError("base is a set of draws, not a density: move draws with spec.apply(draws, perm)")
+        self.posterior = q
+        if q.flat is not None:
+            self.base, self.layout = q.flat, q.layout
+            batch = _broadcast(gbatch, {"base": q.flat.batch_shape})
+            self._index = flat_permutation(spec, perm, q.layout)
+            self._inv_index = flat_permutation(spec, spec.inverse(perm), q.layout)
+            super().__init__(batch, q.flat.event_shape, validate_args=validate_args)
+            return
+        self.base, self.layout = q.dists, layout
+        missing = [s for s in spec.sites if s not in q.dists]
+        if missing:
+            raise SpecError(f"sites {missing} of the spec have no distribution in base (have {sorted(q.dists)})")
+        batch = _broadcast(gbatch, {f"base[{k!r}]": d.batch_shape for k, d in q.dists.items()})
+        self._inv = spec.inverse(perm)
+        super().__init__(batch, torch.Size(), validate_args=validate_args)
 
     @property
     def flat(self) -> bool:

@@ -21,6 +21,7 @@ Accepted forms (the only place in the package that tells them apart):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,18 +33,25 @@ from .._validation import check_devices, check_finite
 from ..groups import FlatLayout, PermutationSpec, SpecError
 from .core import Posterior
 
-__all__ = ["as_posterior"]
+__all__ = ["PosteriorFormError", "as_posterior"]
 
 DRAW_DIMS = ("point", "draw", ("chain", "draw"))
+
+
+class PosteriorFormError(SpecError, TypeError):
+    """A value that is no form of posterior: a wrong kind of value (``TypeError``) given
+    where a posterior over the spec's sites is expected (:class:`SpecError`); either
+    ``except`` clause catches it."""
 
 
 def as_posterior(
     x: Any,
     spec: PermutationSpec | None = None,
     *,
-    name: str = "the posterior",
+    name: str | None = "the posterior",
     leading: Any = None,
     layout: FlatLayout | None = None,
+    detach: bool = True,
 ) -> Posterior:
     """Read a posterior in any form (see the module docstring) as a :class:`Posterior`.
 
@@ -54,54 +62,98 @@ def as_posterior(
         Checks the sites and shapes (errors name the site and axis) and lets tensor
         mappings be told apart: a site of the spec's shape is a point, one more leading
         dim is ``(draw,)``, two are ``(chain, draw)``.
-    name : str
-        How errors call ``x`` (``"q1"``).
+    name : str or None
+        How errors call ``x`` (``"q1"``: tensors are labelled ``q1['site']``,
+        ``q1['site'] loc``); ``None`` labels them by role (``params['site']``,
+        ``loc['site']``, ``scale['site']``).
     leading : {"point", "draw", ("chain", "draw")}, optional
         How to read the leading dims of a tensor mapping when the spec does not know the
         shapes (or to override it).
     layout : FlatLayout, optional
         For a distribution over a flat latent vector.
+    detach : bool
+        ``False`` keeps the autograd graph of tensors that require grad (a mapping of
+        ``named_parameters()``, a guide's live parameters), for a differentiable
+        :func:`~pyro_symmetry.interpolate`; the default reads plain values.
 
     Raises
     ------
-    TypeError
-        ``x`` is not a posterior form.
+    PosteriorFormError
+        ``x`` is not a posterior form (both a ``TypeError`` and a :class:`SpecError`).
     SpecError
-        A site of the spec missing or of the wrong shape, a mapping mixing forms.
+        A site of the spec missing or of the wrong shape, a mapping mixing forms, NaN/Inf
+        values or negative scales (naming the site).
+    TypeError
+        Integer ``(loc, scale)`` or ``loc`` and ``scale`` of different dtypes.
     ValueError
-        NaN/Inf values or negative scales (naming the site), meta or mixed devices.
+        Meta-device or mixed-device tensors.
     """
     if isinstance(x, Posterior):
         return x.with_spec(spec)
-    post = _read(x, spec, name, leading, layout)
+    if not isinstance(detach, bool):
+        raise TypeError(f"detach must be a bool, got {detach!r}")
+    post = _read(x, spec, _Names(name), leading, layout, detach)
     return post.with_spec(spec) if spec is not None else post
 
 
-def _read(x: Any, spec: PermutationSpec | None, name: str, leading: Any, layout: FlatLayout | None) -> Posterior:
+class _Names:
+    """How error messages call the posterior and its tensors."""
+
+    def __init__(self, name: str | None) -> None:
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None, got {type(name).__name__}")
+        self.raw = name
+
+    def __str__(self) -> str:
+        return "the posterior" if self.raw is None else self.raw
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def tensor(self, site: str, part: str = "") -> str:
+        """``q1['w'] loc`` (or ``loc['w']`` without a name); ``part`` "" is a point."""
+        if self.raw is None:
+            return f"{part or 'params'}[{site!r}]"
+        return f"{self.raw}[{site!r}]" + (f" {part}" if part else "")
+
+    def part(self, i: int) -> _Names:
+        return _Names(f"{self}[{i}]")
+
+
+def _read(x: Any, spec: PermutationSpec | None, name: _Names, leading: Any, layout, detach: bool) -> Posterior:
     if getattr(x, "error", None) is not None and hasattr(x, "guide"):
         raise SpecError(f"{name} is a run that failed ({type(x.error).__name__}: {x.error}); it holds no posterior")
     if hasattr(x, "guide") and hasattr(x, "state") and not isinstance(x, torch.nn.Module):
-        return _read(x.guide, spec, name, leading, layout)  # a TrainedRun
+        return _read(x.guide, spec, name, leading, layout, detach)  # a TrainedRun
     if _is_mcmc(x):
-        return _from_mcmc(x, spec, name)
+        return _from_mcmc(x, spec, str(name))
     if _is_arviz(x):
-        return _from_arviz(x, spec, name)
+        return _from_arviz(x, spec, str(name))
     if isinstance(x, torch.nn.Module) and hasattr(x, "prototype_trace"):
-        return _from_guide(x, name)
+        return _from_guide(x, str(name), detach)
     if isinstance(x, torch.nn.Module):
-        return _points({k: v for k, v in x.state_dict().items()}, spec, name, "point")
+        return _points({k: v for k, v in x.state_dict().items()}, spec, name, "point", detach)
     if isinstance(x, td.Distribution):
         if layout is None:
-            raise SpecError(f"{name} is one distribution: pass layout=FlatLayout(...) to say which sites it covers")
-        return Posterior(flat=x, layout=layout, name=name, source=x)
+            raise SpecError(
+                f"{name} is one distribution over a flat vector: it needs layout=FlatLayout(...) to know its sites"
+            )
+        if not isinstance(layout, FlatLayout):
+            raise TypeError(f"layout must be a FlatLayout, got {type(layout).__name__}")
+        if tuple(x.event_shape) != (layout.dim,):
+            raise SpecError(
+                f"{name} has event shape {tuple(x.event_shape)}, the layout needs ({layout.dim},) (its sites "
+                f"{sorted(layout.shapes)})"
+            )
+        return Posterior(flat=x, layout=layout, name=str(name), source=x)
     if isinstance(x, Iterator) or (isinstance(x, (list, tuple)) and x and all(_is_pair(e) for e in x)):
         x = dict(x)  # named_parameters()
     if isinstance(x, Mapping):
-        return _from_mapping(x, spec, name, leading)
-    raise TypeError(
-        f"{name} is a {type(x).__name__}: expected a fitted Pyro autoguide, a train_runs result, a mapping "
-        "site -> (loc, scale) / Distribution / Tensor, a state dict or named_parameters(), a Pyro MCMC, or an "
-        "ArviZ DataTree / InferenceData / Dataset"
+        return _from_mapping(x, spec, name, leading, detach)
+    raise PosteriorFormError(
+        f"{name} must be a fitted Pyro autoguide, a train_runs result, a mapping site -> (loc, scale) / "
+        "Distribution / Tensor, a state dict or named_parameters(), a Pyro MCMC, or an ArviZ DataTree / "
+        f"InferenceData / Dataset; got a {type(x).__name__}"
     )
 
 
@@ -110,7 +162,7 @@ def _is_pair(e: Any) -> bool:
 
 
 # ----------------------------------------------------------------------------- mappings
-def _from_mapping(x: Mapping, spec: PermutationSpec | None, name: str, leading: Any) -> Posterior:
+def _from_mapping(x: Mapping, spec: PermutationSpec | None, name: _Names, leading: Any, detach: bool) -> Posterior:
     if not x:
         raise SpecError(f"{name} is an empty mapping: it needs at least one site")
     kinds = {k: _kind(k, v, name) for k, v in x.items()}
@@ -121,27 +173,40 @@ def _from_mapping(x: Mapping, spec: PermutationSpec | None, name: str, leading: 
             "use one form for all sites"
         )
     if next(iter(kinds.values())) == "tensor":
-        return _points(dict(x), spec, name, leading)
+        return _points(dict(x), spec, name, leading, detach)
+    pairs = {k: v for k, v in x.items() if not isinstance(v, td.Distribution)}
+    check_devices({name.tensor(k, part): t for k, v in pairs.items() for part, t in zip(("loc", "scale"), v)})
     dists = {}
     for k, v in x.items():
         if isinstance(v, td.Distribution):
             dists[k] = v
             continue
-        loc, scale = v
-        label = f"{name}[{k!r}]"
-        check_devices({f"{label} loc": loc, f"{label} scale": scale})
-        if not (loc.is_floating_point() and scale.is_floating_point()):
-            raise TypeError(f"{label}: loc and scale must be floating point, got {loc.dtype} and {scale.dtype}")
-        loc, scale = check_finite(f"{label} loc", loc.detach()), check_finite(f"{label} scale", scale.detach())
-        if loc.shape != scale.shape:
-            raise SpecError(f"{label}: loc has shape {tuple(loc.shape)} but scale has {tuple(scale.shape)}")
-        if bool((scale < 0).any()):
-            raise ValueError(f"{label}: scale has negative entries")
-        dists[k] = dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
-    return Posterior(dists=dists, name=name, source=x)
+        dists[k] = _normal(k, *v, name, detach)
+    return Posterior(dists=dists, name=str(name), source=x)
 
 
-def _kind(k: str, v: Any, name: str) -> str:
+def _normal(k: str, loc: torch.Tensor, scale: torch.Tensor, name: _Names, detach: bool) -> td.Distribution:
+    """The Normal of a ``(loc, scale)`` pair, checked (errors name the site and the part)."""
+    if not (loc.is_floating_point() and scale.is_floating_point()):
+        raise TypeError(
+            f"site {k!r} of {name}: loc and scale must be floating point, got {loc.dtype} and {scale.dtype}"
+        )
+    check_finite(name.tensor(k, "loc"), loc)
+    check_finite(name.tensor(k, "scale"), scale)
+    if loc.dtype != scale.dtype:
+        raise TypeError(
+            f"{name.tensor(k, 'loc')} is {loc.dtype} but {name.tensor(k, 'scale')} is {scale.dtype}; use one dtype"
+        )
+    if loc.shape != scale.shape:
+        raise SpecError(f"site {k!r} of {name}: loc has shape {tuple(loc.shape)} but scale has {tuple(scale.shape)}")
+    if bool((scale.detach() < 0).any()):
+        raise SpecError(f"site {k!r} of {name}: scale has negative entries (a standard deviation is >= 0)")
+    if detach:
+        loc, scale = loc.detach(), scale.detach()
+    return dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
+
+
+def _kind(k: str, v: Any, name: _Names) -> str:
     if torch.is_tensor(v):
         return "tensor"
     if isinstance(v, td.Distribution):
@@ -154,25 +219,31 @@ def _kind(k: str, v: Any, name: str) -> str:
     )
 
 
-def _points(x: dict, spec: PermutationSpec | None, name: str, leading: Any) -> Posterior:
+def _points(x: dict, spec: PermutationSpec | None, name: _Names, leading: Any, detach: bool = True) -> Posterior:
     """Tensors: a point, or draws, by the spec's shapes or ``leading``."""
-    check_devices({f"{name}[{k!r}]": v for k, v in x.items()})
-    x = {k: v.detach() for k, v in x.items()}
+    check_devices({name.tensor(k): v for k, v in x.items()})
+    if detach:
+        x = {k: v.detach() for k, v in x.items()}
     for k, v in x.items():
-        if v.is_floating_point():
-            check_finite(f"{name}[{k!r}]", v)
+        check_finite(name.tensor(k), v)
     extra = _leading_dims(x, spec, name, leading)
     if extra == 0:
-        return Posterior(dists={k: dist.Delta(v, event_dim=v.dim()) for k, v in x.items()}, name=name, source=x)
+        return Posterior(dists={k: _delta(v) for k, v in x.items()}, name=str(name), source=x)
     draws = {}
     for k, v in x.items():
         if extra == 3:  # (draw, 1, *shape): Predictive's plate dim
             v = v.squeeze(1)
-        draws[k] = v if extra == 2 else v.unsqueeze(0)
-    return Posterior(draws=draws, name=name, source=x)
+        draws[k] = (v if extra == 2 else v.unsqueeze(0)).detach()
+    return Posterior(draws=draws, name=str(name), source=x)
 
 
-def _leading_dims(x: Mapping[str, torch.Tensor], spec: PermutationSpec | None, name: str, leading: Any) -> int:
+def _delta(v: torch.Tensor) -> dist.Delta:
+    """A point mass at ``v`` (its log-density made from ``v`` itself: no device lookup)."""
+    dtype = v.dtype if v.is_floating_point() else torch.get_default_dtype()
+    return dist.Delta(v, log_density=v.new_zeros((), dtype=dtype), event_dim=v.dim())
+
+
+def _leading_dims(x: Mapping[str, torch.Tensor], spec: PermutationSpec | None, name: _Names, leading: Any) -> int:
     """0 (a point), 1 ``(draw,)``, 2 ``(chain, draw)`` or 3 ``(draw, 1)`` (Predictive)."""
     if leading is not None:
         if leading not in DRAW_DIMS:
@@ -186,7 +257,7 @@ def _leading_dims(x: Mapping[str, torch.Tensor], spec: PermutationSpec | None, n
     for s in known:
         have, want = tuple(x[s].shape), tuple(shapes[s])
         if len(have) < len(want) or have[len(have) - len(want) :] != want:
-            raise SpecError(f"{name}[{s!r}] has shape {have}, the spec expects (..., {', '.join(map(str, want))})")
+            raise SpecError(f"{name.tensor(s)} has shape {have}, the spec expects (..., {', '.join(map(str, want))})")
         found[s] = have[: len(have) - len(want)]
     lead = set(found.values())
     if len(lead) > 1:
@@ -233,46 +304,50 @@ def _user_model(guide: Any) -> Any:
     return model
 
 
-def _from_guide(guide: Any, name: str) -> Posterior:
+def _from_guide(guide: Any, name: str, detach: bool = True) -> Posterior:
     ag = _autoguide()
     base = getattr(guide, "guide", None)
     if base is not None and hasattr(guide, "symmetry_base") and isinstance(base, torch.nn.Module):
-        return _from_guide(base, name)  # Symmetrize(guide): its q
+        return _from_guide(base, name, detach)  # Symmetrize(guide): its q
     if isinstance(guide, ag.AutoGuideList):
-        return _from_guide_list(guide, name)
+        return _from_guide_list(guide, name, detach)
     if getattr(guide, "prototype_trace", None) is None:
         raise SpecError(
             f"{name} ({type(guide).__name__}) is not fitted: it has not traced the model yet "
             "(run at least one SVI step or call the guide once)"
         )
     model = _user_model(guide)
-    with torch.no_grad():
+    # A guide's unconstrained parameters are leaves that require grad (even under no_grad):
+    # detach explicitly unless the caller wants the live graph.
+    keep = (lambda t: t.detach()) if detach else (lambda t: t)
+    with torch.no_grad() if detach else contextlib.nullcontext():
         if isinstance(guide, ag.AutoDelta):
-            values = {k: v.detach() for k, v in guide.median().items()}
-            dists = {k: dist.Delta(v, event_dim=v.dim()) for k, v in values.items()}
+            values = {k: keep(v) for k, v in guide.median().items()}
+            dists = {k: _delta(v) for k, v in values.items()}
             return Posterior(dists=dists, model=model, name=name, source=guide)
         if isinstance(guide, ag.AutoNormal):
             dists = {}
             for k in guide.prototype_trace.nodes:
                 if k in guide._event_dims:
-                    loc, scale = (t.detach() for t in guide._get_loc_and_scale(k))
+                    loc, scale = (keep(t) for t in guide._get_loc_and_scale(k))
                     dists[k] = dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
             return Posterior(dists=dists, transforms=_transforms(guide), model=model, name=name, source=guide)
         if isinstance(guide, ag.AutoContinuous):
             from ..estimators._base import detach_distribution
 
-            flat = detach_distribution(guide.get_posterior())
+            flat = guide.get_posterior()
+            flat = detach_distribution(flat) if detach else flat
             layout = FlatLayout.from_guide(guide)
             return Posterior(
                 flat=flat, layout=layout, transforms=_transforms(guide), model=model, name=name, source=guide
             )
-    raise TypeError(f"{name} is a {type(guide).__name__} guide, which as_posterior cannot read")
+    raise PosteriorFormError(f"{name} is a {type(guide).__name__} guide, which as_posterior cannot read")
 
 
-def _from_guide_list(guide: Any, name: str) -> Posterior:
+def _from_guide_list(guide: Any, name: str, detach: bool = True) -> Posterior:
     dists, transforms = {}, {}
     for i, part in enumerate(guide):
-        p = _from_guide(part, f"{name}[{i}]")
+        p = _from_guide(part, f"{name}[{i}]", detach)
         if p.dists is None:
             raise SpecError(
                 f"{name}[{i}] ({type(part).__name__}) is a flat (AutoContinuous) part of an AutoGuideList; "
