@@ -12,7 +12,9 @@ Checked here, in float64 and eval mode: any per-group log-scales keep the functi
 ResNets and transformers; passive entries never move; ``min_mass`` is finite, converged,
 never above the input mass, reports exactly the brute-force mass of its input and output,
 and reaches the minimum a generic optimizer (scipy L-BFGS on the brute-force mass of
-``rescale``) finds; the canonical form is the same for every element of an orbit.
+``rescale``) finds; the canonical form is the same for every element of an orbit (the
+attention's nested q/k and v groups get a sign convention per head and dim); groups on
+axis slices (concatenation) are refused by name.
 """
 
 from __future__ import annotations
@@ -169,29 +171,44 @@ def test_min_mass_equals_a_generic_optimizer_on_the_brute_force_mass(name):
     assert float(res.mass_after) == pytest.approx(opt.fun, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", RESNETS + ["batchnorm-mlp"])
+@pytest.mark.parametrize("name", RESNETS + ["batchnorm-mlp", "vit", "models.transformer"])
 def test_canonical_form_is_the_same_for_every_element_of_an_orbit(name):
-    """Random rescaling plus a random permutation of a ResNet map to one canonical form
-    (sort by incoming norm after min-mass), which computes the same function."""
+    """Random rescalings plus random group elements (signed: the attention's q/k and v dims
+    are odd under a flip of both sides) of a ResNet or transformer map to one canonical
+    form (min-mass, sign convention, sort by incoming norm), batched, with the same function."""
     _, _, spec, state = _setup(name)
     gen = torch.Generator().manual_seed(1)
-    u = {k: torch.randn(spec.unit_shape(k), generator=gen, dtype=torch.float64) for k in _scalable(spec)}
-    moved = spec.apply(ps.rescale(state, spec, u), spec.sample(generator=gen))
+    u = {k: torch.randn((2, *spec.unit_shape(k)), generator=gen, dtype=torch.float64) for k in _scalable(spec)}
+    moved = spec.apply(ps.rescale(state, spec, u), spec.sample((2,), generator=gen))
     a = ps.canonicalize(state, spec, permutation="sort")
     b = ps.canonicalize(moved, spec, permutation="sort")
     for s in spec.sites:
-        assert torch.allclose(a.params[s], b.params[s], rtol=1e-6, atol=1e-9), s
+        assert b.params[s].shape[0] == 2
+        assert torch.allclose(a.params[s].expand_as(b.params[s]), b.params[s], rtol=1e-6, atol=1e-9), s
     y0 = _out(name, state)
     assert torch.allclose(_out(name, a.params), y0, rtol=1e-9, atol=1e-9 * float(y0.abs().max()))
+    for k in spec.groups:
+        assert tuple(b.permutation[k].shape) == (2, *spec.unit_shape(k))
 
 
 @pytest.mark.parametrize("name", ["vit", "models.transformer"])
-def test_canonicalize_refuses_nested_head_groups_by_name(name):
-    """The sign convention of the attention's nested q/k and v groups is not implemented:
-    a SpecError naming the group, never a silently wrong form."""
+def test_sign_convention_of_nested_attention_groups(name):
+    """Each (head, dim) of the q/k and v groups gets its own flip: flipping any of them keeps
+    the function, and the convention undoes any flips (outgoing sums positive afterwards)."""
     _, _, spec, state = _setup(name)
-    with pytest.raises(ps.SpecError, match=r"group '.*attn\.(qk|v)' is nested"):
-        ps.canonicalize(state, spec, permutation="sort")
+    signed = [k for k, g in spec.groups.items() if g.signed]
+    assert signed and all(len(spec.unit_shape(k)) == 2 for k in signed)
+    gen = torch.Generator().manual_seed(2)
+    flips = {k: torch.rand(spec.unit_shape(k), generator=gen) < 0.5 for k in signed}
+    flipped = ps.flip_signs(state, spec, flips)
+    y0 = _out(name, state)
+    assert torch.allclose(_out(name, flipped), y0, rtol=1e-9, atol=1e-9 * float(y0.abs().max()))
+    a = ps.flip_signs(state, spec, ps.sign_convention(state, spec))
+    b = ps.flip_signs(flipped, spec, ps.sign_convention(flipped, spec))
+    for s in spec.sites:
+        assert torch.equal(a[s], b[s]), s
+    with pytest.raises(ps.SpecError, match=r"expected \(\*batch, \d+, \d+\)"):
+        ps.flip_signs(state, spec, {signed[0]: torch.zeros(spec.unit_shape(signed[0])[-1], dtype=torch.bool)})
 
 
 def test_min_mass_on_a_float32_resnet_reports_the_brute_force_mass():

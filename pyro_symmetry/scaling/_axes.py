@@ -10,17 +10,19 @@ from typing import NamedTuple
 
 import torch
 
-from ..groups import NeuronGroup, PermutationSpec, SpecError
+from ..groups import NeuronGroup, PermutationSpec, SiteAction, Span, SpecError
 
 __all__ = [
     "SiteAxis",
     "check_group_tensors",
     "detached",
+    "group_spans",
     "groups_with",
     "reduce_squares",
     "site_axes",
     "split_event",
     "symmetry_name",
+    "unit_rows",
 ]
 
 
@@ -49,6 +51,33 @@ def groups_with(spec: PermutationSpec, symmetry: str) -> list[str]:
     return [k for k, g in spec.groups.items() if symmetry_name(g) == symmetry]
 
 
+def group_spans(spec: PermutationSpec, name: str, role: str) -> list[tuple[SiteAction, Span]]:
+    """``(action, span)`` for every span of group ``name`` with ``role`` (``"incoming"``,
+    ``"outgoing"``), in the order the group declares its axes."""
+    out = []
+    seen: set[str] = set()
+    for r, ax in spec.groups[name].roles():
+        if r != role or ax.site in seen:
+            continue
+        seen.add(ax.site)
+        action = spec.action(ax.site)
+        out += [(action, span) for span in action.spans_of(name) if span.role == role]
+    return out
+
+
+def unit_rows(x: torch.Tensor, action: SiteAction, span: Span) -> torch.Tensor:
+    """The entries of ``x`` on one span, one row per unit: ``(*batch, *span.shape, m)``.
+
+    Row ``i`` holds the unit's ``inner`` entries along the span's axis, then the other
+    axes in order (the layout sort keys index, e.g. ``int`` keys of
+    :func:`~pyro_symmetry.scaling.sort_permutation`).
+    """
+    nb = x.dim() - action.event_ndim
+    ax = nb + span.axis
+    part = x.narrow(ax, span.start, span.length).movedim(ax, nb)
+    return part.reshape(tuple(x.shape[:nb]) + tuple(span.shape) + (-1,))
+
+
 def site_axes(spec: PermutationSpec, groups: list[str] | tuple[str, ...]) -> dict[str, tuple[int, list[SiteAxis]]]:
     """``site -> (event_ndim, [SiteAxis])`` for every site one of ``groups`` scales.
 
@@ -61,28 +90,20 @@ def site_axes(spec: PermutationSpec, groups: list[str] | tuple[str, ...]) -> dic
     ------
     SpecError
         If one of ``groups`` acts on a slice of an axis or is nested in another group:
-        rescaling, min-mass and sign conventions need each group to own whole axes.
+        rescaling and min-mass need each group to own whole axes.
     """
     out: dict[str, tuple[int, list[SiteAxis]]] = {}
     for name in groups:
-        seen: set[tuple[str, str]] = set()
-        for role, ax in spec.groups[name].roles():
-            if role == "passive" or (ax.site, role) in seen:
-                continue
-            seen.add((ax.site, role))
-            action = spec.action(ax.site)
-            for span in action.spans_of(name):
-                if span.role != role:
-                    continue
+        for role, direction in (("incoming", 1), ("outgoing", -1)):
+            for action, span in group_spans(spec, name, role):
                 if not span.whole or len(span.shape) != 1:
                     where = f"entries [{span.start}, {span.stop}) of axis {span.axis - action.event_ndim}"
                     what = "is nested in another group" if len(span.shape) != 1 else f"acts on {where}"
                     raise SpecError(
-                        f"group {name!r} {what} of site {ax.site!r}: rescaling, min-mass and sign conventions "
-                        "support only groups that own whole axes"
+                        f"group {name!r} {what} of site {action.site!r}: rescaling and min-mass support only "
+                        "groups that own whole axes"
                     )
-                direction = 1 if role == "incoming" else -1
-                entry = out.setdefault(ax.site, (action.event_ndim, []))
+                entry = out.setdefault(action.site, (action.event_ndim, []))
                 entry[1].append(SiteAxis(span.axis, span.inner, name, direction))
     return out
 
@@ -105,8 +126,10 @@ def check_group_tensors(
                 f"not {kind} and this transformation would change the network's function"
             )
         v = torch.as_tensor(v)
-        if v.dim() == 0 or v.shape[-1] != g.size:
-            raise SpecError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected (*batch, {g.size})")
+        shape = spec.unit_shape(k)
+        if v.dim() < len(shape) or tuple(v.shape[v.dim() - len(shape) :]) != shape:
+            want = ", ".join(map(str, shape))
+            raise SpecError(f"{what}[{k!r}] has shape {tuple(v.shape)}, expected (*batch, {want})")
         out[k] = v
     return out
 

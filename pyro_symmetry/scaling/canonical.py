@@ -25,7 +25,7 @@ import torch
 from .._validation import check_devices, check_int, check_params, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..posterior import point_params
-from ._axes import detached, groups_with, site_axes
+from ._axes import detached, group_spans, groups_with, unit_rows
 from .minimum_mass import min_mass
 from .rescaling import mass_of_site
 from .signs import flip_signs, sign_convention
@@ -64,42 +64,40 @@ class CanonicalForm(NamedTuple):
 
 
 def _incoming_rows(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> list[torch.Tensor]:
-    """Each incoming site of ``group`` as ``(*batch, n, -1)`` (one row per neuron)."""
-    rows = []
-    for site, (nd, axes) in site_axes(spec, [group]).items():
-        for a in axes:
-            if a.direction != 1:
-                continue
-            x = params[site]
-            nb = x.dim() - nd
-            moved = x.movedim(nb + a.axis, nb)
-            rows.append(moved.reshape(tuple(x.shape[:nb]) + (spec.groups[group].size, -1)))
-    return rows
+    """Each incoming span of ``group`` as ``(*batch, *unit_shape, m)`` (one row per unit)."""
+    return [unit_rows(params[a.site], a, span) for a, span in group_spans(spec, group, "incoming")]
 
 
-def _incoming_norm(rows: list[torch.Tensor]) -> torch.Tensor:
-    """``sqrt(sum of squared incoming entries)`` per neuron, in float64 and scaled per
-    sample by a power of two: weights around ``1e20`` (whose squares overflow float32)
-    or ``1e-25`` (whose squares underflow it) are ordered as exactly as weights near 1."""
-    big = functools.reduce(torch.maximum, [r.detach().abs().amax((-2, -1)).double() for r in rows])
-    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[..., None, None]
+def _incoming_norm(rows: list[torch.Tensor], k: int) -> torch.Tensor:
+    """``sqrt(sum of squared incoming entries)`` per unit (``k`` unit dims), in float64 and
+    scaled per sample by a power of two: weights around ``1e20`` (whose squares overflow
+    float32) or ``1e-25`` (whose squares underflow it) are ordered as exactly as weights near 1."""
+    dims = tuple(range(-k - 1, 0))
+    big = functools.reduce(torch.maximum, [r.detach().abs().amax(dims).double() for r in rows])
+    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[(...,) + (None,) * (k + 1)]
     return sum(torch.ldexp(r.double(), -e).square().sum(-1) for r in rows).sqrt()
 
 
 def _sort_key(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str, key: SortKey) -> torch.Tensor:
+    shape = spec.unit_shape(group)
     if callable(key):
         values = key(params, spec, group)
-        if not isinstance(values, torch.Tensor) or values.dim() == 0 or values.shape[-1] != spec.groups[group].size:
+        if (
+            not isinstance(values, torch.Tensor)
+            or values.dim() < len(shape)
+            or tuple(values.shape[values.dim() - len(shape) :]) != shape
+        ):
+            want = ", ".join(map(str, shape))
             raise SpecError(
                 f"sort_key returned {getattr(values, 'shape', type(values))} for group {group!r}; expected a tensor "
-                f"(*batch, {spec.groups[group].size})"
+                f"(*batch, {want})"
             )
         return values
     rows = _incoming_rows(params, spec, group)
     if not rows:
         raise SpecError(f"group {group!r} has no incoming axes to read a sort key from")
     if key == "incoming_norm":
-        return _incoming_norm(rows)
+        return _incoming_norm(rows, len(shape))
     if isinstance(key, int) and not isinstance(key, bool):
         row = rows[0]
         if not -row.shape[-1] <= key < row.shape[-1]:
@@ -135,11 +133,12 @@ def sort_permutation(
         incoming weight (Laurent et al. sort by one chosen incoming weight). A
         callable ``key(params, spec, group) -> Tensor (*batch, n)``.
     groups : list of str, optional
-        Default: every group.
+        Default: every group. A nested group (attention dims within heads) is sorted
+        within each slot of its parent, after the parent: list parents first.
 
     Returns
     -------
-    dict ``group -> LongTensor (*batch, n)``
+    dict ``group -> LongTensor (*batch, *unit_shape)``
         (Not differentiable: inputs that require grad are read as values.)
         ``spec.apply(params, perm)`` has each group's keys in descending order (a
         stable sort: ties keep their order, so sorted input maps to the identity).
@@ -158,14 +157,14 @@ def sort_permutation(
     current = dict(params)
     perm: dict[str, torch.Tensor] = {}
     device = next(v.device for v in params.values() if isinstance(v, torch.Tensor))
+    identity = spec.identity(device=device)
     for g in groups:
         values = _sort_key(current, spec, g, key)
         perm[g] = torch.sort(values, dim=-1, descending=True, stable=True).indices
         if g != groups[-1]:
-            step = {k: perm[k] if k == g else torch.arange(n, device=device) for k, n in spec.sizes.items()}
-            current = spec.apply(current, step)
-    for k, n in spec.sizes.items():
-        perm.setdefault(k, torch.arange(n, device=device))
+            current = spec.apply(current, {**identity, g: perm[g]})
+    for k, v in identity.items():
+        perm.setdefault(k, v)
     return perm
 
 
@@ -248,10 +247,11 @@ def canonicalize(
     and running statistics *passive*, so they are only permuted, never rescaled or
     sign-flipped; the channel's scale is fixed on the norm's affine weight and bias and
     the next layers' columns (see :func:`~pyro_symmetry.scaling.min_mass`). Every element
-    of a ResNet's orbit (rescaling and permutation) maps to one canonical form
-    (``tests/test_scaling_norms.py``). Nested groups (attention heads' q/k and v
-    dimensions) have no sign convention yet: a spec with a signed nested group raises a
-    :class:`SpecError` naming it when ``scaling=True``.
+    of a ResNet's or a transformer's orbit (rescaling, signed permutation) maps to one
+    canonical form (``tests/test_scaling_norms.py``). Nested groups (the q/k and v
+    dimensions of each attention head) get the sign convention per (head, dim) and are
+    sorted within each head slot after the heads are sorted; groups acting on slices of
+    an axis (fused q/k/v heads) are sorted by the norm of all their slices.
 
     Applying ``canonicalize`` to its own output changes nothing (idempotent): min-mass
     and the sign convention are idempotent, a sorted network is its own sort, and an
@@ -338,9 +338,9 @@ def canonicalize(
         x, perm, ref_out = _align(x, spec, reference, scaling, sort_key, options, seed, max_sweeps)
     else:
         perm = {}
-    for k, n in spec.sizes.items():
+    for k, v in spec.identity(device=device).items():
         if k not in perm:
-            perm[k] = torch.arange(n, device=device).expand(tuple(batch) + (n,))
+            perm[k] = v.expand(tuple(batch) + tuple(v.shape))
     return CanonicalForm(params=x, log_scales=log_scales, signs=signs, permutation=perm, reference=ref_out)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .._validation import check_devices, check_mapping, check_spec
 from ..groups import PermutationSpec, SpecError, encode_signed
-from ._axes import check_group_tensors, detached, groups_with, site_axes
+from ._axes import check_group_tensors, detached, group_spans, groups_with, unit_rows
 
 __all__ = ["flip_signs", "sign_convention"]
 
@@ -50,9 +50,11 @@ def flip_signs(
     ----------
     params : mapping ``site -> Tensor (*batch_w, *site_shape)``
     spec : PermutationSpec
-    signs : mapping ``group -> Tensor (*batch_s, n)``
+    signs : mapping ``group -> Tensor (*batch_s, *unit_shape)``
         A bool mask (``True``: negate the neuron) or a ``+-1`` tensor (``-1``:
-        negate) for some or all groups with ``activation_symmetry == "sign"``.
+        negate) for some or all groups with ``activation_symmetry == "sign"``
+        (:attr:`NeuronGroup.signed`); ``unit_shape`` is ``(n,)``, or ``(H, n)`` for a
+        group nested in a parent of size H (one flip per head and dim).
 
     Returns
     -------
@@ -87,34 +89,29 @@ def flip_signs(
             flips = _as_flips(k, signs[k]).to(device)
             element[k] = encode_signed(ar.expand(flips.shape), flips)
         else:
-            element[k] = ar
+            element[k] = ar.expand(spec.unit_shape(k))
     return spec.apply(params, element)
 
 
 def _outgoing_sums(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> torch.Tensor:
-    """Sum of every outgoing entry of each neuron of ``group``: ``(*batch, n)``, float64.
+    """Sum of every outgoing entry of each unit of ``group``: ``(*batch, *unit_shape)``, float64
+    (``unit_shape`` is ``(n,)``, or ``(H, n)`` for a group nested in a parent of size H).
 
     Only the sign is used, so each sample is scaled by a power of two (exact) that
     brings its largest outgoing entry near 1: float32 weights near their largest value
     would otherwise sum to ``+-Inf`` or ``Inf - Inf = NaN`` and pick arbitrary signs.
     """
-    parts = []  # each ``(*batch_i, rest, n)``: a site's outgoing entries, the neuron axis last
-    for site, (nd, axes) in site_axes(spec, [group]).items():
-        for a in axes:
-            if a.direction != -1:
-                continue
-            x = params[site].double()
-            nb = x.dim() - nd
-            moved = x.movedim(nb + a.axis, -1)
-            blocks = moved.reshape(moved.shape[:-1] + (-1, a.inner)).movedim(-2, -1)
-            parts.append(blocks.flatten(nb, -2))
+    # each ``(*batch_i, *unit_shape, m)``: a span's outgoing entries, one row per unit
+    parts = [unit_rows(params[a.site].double(), a, span) for a, span in group_spans(spec, group, "outgoing")]
     if not parts:
         return None
-    big = functools.reduce(torch.maximum, [p.abs().amax((-2, -1)) for p in parts])
-    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[..., None, None]
+    k = len(spec.unit_shape(group))
+    dims = tuple(range(-k - 1, 0))
+    big = functools.reduce(torch.maximum, [p.abs().amax(dims) for p in parts])
+    e = torch.frexp(big).exponent.masked_fill(big == 0, 0)[(...,) + (None,) * (k + 1)]
     total = None
     for p in parts:
-        s = torch.ldexp(p, -e).sum(-2)
+        s = torch.ldexp(p, -e).sum(-1)
         total = s if total is None else total + s
     return total
 
@@ -142,7 +139,7 @@ def sign_convention(
 
     Returns
     -------
-    dict ``group -> BoolTensor (*batch, n)``
+    dict ``group -> BoolTensor (*batch, *unit_shape)``
         ``True`` where the neuron must be flipped; apply with :func:`flip_signs`. The
         sums are formed in float64 after scaling each sample by a power of two, so the
         signs are right at any magnitude (float32 weights near ``3e38`` included).
@@ -154,7 +151,7 @@ def sign_convention(
     if isinstance(groups, str):
         raise TypeError(f"groups must be a list of group names, got {groups!r}")
     groups = groups_with(spec, "sign") if groups is None else list(groups)
-    check_group_tensors(spec, {k: torch.zeros(spec.groups[k].size) for k in groups}, "sign", "groups")
+    check_group_tensors(spec, {k: torch.zeros(spec.unit_shape(k)) for k in groups}, "sign", "groups")
     current = dict(params)
     flips: dict[str, torch.Tensor] = {}
     # Visit groups against the direction of the network; repeat until no group changes
