@@ -29,10 +29,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "pyro_symmetry"
 
 # Bottom to top, as in docs/architecture.md ("posterior" is the posteriors/ package and the
-# posterior.py module that re-exports it; "_runs" is a private helper of training that only
-# uses _state; the package root and ``testing`` (helpers for users' tests) sit on top).
+# posterior.py module that re-exports it; "_runs" and "_executors" are private helpers of
+# training and collections that import only _state or nothing; the package root and
+# ``testing`` (helpers for users' tests) sit on top). A new top-level module must be added.
 LAYERS: list[set[str]] = [
-    {"_validation", "_state", "_runs"},
+    {"_validation", "_state", "_runs", "_executors"},
     {"groups"},
     {"models"},
     {"posterior", "posteriors"},
