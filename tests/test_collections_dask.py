@@ -86,7 +86,31 @@ def test_in_memory_runs_are_shipped_to_workers(client, files, tmp_path):
 def test_streamed_rhat_computed_by_the_cluster(client, files):
     coll = pc.from_files(files / "ck_*.pt", SPEC)
     local = dc.rhat_ess(coll, chains=2)
-    with client.as_current():  # dask arrays computed by the workers (they read the files)
-        remote = dc.rhat_ess(coll, chains=2, max_bytes=2 * 6 * 64 * 20)
+    tree = ps.diagnostics.to_inference_data(coll, chains=2)
+    with client.as_current(), distributed.get_task_stream(client) as stream:
+        remote = dc.rhat_ess(tree, max_bytes=2 * 6 * 64 * 20)  # the workers read the files
+        moments = dc.posterior_moments(tree)
     for v in local.rhat:
         assert np.array_equal(remote.rhat[v], local.rhat[v], equal_nan=True)
+    np.testing.assert_allclose(moments["fc1.weight"][0], dc.posterior_moments(coll)["fc1.weight"][0], rtol=1e-12)
+    assert any(t["key"][0].startswith("collection-") for t in stream.data if isinstance(t["key"], tuple))
+
+
+def test_corrupt_file_on_a_worker_is_named_and_a_rerun_resumes(client, files, tmp_path):
+    src = tmp_path / "ckpts"
+    src.mkdir()
+    for p in sorted(files.glob("ck_*.pt")):
+        (src / p.name).write_bytes(p.read_bytes())
+    good = (src / "ck_7.pt").read_bytes()
+    (src / "ck_7.pt").write_bytes(good[: len(good) // 3])  # truncated while being copied
+    coll = pc.from_files(src / "ck_*.pt", SPEC)
+    with pytest.raises(pc.TransformError, match=r"ck_7\.pt") as info:
+        coll.align(0, tmp_path / "out", executor=client, batch_size=2, progress=False)
+    summary = info.value.summary
+    assert (summary.processed, summary.failed) == (11, 1)
+    assert "corrupt or truncated" in summary.failures[str(src / "ck_7.pt")]
+    (src / "ck_7.pt").write_bytes(good)  # the file repaired: the same call does only what is missing
+    again = coll.align(0, tmp_path / "out", executor=client, batch_size=2, progress=False)
+    assert (again.processed, again.skipped, again.failed) == (1, 11, 0)
+    local = coll.align(0, tmp_path / "local", progress=False)
+    assert _sha(again) == _sha(local)
