@@ -212,3 +212,18 @@ def test_safetensors_and_torch_files_give_one_collection(tmp_path):
     ra = ps.diagnostics.mmd(a[:2], a[2:], num_permutations=20, sites=SPEC.sites)
     rb = ps.diagnostics.mmd(b[:2], b[2:], num_permutations=20, sites=SPEC.sites)
     assert torch.equal(ra.mmd2_grid, rb.mmd2_grid)
+
+
+def test_an_output_directory_reads_back_without_its_reference(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    centre = _network(gen)
+    for i in range(4):
+        torch.save(_network(gen, centre), tmp_path / f"m{i}.pt")
+    coll = ps.collections.from_files(tmp_path / "m*.pt", SPEC)
+    summary = coll.align("barycenter", tmp_path / "aligned", progress=False)
+    assert (tmp_path / "aligned" / "_reference.pt").exists()
+    for again in (tmp_path / "aligned", tmp_path / "aligned" / "*.pt"):  # a directory or a pattern
+        back = ps.collections.from_files(again, SPEC)
+        assert back.names == list(summary.outputs)  # the barycenter is not mixed in
+    explicit = ps.collections.from_files([tmp_path / "aligned" / "_reference.pt"], SPEC)
+    assert len(explicit) == 1  # named explicitly: read as given

@@ -267,16 +267,24 @@ class Collection:
 
 
 # ---------------------------------------------------------------------- constructors
+def _not_a_reference(path: str) -> bool:
+    """False for the ``_reference.pt`` a transform wrote next to its manifest: the reference
+    (e.g. a barycenter) of an output directory is not one of its checkpoints."""
+    folder, name = os.path.split(path)
+    return not (name == REFERENCE and os.path.exists(os.path.join(folder, MANIFEST)))
+
+
 def _expand(paths_or_glob: Any) -> list[str]:
     if isinstance(paths_or_glob, (str, os.PathLike)):
         p = os.fspath(paths_or_glob)
         if glob.has_magic(p):
-            paths = sorted(glob.glob(p, recursive=True), key=_natural)
+            paths = sorted(filter(_not_a_reference, glob.glob(p, recursive=True)), key=_natural)
             if not paths:
                 raise ValueError(f"the pattern {p!r} matches no file")
             return paths
         if os.path.isdir(p):
-            paths = sorted((os.path.join(p, f) for f in os.listdir(p) if f.endswith(_SUFFIXES)), key=_natural)
+            found = (os.path.join(p, f) for f in os.listdir(p) if f.endswith(_SUFFIXES))
+            paths = sorted(filter(_not_a_reference, found), key=_natural)
             if not paths:
                 raise ValueError(f"the directory {p!r} holds no checkpoint file ({', '.join(_SUFFIXES)})")
             return paths
@@ -305,7 +313,9 @@ def from_files(
     paths_or_glob : str, path or list of paths
         A glob pattern (``"ckpts/*.pt"``, sorted naturally: ``2`` before ``10``), a directory
         (its ``.pt``/``.pth``/``.ckpt``/``.bin``/``.safetensors`` files) or explicit paths
-        (kept in the given order).
+        (kept in the given order). A pattern or a directory leaves out the
+        ``_reference.pt`` of a transform's output directory (``from_files("aligned/",
+        spec)`` reads the aligned checkpoints, not their barycenter).
     spec : PermutationSpec
         The network's symmetry; sites it does not touch are carried along unchanged.
     key : None, str, sequence of str, mapping or callable
