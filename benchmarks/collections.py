@@ -13,6 +13,7 @@ output is identical (sha256) to the in-process one.
     python benchmarks/collections.py                         # N = 200 and 1000, align
     python benchmarks/collections.py --n 200 --ops align canonicalize
     python benchmarks/collections.py --n 200 --ops wait      # 0.1 s of waiting per checkpoint
+    python benchmarks/collections.py --n 200 --own-sessions  # workers in their own sessions (shared machine)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import argparse
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -103,15 +106,38 @@ def wait_then_copy(params):
     return params
 
 
-def run(op: str, coll, d: Path, out: Path, workers: int | None):
+def start_cluster(workers: int, own_sessions: bool):
+    """``(cluster, client, worker processes)``: a LocalCluster of ``workers`` processes, or (with
+    ``own_sessions``) a scheduler here and ``dask worker`` processes each in a session of its own.
+
+    Linux groups processes by session for CPU scheduling (``sched_autogroup``): on a machine
+    shared with other jobs the workers of a LocalCluster, all in the driver's session, share one
+    session's CPU share however many they are; workers in their own sessions get one share each,
+    as separate machines (or an idle machine) would give them."""
+    from distributed import Client, LocalCluster
+
+    if not own_sessions:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        return cluster, Client(cluster), []
+    cluster = LocalCluster(n_workers=0, processes=True, dashboard_address=None)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address, "--nthreads", "1",
+           "--no-nanny", "--no-dashboard"]  # fmt: skip
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(workers)]  # fmt: skip
+    client = Client(cluster)
+    client.wait_for_workers(workers, timeout=300)
+    return cluster, client, procs
+
+
+def run(op: str, coll, d: Path, out: Path, workers: int | None, own_sessions: bool = False):
     """``(seconds, CPU seconds of the workers (or the driver), driver peak MB, [worker peak MB], summary)``."""
     cluster = client = None
+    procs: list = []
     kw = {"progress": False}
     if workers is not None:
-        from distributed import Client, LocalCluster
-
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
+        cluster, client, procs = start_cluster(workers, own_sessions)
         client.run(_warm)
         kw.update(executor=client, num_threads=1)
 
@@ -135,6 +161,9 @@ def run(op: str, coll, d: Path, out: Path, workers: int | None):
         if client is not None:
             client.close()
             cluster.close()
+        for proc in procs:  # the worker processes this run started
+            proc.terminate()
+            proc.wait(timeout=60)
     return seconds, cpu_seconds, mem.peak / 2**20, worker_mb, summary
 
 
@@ -155,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--noise", type=float, default=0.1, help="noise std relative to each site's std")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary dir)")
     p.add_argument("--malloc-trim", action="store_true", help="keep Dask's MALLOC_TRIM_THRESHOLD_=65536 for workers")
+    p.add_argument(
+        "--own-sessions", action="store_true", help="each Dask worker in a session of its own (its own CPU share)"
+    )
     args = p.parse_args(argv)
     if not args.malloc_trim:
         import dask
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                 results, sha = {}, {}
                 for label, workers in (("in-process", None), ("dask, 1 worker", 1), ("dask, 2 workers", 2)):
                     out = d / f"out_{op}_{label.replace(' ', '').replace(',', '_')}"
-                    seconds, cpu_s, driver, wmb, summary = run(op, coll, d, out, workers)
+                    seconds, cpu_s, driver, wmb, summary = run(op, coll, d, out, workers, args.own_sessions)
                     sha[label] = {r["output"]: r["sha256"] for r in summary.records()}
                     rec = check(summary, inverse) if op == "align" else None
                     results[label] = seconds
