@@ -88,7 +88,7 @@ def test_conv_apply_in_small_chunks_equals_a_loop(monkeypatch, samples):
 
 
 def test_apply_on_a_batch_over_the_real_chunk_size():
-    """A batch of ~6 MB for the hidden-to-hidden weight: several chunks at the default
+    """A batch of ~8 MB for the hidden-to-hidden weight: several chunks at the default
     :data:`CHUNK_BYTES` (4 MB); every sample is moved by its own element."""
     hidden = [48, 48]
     spec = ps.mlp_spec(["fc1", "fc2", "fc3"], hidden, activation_symmetry="sign")

@@ -71,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="pyro-sym-explore-"))
     try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.rev], check=True, capture_output=True).stdout
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", f"{args.rev}^{{commit}}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         (tmp / "_given_only.py").write_text(_PLUGIN)
         files = args.files or _property_files(tmp)
         env = dict(os.environ, PYTHONPATH=str(tmp), HYPOTHESIS_PROFILE=args.profile)
         # -x: a failure ends the file at once, with its falsifying example printed.
         cmd = [str(PYTHON), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "_given_only"]
-        print(f"HYPOTHESIS_PROFILE={args.profile} over {len(files)} files of {args.rev}; budget {args.budget:.0f} s")
+        print(f"HYPOTHESIS_PROFILE={args.profile} over {len(files)} files of {rev}; budget {args.budget:.0f} s")
         start, rows, failed = time.perf_counter(), [], False
         for f in files:
             left = args.budget - (time.perf_counter() - start)

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             print(f"{m.name:40s} {m.path}: {m.description}")
         return 0
-    rev = _run(["git", "-C", str(REPO), "rev-parse", "--short", args.rev], text=True).stdout.strip()
+    # Resolved once: every copy is of the same commit even if the branch moves meanwhile.
+    rev = _run(["git", "-C", str(REPO), "rev-parse", "--short", f"{args.rev}^{{commit}}"], text=True).stdout.strip()
     tmp = Path(tempfile.mkdtemp(prefix="pyro-sym-mutation-"))
     print(f"mutation testing {rev} ({'full suite' if args.full else 'targeted tests'}); copies in {tmp}")
     try:
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             probe = tmp / "probe" / m.name
             (probe / Path(m.path).parent).mkdir(parents=True)
-            archive = _run(["git", "-C", str(REPO), "show", f"{args.rev}:{m.path}"], text=True).stdout
+            archive = _run(["git", "-C", str(REPO), "show", f"{rev}:{m.path}"], text=True).stdout
             (probe / m.path).write_text(archive)
             apply_patch(probe, m)
         shutil.rmtree(tmp / "probe")
@@ -318,13 +319,14 @@ def main(argv: list[str] | None = None) -> int:
 
         base = tmp / "unmutated"
         base.mkdir()
-        extract(args.rev, base, args.include)
-        missing = [t for t in tests_of(mutants) if not (base / t).exists()]
+        extract(rev, base, args.include)
+        missing = [t for t in tests_of(mutants) if not (base / t.split("::")[0]).exists()]
         if missing:
             print(f"error: test files missing at {rev}: {missing} (commit them or pass --include)")
             return 2
         code, out, secs = run_tests(base, tests_of(mutants), args.timeout, args.profile)
-        print(f"unmutated tree: exit {code} in {secs:.0f} s; {_imported_from(out)}")
+        summary = re.findall(r"^=* ?(\d+ passed.*?) in [\d.]+s", out, re.M)
+        print(f"unmutated tree: exit {code} in {secs:.0f} s ({summary[-1] if summary else '?'}); {_imported_from(out)}")
         if code != 0 or not _imported_from(out):
             print(out[-4000:])
             print("error: the unmutated tree fails its tests; aborting")
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in mutants:
             root = tmp / m.name
             root.mkdir()
-            extract(args.rev, root, args.include)
+            extract(rev, root, args.include)
             apply_patch(root, m)
             code, out, secs = run_tests(root, tests_of([m]), args.timeout, args.profile)
             where = _imported_from(out)
