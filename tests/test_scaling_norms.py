@@ -13,8 +13,9 @@ ResNets and transformers; passive entries never move; ``min_mass`` is finite, co
 never above the input mass, reports exactly the brute-force mass of its input and output,
 and reaches the minimum a generic optimizer (scipy L-BFGS on the brute-force mass of
 ``rescale``) finds; the canonical form is the same for every element of an orbit (the
-attention's nested q/k and v groups get a sign convention per head and dim); groups on
-axis slices (concatenation) are refused by name.
+attention's nested q/k and v groups get a sign convention per head and dim). DenseNet and
+U-Net concatenations make groups act on slices of the next layers' axes: those sites are
+cut into blocks on which every scaled axis is whole (``scaling._axes.pieces``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from architectures import NormMLP, ResNet18, ResNet20, ViT
+from architectures import DenseNetTiny, NormMLP, ResNet18, ResNet20, UNetTiny, ViT
 from hypothesis import given, settings
 from scipy.optimize import minimize
 from strategies import seeds
@@ -44,7 +45,12 @@ ARCHS = {
     "models.transformer": (lambda: transformer(4, 5, 3), (3, 4, 5)),
     "batchnorm-mlp": (lambda: NormMLP(norm="batch"), (5, 3)),
     "layernorm-mlp": (lambda: NormMLP(norm="layer"), (5, 3)),
+    # concatenation: groups act on slices of the next BatchNorm / conv / linear's axes
+    "densenet-bn": (lambda: DenseNetTiny(batchnorm=True), (3, 2, 6, 6)),
+    "densenet": (lambda: DenseNetTiny(), (3, 2, 6, 6)),
+    "unet": (lambda: UNetTiny(), (2, 2, 8, 8)),
 }
+NO_PASSIVE = {"models.resnet-nonorm", "layernorm-mlp", "densenet", "unet"}  # no norm right after a layer
 RESNETS = ["resnet20", "resnet18", "models.resnet", "models.resnet-nonorm"]
 
 
@@ -118,7 +124,7 @@ def test_passive_entries_are_never_rescaled(name):
                 checked += 1
             elif roles & {"incoming", "outgoing"}:
                 assert not torch.equal(new[site], state[site]), (g, site)
-    if name not in ("models.resnet-nonorm", "layernorm-mlp"):
+    if name not in NO_PASSIVE:
         assert checked, f"{name}: no passive axis found (the spec should mark the pre-norm rows passive)"
 
 
@@ -148,7 +154,7 @@ def test_min_mass_reports_the_brute_force_mass_and_keeps_the_function(name):
             assert torch.equal(res.params[s], state[s]), s
 
 
-@pytest.mark.parametrize("name", ["resnet20", "models.resnet-nonorm", "vit"])
+@pytest.mark.parametrize("name", ["resnet20", "models.resnet-nonorm", "vit", "densenet-bn", "unet"])
 def test_min_mass_equals_a_generic_optimizer_on_the_brute_force_mass(name):
     """scipy L-BFGS on ``sum of squares of rescale(state, spec, u)`` (autograd gradient)
     finds no lower mass than ``min_mass``, and ``min_mass`` matches its minimum."""
@@ -171,7 +177,7 @@ def test_min_mass_equals_a_generic_optimizer_on_the_brute_force_mass(name):
     assert float(res.mass_after) == pytest.approx(opt.fun, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", RESNETS + ["batchnorm-mlp", "vit", "models.transformer"])
+@pytest.mark.parametrize("name", RESNETS + ["batchnorm-mlp", "vit", "models.transformer", "densenet-bn", "unet"])
 def test_canonical_form_is_the_same_for_every_element_of_an_orbit(name):
     """Random rescalings plus random group elements (signed: the attention's q/k and v dims
     are odd under a flip of both sides) of a ResNet or transformer map to one canonical
@@ -222,16 +228,24 @@ def test_min_mass_on_a_float32_resnet_reports_the_brute_force_mass():
     assert float(res.mass_after) <= float(res.mass_before)
 
 
-def test_sliced_scale_groups_are_refused_by_name():
-    """A DenseNet-style concatenation makes the BatchNorm after it act on slices of two
-    groups: min_mass / rescale say so (naming group and site) instead of scaling wrong entries."""
-    from architectures import DenseNetTiny
-
-    net = DenseNetTiny(batchnorm=True).double().eval()
-    spec = ps.PermutationSpec.from_module(net)
-    state = {k: v.detach() for k, v in {**dict(net.named_parameters()), **dict(net.named_buffers())}.items()}
-    with pytest.raises(ps.SpecError, match=r"group '.*' acts on entries \[\d+, \d+\) of axis -?\d+ of site '.*'"):
-        ps.min_mass(state, spec)
-    sliced = "convs.0"
-    with pytest.raises(ps.SpecError, match=f"group '{sliced}' acts on entries"):
-        ps.rescale(state, spec, {sliced: torch.zeros(spec.groups[sliced].size, dtype=torch.float64)})
+def test_batched_differentiable_rescale_of_sliced_sites():
+    """Per-sample log-scales on a DenseNet (sites cut at the concatenation) equal one
+    sample at a time, and gradients reach every input entry that is scaled."""
+    _, _, spec, state = _setup("densenet-bn")
+    gen = torch.Generator().manual_seed(4)
+    u = {k: torch.randn(3, spec.groups[k].size, generator=gen, dtype=torch.float64) for k in _scalable(spec)}
+    params = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in state.items()}
+    new = ps.rescale(params, spec, u)
+    scaled = [s for s in spec.sites if new[s].dim() > state[s].dim()]  # the others pass through
+    assert {"norms.1.weight", "convs.1.weight", "fc.weight"} <= set(scaled)
+    for i in range(3):
+        one = ps.rescale(state, spec, {k: v[i] for k, v in u.items()})
+        for s in scaled:
+            assert torch.allclose(new[s][i], one[s], rtol=1e-14, atol=0), (s, i)
+    sum(new[s].sum() for s in scaled).backward()
+    for s in scaled:
+        expect = sum(
+            ps.rescale({**state, s: torch.ones_like(state[s])}, spec, {k: v[i] for k, v in u.items()})[s]
+            for i in range(3)
+        )
+        assert torch.allclose(params[s].grad, expect, rtol=1e-12), s

@@ -5,7 +5,8 @@ the sign convention. Read only through the spec's group-action interface
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -18,6 +19,8 @@ __all__ = [
     "detached",
     "group_spans",
     "groups_with",
+    "narrow",
+    "pieces",
     "reduce_squares",
     "site_axes",
     "split_event",
@@ -33,6 +36,8 @@ class SiteAxis(NamedTuple):
     inner: int  # block length (> 1 after a conv-to-linear flatten)
     group: str
     direction: int  # +1 incoming (rows, biases), -1 outgoing (next layer's columns)
+    start: int = 0  # first entry of a slice of the axis (a concatenation's part)
+    length: int | None = None  # entries of the slice; None: the group owns the whole axis
 
 
 def detached(params: Mapping[str, object]) -> dict[str, object]:
@@ -86,26 +91,68 @@ def site_axes(spec: PermutationSpec, groups: list[str] | tuple[str, ...]) -> dic
     (a conv's rows before a BatchNorm, running statistics) are never rescaled and are left
     out. Sites are listed in the order the groups first scale them.
 
+    A group acting on a slice of an axis (the channels a concatenation takes from one
+    branch) gets a :class:`SiteAxis` with ``start`` and ``length``; :func:`pieces` cuts
+    such a site into blocks on which every scaled axis is whole.
+
     Raises
     ------
     SpecError
-        If one of ``groups`` acts on a slice of an axis or is nested in another group:
-        rescaling and min-mass need each group to own whole axes.
+        If one of ``groups`` is nested in another group (nested groups have no scaling
+        symmetry; rescaling and min-mass need whole units).
     """
     out: dict[str, tuple[int, list[SiteAxis]]] = {}
     for name in groups:
         for role, direction in (("incoming", 1), ("outgoing", -1)):
             for action, span in group_spans(spec, name, role):
-                if not span.whole or len(span.shape) != 1:
-                    where = f"entries [{span.start}, {span.stop}) of axis {span.axis - action.event_ndim}"
-                    what = "is nested in another group" if len(span.shape) != 1 else f"acts on {where}"
+                if len(span.shape) != 1:
                     raise SpecError(
-                        f"group {name!r} {what} of site {action.site!r}: rescaling and min-mass support only "
-                        "groups that own whole axes"
+                        f"group {name!r} is nested in another group on site {action.site!r}: rescaling and min-mass "
+                        "support only top-level groups"
                     )
                 entry = out.setdefault(action.site, (action.event_ndim, []))
-                entry[1].append(SiteAxis(span.axis, span.inner, name, direction))
+                sliced = (span.start, span.length) if not span.whole else (0, None)
+                entry[1].append(SiteAxis(span.axis, span.inner, name, direction, *sliced))
     return out
+
+
+def pieces(event: Sequence[int], axes: list[SiteAxis]) -> list[tuple[tuple[tuple[int, int, int], ...], list[SiteAxis]]]:
+    """Cut a site into blocks on which every scaled axis is whole.
+
+    Returns ``[(ranges, axes)]``: ``ranges`` are ``(axis, start, length)`` to narrow the
+    site's event to (empty: the whole site), ``axes`` the whole-axis :class:`SiteAxis` of
+    that block (none for a block no group scales, e.g. a passive part of a concatenation).
+    A site whose groups own whole axes is one piece ``((), axes)``.
+    """
+    if all(a.length is None for a in axes):
+        return [((), list(axes))]
+    choices = []
+    for axis in dict.fromkeys(a.axis for a in axes):
+        on = sorted((a for a in axes if a.axis == axis), key=lambda a: a.start)
+        if len(on) == 1 and on[0].length is None:
+            choices.append([(None, on[0])])
+            continue
+        segs, pos = [], 0
+        for a in on:
+            if a.start > pos:
+                segs.append(((axis, pos, a.start - pos), None))
+            segs.append(((axis, a.start, a.length), a._replace(start=0, length=None)))
+            pos = a.start + a.length
+        if pos < event[axis]:
+            segs.append(((axis, pos, event[axis] - pos), None))
+        choices.append(segs)
+    out = []
+    for combo in itertools.product(*choices):
+        ranges = tuple(r for r, _ in combo if r is not None)
+        out.append((ranges, [a for _, a in combo if a is not None]))
+    return out
+
+
+def narrow(x: torch.Tensor, nd: int, ranges: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    """``x`` (``nd`` event dims) narrowed to ``ranges`` (a view)."""
+    for axis, start, length in ranges:
+        x = x.narrow(x.dim() - nd + axis, start, length)
+    return x
 
 
 def check_group_tensors(

@@ -24,6 +24,7 @@ of its incoming row (and bias, if counted) equals that of its outgoing column,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -33,9 +34,9 @@ from tqdm.auto import tqdm
 
 from .._validation import check_devices, check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, detached, groups_with, site_axes, symmetry_name
+from ._axes import SiteAxis, detached, groups_with, narrow, pieces, site_axes, symmetry_name
 from ._mass_problem import Problem, build_problem, log_coefficients, solve
-from .rescaling import mass, mass_sites, scale_site
+from .rescaling import mass, mass_of_site, mass_sites, scale_site
 
 __all__ = ["MinMassResult", "min_mass"]
 
@@ -85,8 +86,32 @@ class MinMassResult(NamedTuple):
     converged: torch.Tensor
 
 
+def _piece_table(
+    params: Mapping[str, torch.Tensor], objective: Mapping[str, tuple[int, list[SiteAxis]]]
+) -> tuple[dict, dict, list[tuple[str, int, tuple]]]:
+    """The mass sites cut into blocks on which every scaled axis is whole (sites some group
+    acts on through an axis slice, e.g. after a concatenation; other sites are one block).
+
+    Returns ``(table, cuts, fixed)``: ``key -> (event_ndim, axes)`` of the blocks rescaling
+    changes, ``key -> (site, ranges)`` to cut them from the site, and ``(site, event_ndim,
+    ranges)`` of the blocks no group scales (constant in the mass).
+    """
+    table, cuts, fixed = {}, {}, []
+    for site, (nd, axes) in objective.items():
+        x = params[site]
+        parts = pieces(x.shape[x.dim() - nd :], axes)
+        for i, (ranges, sub) in enumerate(parts):
+            key = site if len(parts) == 1 else (site, i)
+            if sub:
+                table[key], cuts[key] = (nd, sub), (site, ranges)
+            else:
+                fixed.append((site, nd, ranges))
+    return table, cuts, fixed
+
+
 def _check_table(table: Mapping[str, tuple[int, list[SiteAxis]]]) -> None:
-    for site, (_, axes) in table.items():
+    for key, (_, axes) in table.items():
+        site = key if isinstance(key, str) else key[0]
         if len(axes) > 2:
             raise SpecError(f"site {site!r} is rescaled along {len(axes)} axes; min_mass supports at most two")
         if len(axes) == 2 and axes[0].group == axes[1].group:
@@ -166,9 +191,10 @@ def min_mass(
     problem separates per channel and is solved exactly in one sweep. ``mass_before``
     and ``mass_after`` are always the sum of squares of the counted sites of the input
     and of the returned params (tested against brute force on ResNets and
-    transformers, ``tests/test_scaling_norms.py``). Groups acting on a slice of an axis
-    (concatenation skips) or nested groups are refused with a :class:`SpecError` naming
-    the group.
+    transformers, ``tests/test_scaling_norms.py``). After a concatenation (DenseNet,
+    U-Net skips) groups act on slices of the next layers' axes; such a site is cut into
+    blocks on which every scaled axis is whole, and the parts no group scales are
+    constant in the mass.
 
     **Algorithm.** Exact block coordinate descent: for one neuron, with its neighbours
     fixed, the mass is ``P e^{2u} + Q e^{-2u} + const``, minimized in closed form by
@@ -225,8 +251,7 @@ def min_mass(
     Raises
     ------
     SpecError
-        If the spec has no ``"scale"`` group, a site is missing, or a ``"scale"`` group
-        acts on a slice of an axis or is nested.
+        If the spec has no ``"scale"`` group or a site is missing.
     ValueError
         If a weight is NaN/Inf, a tensor is on the meta device or the tensors are on
         different devices, or a sample cannot be represented even in float64 (weights
@@ -271,7 +296,8 @@ def min_mass(
     objective = {s: v for s, v in table.items() if s in sites}
     if not objective:
         raise SpecError(f"none of the mass sites {list(sites)} is rescaled by a 'scale' group ({list(table)})")
-    _check_table(objective)
+    blocks, cuts, fixed = _piece_table(params, objective)
+    _check_table(blocks)
     constant = [s for s in sites if s not in table]  # counted in the mass, not changed by rescaling
     dtype = torch.float64 if any(params[s].dtype == torch.float64 for s in table) else torch.float32
     if tol is None:
@@ -280,10 +306,15 @@ def min_mass(
         tol = check_real("tol", tol, finite=False)
         if not tol > 0:
             raise ValueError(f"tol must be positive, got {tol}")
-    res = _min_mass_batched(params, spec, groups, table, objective, dtype, tol, max_iters, relax, chunk_size, progress)
-    if constant:
-        fixed = mass(params, spec, constant)
-        res = res._replace(mass_before=res.mass_before + fixed, mass_after=res.mass_after + fixed)
+    res = _min_mass_batched(
+        params, spec, groups, table, (blocks, cuts), dtype, tol, max_iters, relax, chunk_size, progress
+    )
+    if constant or fixed:
+        # blocks of mass sites no group scales (a concatenation's passive part): constant
+        extra = [mass_of_site(narrow(params[s], nd, r), nd) for s, nd, r in fixed]
+        extra += [mass(params, spec, constant)] if constant else []
+        const = functools.reduce(torch.add, extra)
+        res = res._replace(mass_before=res.mass_before + const, mass_after=res.mass_after + const)
     return res
 
 
@@ -292,7 +323,7 @@ def _min_mass_batched(
     spec: PermutationSpec,
     groups: list[str],
     table: Mapping[str, tuple[int, list[SiteAxis]]],
-    objective: Mapping[str, tuple[int, list[SiteAxis]]],
+    pieced: tuple[Mapping, Mapping],
     dtype: torch.dtype,
     tol: float,
     max_iters: int,
@@ -300,7 +331,9 @@ def _min_mass_batched(
     chunk_size: int | None,
     progress: bool,
 ) -> MinMassResult:
-    """:func:`min_mass` on checked inputs, in cache-sized sub-batches."""
+    """:func:`min_mass` on checked inputs, in cache-sized sub-batches. ``pieced``: the
+    mass sites' blocks ``key -> (event_ndim, axes)`` and ``key -> (site, ranges)``."""
+    objective, cuts = pieced
     batch = torch.broadcast_shapes(*(params[s].shape[: params[s].dim() - nd] for s, (nd, _) in table.items()))
     B = math.prod(batch)
     flat = {s: _flatten_batch(params[s], nd, batch) for s, (nd, _) in table.items()}
@@ -322,9 +355,10 @@ def _min_mass_batched(
     for start in tqdm(range(0, B, chunk), desc="min_mass", disable=not progress, leave=False):
         sl = slice(start, min(start + chunk, B))
         xs = {s: x[sl] for s, x in flat.items()}
+        xp = {k: narrow(xs[site], objective[k][0], ranges) for k, (site, ranges) in cuts.items()}
         where = f"samples {sl.start}-{sl.stop - 1} (flattened batch index)"
         u, dead, res, its, before[sl], after[sl], fast = _solve_chunk(
-            xs, objective, spec, groups, dtype, tol, max_iters, relax, where
+            xp, objective, spec, groups, dtype, tol, max_iters, relax, where
         )
         iterations = max(iterations, its)
         residual[sl] = res

@@ -25,7 +25,7 @@ import torch
 
 from .._validation import check_devices, check_finite, check_mapping, check_params, check_spec, check_tensor
 from ..groups import PermutationSpec, SpecError
-from ._axes import SiteAxis, check_group_tensors, groups_with, site_axes, split_event
+from ._axes import SiteAxis, check_group_tensors, groups_with, narrow, pieces, site_axes, split_event
 
 __all__ = ["mass", "mass_of_site", "mass_sites", "rescale", "scale_site"]
 
@@ -66,6 +66,8 @@ def scale_site(
     are shifted so that no intermediate product leaves the dtype's range where the
     result does not (see :func:`_centered_exponents`).
     """
+    if any(a.length is not None for a in axes):
+        return _scale_pieces(x, nd, axes, log_scales, out)
     nb = x.dim() - nd
     split, pos = split_event(x.shape[nb:], axes)
     ne = len(split)
@@ -89,6 +91,28 @@ def scale_site(
     return res.reshape(tuple(res.shape[: res.dim() - ne]) + tuple(x.shape[nb:]))
 
 
+def _scale_pieces(
+    x: torch.Tensor,
+    nd: int,
+    axes: list[SiteAxis],
+    log_scales: Mapping[str, torch.Tensor],
+    out: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`scale_site` on a site some groups act on through axis slices: each block on
+    which every scaled axis is whole (:func:`~._axes.pieces`) is scaled on its own and
+    written into its place; blocks no group scales are copied."""
+    parts = []
+    for ranges, sub in pieces(x.shape[x.dim() - nd :], axes):
+        part = narrow(x, nd, ranges)
+        parts.append((ranges, scale_site(part, nd, sub, log_scales) if sub else part))
+    if out is None:
+        batch = torch.broadcast_shapes(*(p.shape[: p.dim() - nd] for _, p in parts))
+        out = torch.empty(tuple(batch) + tuple(x.shape[x.dim() - nd :]), dtype=x.dtype, device=x.device)
+    for ranges, p in parts:
+        narrow(out, nd, ranges).copy_(p)
+    return out
+
+
 def rescale(
     params: Mapping[str, torch.Tensor], spec: PermutationSpec, log_scales: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -97,6 +121,8 @@ def rescale(
     Every incoming axis of group ``g`` (its layer's weight rows, its bias) is multiplied
     by ``exp(u_g)`` and every outgoing axis (the next layer's columns, blocks of
     flattened columns after a conv) divided by it; conv channels are scaled as a whole.
+    A group acting on a slice of an axis (the channels a concatenation takes from one
+    branch) scales only its slice; passive axes (rows before a BatchNorm) are never scaled.
 
     **Differentiable** in ``params`` and ``log_scales`` (a plain tensor map: tensors
     that require grad keep their graph).
@@ -123,8 +149,7 @@ def rescale(
     SpecError
         If ``log_scales`` names a group whose activation is not positively
         homogeneous (not :attr:`NeuronGroup.scalable`: tanh, GELU, or a group
-        followed by a norm layer), an unknown group, or has the wrong size; or if a
-        listed group acts on a slice of an axis or is nested (not supported).
+        followed by a norm layer), an unknown group, or has the wrong size.
     ValueError
         If a tensor is on the meta device or the tensors are on different devices, or
         if a rescaled entry overflows the dtype (e.g. float32 weights of ``1e30`` times
@@ -163,10 +188,12 @@ def rescale(
         x = params[site]
         for a in axes:
             n = spec.groups[a.group].size
-            if x.shape[x.dim() - nd + a.axis] != n * a.inner:
+            have = x.shape[x.dim() - nd + a.axis]
+            if (a.length is None and have != n * a.inner) or (a.length is not None and a.start + a.length > have):
+                want = f"length {n * a.inner}" if a.length is None else f"at least {a.start + a.length} entries"
                 raise SpecError(
-                    f"params[{site!r}] has shape {tuple(x.shape)}: axis {a.axis - nd} should have length "
-                    f"{n * a.inner} for group {a.group!r}"
+                    f"params[{site!r}] has shape {tuple(x.shape)}: axis {a.axis - nd} should have {want} for "
+                    f"group {a.group!r}"
                 )
         out[site] = scale_site(x, nd, axes, log_scales)
         _check_no_overflow(site, x, out[site])
