@@ -77,3 +77,40 @@ def test_assert_symmetric_accepts_exact_and_rejects_stochastic_estimators():
 def test_posteriors_strategy_gives_valid_gaussians(q):
     for loc, scale in q.values():
         assert loc.shape == scale.shape and bool((scale > 0).all())
+
+
+def test_imports_and_asserts_without_hypothesis_strategies_name_the_extra():
+    """``pyro_symmetry.testing`` imports and its assertions run without Hypothesis; a strategy
+    raises an ImportError naming the ``testing`` extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "import torch, pyro_symmetry as ps, pyro_symmetry.testing as t\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+        "spec = ps.mlp_spec(['0', '2'], [4], activation_symmetry='sign')\n"
+        "t.assert_invariant(net, spec, torch.randn(5, 3))\n"
+        "try:\n"
+        "    t.group_elements(spec)\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "ImportError:" in out.stdout and "pyro-symmetry[testing]" in out.stdout
+
+
+def test_the_docs_testing_page_is_a_passing_test_file():
+    """docs/testing.md's test file, as written: its tests pass (Hypothesis included)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    (block,) = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    ns: dict = {"__name__": "test_my_bnn"}
+    exec(compile(block, "docs/testing.md", "exec"), ns)  # noqa: S102 - the page's own code
+    tests = [v for k, v in ns.items() if k.startswith("test_") and callable(v)]
+    assert len(tests) == 3
+    for test in tests:
+        test()
