@@ -192,3 +192,16 @@ def test_getting_started_page_runs_as_written(capsys):
     assert (Path(ns["out_dir"]) / "report.html").exists() or any(Path(ns["out_dir"]).rglob("report.html"))
     out = capsys.readouterr().out
     assert "PermutationSpec({layer1: 8±}" in out and "elpd_loo" in out
+
+
+def test_bring_your_own_model_page_runs_as_written(capsys):
+    """docs/bring_your_own_model.md's example: a functional model with a hand spec, read by
+    as_posterior as a density and as draws (the precision mapped to its support)."""
+    ns: dict = {"__name__": "bring_your_own_model"}
+    for block in _python_blocks(DOCS / "bring_your_own_model.md"):
+        exec(compile(block, "docs/bring_your_own_model.md", "exec"), ns)  # noqa: S102 - the page's own code
+    post, draws = ns["post"], ns["draws"]
+    assert post.form == "gaussian" and set(post.sites) == {"w1", "w2", "prec_obs"}
+    assert draws["w1"].shape == (1, 100, 3, 5) and bool((draws["prec_obs"] > 0).all())
+    out = capsys.readouterr().out
+    assert "Posterior(gaussian, {w1: (3, 5), w2: (5, 1), prec_obs: ()})" in out
