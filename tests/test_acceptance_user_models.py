@@ -19,6 +19,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
@@ -153,6 +154,7 @@ def test_arviz_objects_go_back_in(tmp_path):
     )
     ref = ps.as_posterior(tree, spec).draws()
     ref_rhat = ps.diagnostics.rhat_ess(tree).rhat
+    ref_after = ps.diagnostics.rhat_ess_before_after(tree, spec).after.rhat
     for form in (loaded, idata, tree["posterior"].to_dataset()):
         post = ps.as_posterior(form, spec)
         assert post.form == "draws" and set(post.draws()) == set(ref)
@@ -160,6 +162,8 @@ def test_arviz_objects_go_back_in(tmp_path):
             torch.testing.assert_close(v, ref[k])
         rhat = ps.diagnostics.rhat_ess(form).rhat
         assert set(rhat) == set(ref_rhat) and all((rhat[k] == ref_rhat[k]).all() for k in rhat)
+        after = ps.diagnostics.rhat_ess_before_after(form, spec).after.rhat
+        assert all(np.array_equal(after[k], ref_after[k], equal_nan=True) for k in ref_after)
     for form in (loaded, idata):
         realigned = ps.diagnostics.to_inference_data(form, align="barycenter", spec=spec)
         assert "log_likelihood" in realigned.children
