@@ -379,14 +379,18 @@ def test_passive_axes_are_permuted_not_flipped(n, seed, method, init):
     assert res.objective[-1] == pytest.approx(best, rel=1e-10)  # one group: one exact assignment
 
 
-def test_groups_on_axis_slices_are_refused_with_a_clear_error():
+def test_groups_on_axis_slices_are_aligned():
+    """A group on a slice of an axis (was refused): the entries outside the slice stay put and a
+    planted permutation is recovered (nested groups: tests/test_alignment_real.py)."""
     spec = ps.PermutationSpec(
         {"q": ps.NeuronGroup(2, incoming=[("qkv.weight", -2, 1, None, 0)], outgoing=[("out.weight", -1)])},
         {"qkv.weight": (6, 3), "out.weight": (3, 2)},
     )
     w = {"qkv.weight": torch.randn(6, 3), "out.weight": torch.randn(3, 2)}
-    with pytest.raises(ps.SpecError, match="slice of an axis"):
-        ps.align(w, w, spec, method="weights")
+    planted = {"q": torch.tensor([1, 0])}
+    res = ps.align(w, spec.apply(w, planted), spec, method="weights")
+    assert _equal_perm(res.permutation, spec.inverse(planted))
+    torch.testing.assert_close(res.aligned["qkv.weight"], w["qkv.weight"])
 
 
 # ---------------------------------------------------------------------------- inputs and outputs

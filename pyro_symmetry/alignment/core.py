@@ -19,6 +19,15 @@ scores ``s M[i, j] + V[i, j]`` (``M`` from the means, which flip, ``V`` from the
 standard deviations, which do not), so the best sign per pair is
 ``sign(M[i, j])`` and the step stays one assignment of ``|M| + V``.
 
+Groups may act on slices of an axis (the q, k, v parts of a fused attention
+projection) and may be nested (heads permuted as blocks, the q/k dims and the v dims
+permuted within each head). A parent and its nested groups are one coordinate of the
+descent, solved exactly over the wreath product: the value of matching reference head
+``h`` to target head ``h'`` is the parent's own similarity plus each nested group's
+optimal within-head assignment for that pair, and one assignment of these values
+picks the heads (:mod:`~pyro_symmetry.alignment.assign`). How groups act on a site is
+read from ``spec.action(site)`` only (blocks per unit, and the action of the others).
+
 This module holds the batched engine: every target of a batch runs its own
 coordinate descent; the similarity products of all targets are one GEMM per
 ``(site, axis)`` in float32 (float64 for float64 inputs), while assignment scores,
@@ -39,12 +48,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from ..groups import PermutationSpec, SpecError, decode_signed, encode_signed
-from ..groups._indexing import gather_axes
+from ..groups import PermutationSpec, Span, SpecError, decode_signed
+from .assign import Parts, assign, assign_family, family_value, value
 from .inputs import sq_norm as _sq_norm
 
 __all__ = ["Channels", "Solution", "coordinate_descent"]
@@ -61,50 +68,48 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
-def _layout(spec: PermutationSpec, site: str) -> tuple[int, list[tuple[int, int, str, bool]]]:
-    """``(event_ndim, [(axis, inner, group, flips)])``: how the groups act on ``site``, read
-    from ``spec.action`` (the one place alignment reads it). ``flips``: the group's sign
-    flips negate these entries; passive axes (a layer's rows before a BatchNorm, running
-    statistics) are only permuted."""
-    action = spec.action(site)
-    out = []
-    for span in action.spans:
-        if not span.whole or len(span.shape) > 1:
-            raise SpecError(
-                f"alignment does not handle a group on a slice of an axis or a nested group yet "
-                f"(group {span.group!r} on site {site!r})"
-            )
-        out.append((span.axis, span.inner, span.group, spec.groups[span.group].signed and span.role != "passive"))
-    return action.event_ndim, out
+def _sum_parts(a: Parts | None, b: Parts | None) -> Parts | None:
+    return b if a is None else a if b is None else [_add(x, y) for x, y in zip(a, b)]
 
 
 @dataclass
 class _Term:
-    """One ``(site, axis)`` a group touches, with the other groups on that site."""
+    """One span of a family on one site: the rows of its similarity are the units of ``group``
+    (the top-level group ``top`` itself, or one of its nested groups)."""
 
     group: str
+    top: str
     site: str
-    axis: int
-    inner: int
+    span: Span
     flips: bool  # the group's sign flips negate these entries (not on a passive axis)
-    others: tuple[tuple[int, int, str, bool], ...]  # (axis, inner, group, flips)
-    ref: list[torch.Tensor] = field(default_factory=list)  # per channel, (n, K) in the compute dtype
+    others: tuple[str, ...]  # top-level groups the value depends on (``top`` itself when coupled)
+    coupled: bool  # the family also acts on another axis of the site
+    ref: list[torch.Tensor] = field(default_factory=list)  # per channel, reference blocks (*unit, m)
     key: torch.Tensor | None = None  # (B, len(others)) versions the cached value was computed at
-    value: list[torch.Tensor | None] | None = None  # cached similarity per stored channel, (B, n, n)
+    value: Parts | None = None  # cached similarity per stored channel, (B, n, n) or (B, H, H, d, d)
+
+    @property
+    def nested(self) -> bool:
+        return len(self.span.shape) == 2
 
 
 @dataclass
 class Solution:
     """Output of :func:`coordinate_descent` (all batched over targets)."""
 
-    perm: dict[str, torch.Tensor]  # group -> (B, n)
+    perm: dict[str, torch.Tensor]  # group -> (B, *unit_shape)
     objective: torch.Tensor  # (B, sweeps + 1) float64
     converged: torch.Tensor  # (B,) bool
     sweeps: int
 
 
 class _Engine:
-    """Batched coordinate descent of targets ``(B, *shape)`` onto one reference."""
+    """Batched coordinate descent of targets ``(B, *shape)`` onto one reference.
+
+    The descent visits the top-level groups; a group with nested groups is solved jointly
+    with them (:func:`~pyro_symmetry.alignment.assign.assign_family`). How groups act on a
+    site is read from ``spec.action(site)`` only.
+    """
 
     def __init__(
         self,
@@ -115,9 +120,12 @@ class _Engine:
         rtol: float | None,
     ) -> None:
         self.spec = spec
-        self.names = list(spec.groups)
-        self.signed = {g: spec.groups[g].signed for g in self.names}
-        self.moves = {s: _layout(spec, s) for s in spec.sites}
+        self.names = list(spec.top_level)
+        self.family = {g: (g, *spec.children(g)) for g in self.names}
+        self.top_of = {h: g for g in self.names for h in self.family[g]}
+        self.signed = {g: spec.groups[g].signed for g in spec.groups}
+        self.actions = {s: spec.action(s) for s in spec.sites}
+        self.site_tops = {s: list(dict.fromkeys(self.top_of[h] for h in a.groups)) for s, a in self.actions.items()}
         self.ref, self.tgt = ref, tgt
         first = tgt[spec.sites[0]][0]
         self.B, self.device = first.shape[0], first.device
@@ -138,16 +146,12 @@ class _Engine:
         # each one is then checked with the cost itself.
         cost_eps = torch.finfo(kdt).eps
         self.verify = torch.finfo(self.cdt).eps > cost_eps
-        self.perm = {g: torch.arange(n, device=self.device).repeat(self.B, 1) for g, n in spec.sizes.items()}
+        self.perm = {g: spec.identity((self.B,), device=self.device)[g].clone() for g in spec.groups}
         self.version = {g: torch.zeros(self.B, dtype=torch.long, device=self.device) for g in self.names}
         self.terms: dict[str, list[_Term]] = {g: [] for g in self.names}
-        for site, (_, mv) in self.moves.items():
-            for k, (ax, inner, g, flips) in enumerate(mv):
-                term = _Term(g, site, ax, inner, flips, tuple(m for j, m in enumerate(mv) if j != k))
-                n = spec.groups[g].size
-                term.ref = [t.movedim(ax, 0).reshape(n, -1).to(self.cdt) for t in ref[site] if t is not None]
-                self.terms[g].append(term)
-        self.neigh = {g: sorted({o[2] for t in self.terms[g] for o in t.others}) for g in self.names}
+        for site in spec.sites:
+            self._add_terms(site)
+        self.neigh = {g: sorted({o for t in self.terms[g] for o in t.others}) for g in self.names}
         self.self_coupled = {g: g in self.neigh[g] for g in self.names}
         # Neighbour versions at each group's last solve; a group is re-solved only when they moved.
         self.seen = {
@@ -166,8 +170,26 @@ class _Engine:
         self.tol = rtol * energy
         self.group_sites = {g: sorted({t.site for t in self.terms[g]}) for g in self.names}
 
+    def _add_terms(self, site: str) -> None:
+        """One term per top-level span on ``site``, read at the units of the nested group that
+        covers it (if any): a parent's blocks on such a span are its children's units."""
+        action = self.actions[site]
+        for span in action.spans:
+            g = span.group
+            if g not in self.family:
+                continue  # a nested group's span: handled with its parent's span
+            nested = [s for s in action.spans if s.group in self.family[g][1:]]
+            unit = next((s for s in nested if (s.axis, s.start) == (span.axis, span.start)), span)
+            axes = {s.axis for s in action.spans if self.top_of[s.group] == g}
+            coupled = len(axes) > 1
+            others = tuple(h for h in self.site_tops[site] if h != g) + ((g,) if coupled else ())
+            flips = self.signed[unit.group] and unit.role != "passive"
+            term = _Term(unit.group, g, site, unit, flips, others, coupled)
+            term.ref = [action.blocks(t, unit) for t in self.ref_c[site]]
+            self.terms[g].append(term)
+
     # -------------------------------------------------------------- similarities
-    def _store(self, term: _Term, mu: torch.Tensor, sd: torch.Tensor | None) -> list[torch.Tensor | None]:
+    def _store(self, term: _Term, mu: torch.Tensor, sd: torch.Tensor | None) -> Parts:
         """Sign-flip groups keep ``[M, V]`` apart (what a flip negates: means on axes that flip;
         what it does not: standard deviations, passive axes), ``None`` for an empty part;
         other groups only the sum ``[S]``."""
@@ -181,47 +203,71 @@ class _Engine:
             return [True]
         return [True, self.nch == 2] if term.flips else [False, True]
 
-    def _gram(self, term: _Term, idx: torch.Tensor | None) -> list[torch.Tensor]:
-        """``S[b, i, j] = <ref_i, (others . tgt_b)_j>`` for one term, ``(B', n, n)`` in the compute dtype
-        (stored as :meth:`_store` says)."""
-        nd = self.moves[term.site][0]
-        n = self.spec.groups[term.group].size
+    def _shape(self, term: _Term) -> tuple[int, ...]:
+        """Shape of one target's similarity: ``(n, n)`` or ``(H, H, d, d)``."""
+        if term.nested:
+            H, d = term.span.shape
+            return (H, H, d, d)
+        return (term.span.shape[0],) * 2
+
+    def _target_blocks(self, term: _Term, x: torch.Tensor, c: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """The target's blocks on the term's span, acted on by every group but the family's own
+        units there: ``(B', n, m)`` or ``(B', H, d, m)``."""
+        action = self.actions[term.site]
+        if not term.others:
+            return action.blocks(x, term.span)
+        element = {h: self._perm_rows(h, idx) for h in action.groups}
+        if not term.coupled:
+            x = action.apply(x, element, skip=self.family[term.top], unsigned=c == 1)
+            return action.blocks(x, term.span)
+        # The family acts on another axis of this site too: act with everything, then undo
+        # the family's permutation of the span's own units (a scatter of the rows).
+        z = action.blocks(action.apply(x, element, unsigned=c == 1), term.span)
+        p = _sel(self.perm[term.group], idx)
+        src, neg = decode_signed(p)
+        if term.nested:
+            parent = decode_signed(_sel(self.perm[term.top], idx))[0]
+            src = parent.unsqueeze(-1) * src.shape[-1] + src
+        flat = z.reshape(z.shape[0], -1, z.shape[-1])
+        src, neg = src.reshape(src.shape[0], -1), neg.reshape(neg.shape[0], -1)
+        if c == 0 and term.flips:
+            flat = flat * torch.where(neg, -1, 1).to(flat.dtype).unsqueeze(-1)
+        out = torch.empty_like(flat).scatter_(1, src.unsqueeze(-1).expand_as(flat), flat)
+        return out.reshape(z.shape)
+
+    def _gram(self, term: _Term, idx: torch.Tensor | None) -> Parts:
+        """``S[b, i, j] = <ref_i, (others . tgt_b)_j>`` for one term, ``(B', n, n)`` (``(B', H, H, d, d)``
+        for a nested group) in the compute dtype, stored as :meth:`_store` says."""
         out = []
         for c, (r, x) in enumerate(zip(term.ref, self.tgt_c[term.site])):
-            x = _sel(x, idx)
-            if term.others:
-                moves = []
-                for ax, inner, g2, flips in term.others:
-                    p = self._perm_rows(g2, idx)
-                    signed = flips and c == 0
-                    moves.append((ax, inner, p if signed else decode_signed(p)[0], signed))
-                x = gather_axes(x, nd, moves)
-            x = x.movedim(1 + term.axis, 1).reshape(x.shape[0], n, -1)
-            # One GEMM per term: (n, K) x (K, n) for one target, (B n, K) x (K, n) for a batch.
-            out.append((r @ x[0].T).unsqueeze(0) if x.shape[0] == 1 else torch.matmul(x, r.T).transpose(-1, -2))
+            z = self._target_blocks(term, _sel(x, idx), c, idx)
+            if term.nested:
+                out.append(torch.einsum("hjm,bgkm->bhgjk", r, z))
+            elif z.shape[0] == 1:  # one GEMM per term: (n, K) x (K, n) for one target
+                out.append((r @ z[0].T).unsqueeze(0))
+            else:  # (B n, K) x (K, n) for a batch
+                out.append(torch.matmul(z, r.T).transpose(-1, -2))
         return self._store(term, out[0], out[1] if len(out) > 1 else None)
 
-    def _products(self, terms: list[_Term], idx: torch.Tensor | None) -> list[torch.Tensor | None] | None:
-        total = None
+    def _products(self, terms: list[_Term], idx: torch.Tensor | None) -> dict[str, Parts]:
+        total: dict[str, Parts] = {}
         for t in terms:
-            s = self._gram(t, idx)
-            total = s if total is None else [_add(a, b) for a, b in zip(total, s)]
+            total[t.group] = _sum_parts(total.get(t.group), self._gram(t, idx))
         return total
 
     def _perm_rows(self, g: str, idx: torch.Tensor | None) -> torch.Tensor:
         p = _sel(self.perm[g], idx)
         return p[0] if p.shape[0] == 1 else p  # one target: the gather's unbatched fast path
 
-    def _cached(self, term: _Term, idx: torch.Tensor | None) -> list[torch.Tensor]:
-        key = torch.stack([_sel(self.version[o[2]], idx) for o in term.others], -1)
+    def _cached(self, term: _Term, idx: torch.Tensor | None) -> Parts:
+        key = torch.stack([_sel(self.version[o], idx) for o in term.others], -1)
         if term.value is None and idx is None:
             term.value, term.key = self._gram(term, None), key
             return term.value
         if term.value is None:
-            n = self.spec.groups[term.group].size
+            shape = (self.B, *self._shape(term))
             term.value = [
-                torch.zeros(self.B, n, n, dtype=self.cdt, device=self.device) if used else None
-                for used in self._pattern(term)
+                torch.zeros(shape, dtype=self.cdt, device=self.device) if used else None for used in self._pattern(term)
             ]
             term.key = torch.full((self.B, len(term.others)), -1, dtype=torch.long, device=self.device)
         stale = (_sel(term.key, idx) != key).any(-1)
@@ -235,83 +281,84 @@ class _Engine:
             term.key[sidx] = key[stale]
         return [_sel(v, idx) for v in term.value]
 
-    def similarity(self, g: str, idx: torch.Tensor | None, terms: list[_Term] | None = None) -> list[torch.Tensor]:
-        parts = [] if self.const[g] is None else [[_sel(c, idx) for c in self.const[g]]]
+    def similarity(self, g: str, idx: torch.Tensor | None, terms: list[_Term] | None = None) -> dict[str, Parts]:
+        """``unit group -> parts`` of family ``g`` for targets ``idx``."""
+        total = {h: [_sel(c, idx) for c in parts] for h, parts in self.const[g].items()}
         use = [t for t in self.terms[g] if t.others] if terms is None else terms
-        parts += [self._cached(t, idx) for t in use]
-        total = parts[0]
-        for p in parts[1:]:
-            total = [_add(a, b) for a, b in zip(total, p)]
+        for t in use:
+            total[t.group] = _sum_parts(total.get(t.group), self._cached(t, idx))
         return total
 
     # -------------------------------------------------------------- one group
-    def _assign(self, g: str, sim: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best signed assignment: ``(signed perm (B', n), its score, score function)``."""
-        m, v = sim if self.signed[g] else (None, sim[0])
-        if m is None:  # nothing a flip negates: no flips
-            score, neg = v, None
-        else:
-            score, neg = m.abs() if v is None else m.abs() + v, m < 0
-        # When every row's best column is a different one, that is the optimal assignment
-        # (it attains the bound sum_i max_j): common near the solution, and O(n^2).
-        src = score.argmax(-1)
-        n = src.shape[-1]
-        hits = torch.zeros_like(src).scatter_(-1, src, 1)
-        hard = (hits != 1).any(-1).nonzero().squeeze(-1)
-        if hard.numel():
-            mats = score.index_select(0, hard).double().cpu().numpy()
-            cols = np.stack([linear_sum_assignment(m, maximize=True)[1] for m in mats]).reshape(-1, n)
-            src[hard] = torch.as_tensor(cols, device=self.device, dtype=torch.long)
-        flip = None if neg is None else neg.gather(-1, src.unsqueeze(-1)).squeeze(-1)
-        best = score.gather(-1, src.unsqueeze(-1)).squeeze(-1).double().sum(-1)
-        return encode_signed(src, flip), best, score
+    def _assign(self, g: str, sim: dict[str, Parts], n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Best element of family ``g`` for ``n`` targets: ``(group -> perm, its score (n,))``."""
+        if len(self.family[g]) == 1:
+            perm, best, _ = assign(sim[g], self.signed[g])
+            return {g: perm}, best
+        own, children = self._family_parts(g, sim, n)
+        parent, nested, best = assign_family(own, children, n, self.spec.groups[g].size, self.device)
+        return {g: parent, **nested}, best
 
-    def _value(self, g: str, sim: list[torch.Tensor], perm: torch.Tensor) -> torch.Tensor:
-        """Linear score ``sum_i s_i M[i, p_i] + V[i, p_i]`` of a signed permutation."""
-        src, neg = decode_signed(perm)
-        m, v = sim if self.signed[g] else (None, sim[0])
-        val = None
-        if m is not None:
-            pm = m.gather(-1, src.unsqueeze(-1)).squeeze(-1)
-            val = torch.where(neg, -pm, pm)
-        if v is not None:
-            val = _add(val, v.gather(-1, src.unsqueeze(-1)).squeeze(-1))
-        return val.double().sum(-1)
+    def _family_parts(self, g: str, sim: dict[str, Parts], n: int) -> tuple[torch.Tensor | None, dict]:
+        own = sim[g][0] if g in sim else None
+        children = {}
+        for c in self.family[g][1:]:
+            if c not in sim:  # no term of this nested group yet (greedy start): no preference
+                H, d = self.spec.unit_shape(c)
+                sim[c] = [torch.zeros(n, H, H, d, d, dtype=torch.float64, device=self.device)]
+                children[c] = (sim[c], False)
+            else:
+                children[c] = (sim[c], self.signed[c])
+        return own, children
+
+    def _value(self, g: str, sim: dict[str, Parts], perm: Mapping[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Linear score of a family element (the parts of :meth:`similarity`)."""
+        if len(self.family[g]) == 1:
+            return value(sim[g], self.signed[g], perm[g])
+        own, children = self._family_parts(g, sim, n)
+        return family_value(own, children, perm[g], {c: perm[c] for c in children})
 
     def solve_group(
         self, g: str, idx: torch.Tensor | None, force: bool = False, terms: list[_Term] | None = None
     ) -> None:
-        """Re-solve group ``g`` for targets ``idx`` (None: all); keep the old permutation unless strictly better."""
+        """Re-solve family ``g`` for targets ``idx`` (None: all); keep the old element unless strictly better."""
         sim = self.similarity(g, idx, terms)
-        new, best, _ = self._assign(g, sim)
-        old = _sel(self.perm[g], idx)
+        n = self.B if idx is None else idx.numel()
+        new, best = self._assign(g, sim, n)
+        old = {h: _sel(self.perm[h], idx) for h in self.family[g]}
         if idx is None:
             idx = torch.arange(self.B, device=self.device)
+        moved = torch.stack([(new[h] != old[h]).reshape(n, -1).any(-1) for h in self.family[g]]).any(0)
         if force:
-            accept = (new != old).any(-1)
+            accept = moved
         elif self.verify:
             # Coarse similarities can neither confirm nor rule out an improvement: check them all.
-            accept = self._improves(g, idx, new, (new != old).any(-1))
+            accept = self._improves(g, idx, new, moved)
         else:
-            accept = best - self._value(g, sim, old) > _sel(self.tol, idx)
+            accept = best - self._value(g, sim, old, n) > _sel(self.tol, idx)
             if self.self_coupled[g]:
                 # The score is only linear in p when no site is acted on twice by g.
                 accept = self._improves(g, idx, new, accept)
         if bool(accept.any()):
             sel = idx[accept]
-            self.perm[g][sel] = new[accept]
+            for h in self.family[g]:
+                self.perm[h][sel] = new[h][accept]
             self.version[g][sel] += 1
 
-    def _improves(self, g: str, idx: torch.Tensor, new: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def _improves(
+        self, g: str, idx: torch.Tensor, new: Mapping[str, torch.Tensor], candidates: torch.Tensor
+    ) -> torch.Tensor:
         """Which ``candidates`` lower the cost ``C`` of targets ``idx`` by more than the
-        tolerance when group ``g`` takes ``new`` (costs over the sites ``g`` acts on)."""
+        tolerance when family ``g`` takes ``new`` (costs over the sites ``g`` acts on)."""
         if not bool(candidates.any()):
             return candidates
         sites = self.group_sites[g]
         before = self.cost(idx, sites)
-        trial = self.perm[g].clone()
-        trial[idx[candidates]] = new[candidates]
-        return candidates & (self.cost(idx, sites, {g: trial}) < before - _sel(self.tol, idx))
+        trial = {}
+        for h in self.family[g]:
+            trial[h] = self.perm[h].clone()
+            trial[h][idx[candidates]] = new[h][candidates]
+        return candidates & (self.cost(idx, sites, trial) < before - _sel(self.tol, idx))
 
     # -------------------------------------------------------------- objective
     def cost(self, idx: torch.Tensor | None = None, sites=None, override: Mapping | None = None) -> torch.Tensor:
@@ -321,22 +368,18 @@ class _Engine:
         return sum(self._site_cost(s, perm, idx) for s in (sites or self.spec.sites))
 
     def _site_cost(self, site: str, perm: Mapping[str, torch.Tensor], idx: torch.Tensor | None) -> torch.Tensor:
-        nd, mv = self.moves[site]
+        action = self.actions[site]
+        element = {h: _sel(perm[h], idx) for h in action.groups}
         total = 0.0
         for c, (r, x) in enumerate(zip(self.ref_in[site], self.tgt_in[site])):
-            moves = []
-            for ax, inner, g, flips in mv:
-                p = _sel(perm[g], idx)
-                flip = c == 0 and flips
-                moves.append((ax, inner, p if flip else decode_signed(p)[0], flip))
-            total = total + _sq_norm(r - gather_axes(_sel(x, idx), nd, moves))
+            total = total + _sq_norm(r - action.apply(_sel(x, idx), element, unsigned=c == 1))
         return total
 
     def objective(self) -> torch.Tensor:
         """``C(g)`` per target, recomputing only the sites whose groups moved since last time."""
         total = torch.zeros(self.B, dtype=torch.float64, device=self.device)
-        for s, (_, mv) in self.moves.items():
-            key = torch.stack([self.version[g] for _, _, g, _ in mv], -1)
+        for s, tops in self.site_tops.items():
+            key = torch.stack([self.version[g] for g in tops], -1)
             if s not in self.site_cost:
                 self.site_cost[s] = (key, self._site_cost(s, self.perm, None))
             old_key, value = self.site_cost[s]
@@ -352,23 +395,7 @@ class _Engine:
     # -------------------------------------------------------------- driver
     def initialize(self, init: str | Mapping[str, torch.Tensor]) -> None:
         if isinstance(init, Mapping):
-            for g in self.names:
-                if g not in init:
-                    raise SpecError(f"init is missing group {g!r}")
-            given = {g: torch.as_tensor(init[g], device=self.device) for g in self.names}
-            for g, p in given.items():
-                if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
-                    # .long() would truncate 1.9 to 1: a different element, silently
-                    raise TypeError(f"init[{g!r}] must hold integer indices, got dtype {p.dtype}")
-            given = {g: p.long() for g, p in given.items()}
-            self.spec._check_element(given, "init")
-            for g, p in given.items():
-                if p.dim() > 1 and p.shape[:-1] != (self.B,):
-                    raise SpecError(
-                        f"init[{g!r}] has shape {tuple(p.shape)}, expected ({p.shape[-1]},) or ({self.B}, n)"
-                    )
-                self.perm[g] = p.expand(self.B, p.shape[-1]).clone()
-                self.version[g] += 1
+            self._set_init(init)
             return
         if init == "identity":
             return
@@ -380,8 +407,8 @@ class _Engine:
         done: set[str] = set()
         for g in self.names:
             linked = [t for t in self.terms[g] if t.others]
-            ready = [t for t in linked if all(o[2] in done and o[2] != g for o in t.others)]
-            if self.const[g] is None and not ready:
+            ready = [t for t in linked if all(o in done and o != g for o in t.others)]
+            if not self.const[g] and not ready:
                 ready = linked  # nothing is settled yet: use every term at the current permutations
             if len(ready) == len(linked):  # a complete solve: the first sweep may skip it
                 self.seen[g] = self._neighbour_versions(g).clone()
@@ -389,6 +416,25 @@ class _Engine:
             self.solve_group(g, None, force=True, terms=ready)
             done.add(g)
         self.identity_cost = identity_cost
+
+    def _set_init(self, init: Mapping[str, torch.Tensor]) -> None:
+        for g in self.spec.groups:
+            if g not in init:
+                raise SpecError(f"init is missing group {g!r}")
+        given = {g: torch.as_tensor(init[g], device=self.device) for g in self.spec.groups}
+        for g, p in given.items():
+            if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                # .long() would truncate 1.9 to 1: a different element, silently
+                raise TypeError(f"init[{g!r}] must hold integer indices, got dtype {p.dtype}")
+        given = {g: p.long() for g, p in given.items()}
+        self.spec.validate(given, "init")
+        for g, p in given.items():
+            unit = self.spec.unit_shape(g)
+            if p.dim() > len(unit) and tuple(p.shape[: p.dim() - len(unit)]) != (self.B,):
+                raise SpecError(f"init[{g!r}] has shape {tuple(p.shape)}, expected {unit} or ({self.B}, *{unit})")
+            self.perm[g] = p.expand(self.B, *unit).clone()
+        for g in self.names:
+            self.version[g] += 1
 
     def run(self, max_sweeps: int, seed: int | None, progress: bool = False) -> Solution:
         gen = torch.Generator()
