@@ -158,12 +158,17 @@ def run(op: str, coll, d: Path, out: Path, workers: int | None, own_sessions: bo
         cpu_seconds = cpu() - cpu0
         worker_mb = sorted(client.run(_maxrss_mb).values()) if client is not None else []
     finally:
+        for proc in procs:  # the worker processes this run started (a worker without a nanny
+            proc.terminate()  # can hang in its graceful close once the scheduler is gone)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         if client is not None:
             client.close()
             cluster.close()
-        for proc in procs:  # the worker processes this run started
-            proc.terminate()
-            proc.wait(timeout=60)
     return seconds, cpu_seconds, mem.peak / 2**20, worker_mb, summary
 
 
