@@ -278,3 +278,24 @@ def test_from_module_on_a_sub_module_names_the_model_sites_and_prefix_hint():
     bound = deep_spec().with_prefix("net.").check(model, x, y)
     assert set(bound.groups) == {"net.layers.0", "net.layers.1"}
     assert bound.log_order == deep_spec().log_order
+
+
+def test_site_action_scale_batched_on_a_later_axis_matches_rescale():
+    """Batched log-scales on an outgoing axis (axis 1 of ``fc2.weight``) line up with that axis,
+    not with the first event axis (it raised, or was silently wrong when sizes coincided)."""
+    from pyro_symmetry.models import BayesianMLP
+
+    model = BayesianMLP(3, [4], 4)
+    gen = torch.Generator().manual_seed(0)
+    w = {k: torch.randn(2, *s, generator=gen, dtype=torch.float64) for k, s in model.spec.shapes.items()}
+    u = {"fc1": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    for site, x in w.items():
+        if site not in model.spec.sites:
+            continue
+        got = model.spec.action(site).scale(x, u)
+        want = torch.stack([model.spec.action(site).scale(x[b], {"fc1": u["fc1"][b]}) for b in range(2)])
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        model.spec.action("fc2.weight").scale(w["fc2.weight"], u)[1, :, 2],
+        w["fc2.weight"][1, :, 2] * (-u["fc1"][1, 2]).exp(),
+    )

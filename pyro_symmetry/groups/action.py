@@ -254,7 +254,8 @@ class SiteAction:
                 full[..., s.start : s.stop] = factor
                 factor = full
             trail = self.event_ndim - s.axis - 1
-            out = out * factor.reshape(factor.shape + (1,) * trail)
+            # (*batch, 1 per earlier event axis, length, 1 per later event axis)
+            out = out * factor.reshape(factor.shape[:-1] + (1,) * s.axis + factor.shape[-1:] + (1,) * trail)
         return out
 
     def axis_groups(self) -> list[str | None]:
