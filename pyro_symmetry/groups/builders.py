@@ -11,7 +11,7 @@ from torch import nn
 from .._validation import check_int
 from .spec import Axis, NeuronGroup, PermutationSpec, SpecError
 
-__all__ = ["activation_symmetry", "mlp_spec", "model_site_shapes", "spec_from_module"]
+__all__ = ["activation_symmetry", "mlp_spec", "model_site_shapes", "own_batch_ndim", "spec_from_module"]
 
 
 def activation_symmetry(act: nn.Module) -> str:
@@ -233,8 +233,20 @@ def model_site_shapes(model: Callable | nn.Module, *args: Any, **kwargs: Any) ->
     return shapes
 
 
-def _own_batch_ndim(site: Mapping[str, Any]) -> int:
-    """Batch dims of a site that are not plates (``dist.expand`` inside no plate)."""
+def own_batch_ndim(site: Mapping[str, Any]) -> int:
+    """Batch dims of a Pyro trace site that are not plates (``dist.expand`` inside no plate).
+
+    Parameters
+    ----------
+    site : dict
+        A site of a ``poutine.trace`` (``site["fn"]``, ``site["cond_indep_stack"]``).
+
+    Returns
+    -------
+    int
+        The number of rightmost batch dims of ``site["fn"]`` that belong to the site itself
+        (its value's shape), not to an enclosing ``pyro.plate``.
+    """
     plate_dims = {-f.dim for f in site["cond_indep_stack"] if f.vectorized}
     bs = site["fn"].batch_shape
     own = 0
@@ -243,3 +255,6 @@ def _own_batch_ndim(site: Mapping[str, Any]) -> int:
             break
         own = i
     return own
+
+
+_own_batch_ndim = own_batch_ndim  # the old private name, still imported by some callers
