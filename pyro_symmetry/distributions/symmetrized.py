@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,10 +14,20 @@ from torch.distributions import constraints
 from .._validation import check_int, check_real
 from ..estimators import BaseDensity
 from ..estimators.exact import MAX_EXACT_ORDER
-from ..estimators.information import METHODS, MIEstimate, mutual_information, resolve_method, symmetry_log_ratio
+from ..estimators.information import (
+    AUTO_EVAL_PERMANENT_WIDTH,
+    METHODS,
+    MIEstimate,
+    mutual_information,
+    resolve_method,
+    symmetry_log_ratio,
+)
 from ..groups import FlatLayout, PermutationSpec, SpecError
 
 __all__ = ["Symmetrized"]
+
+#: The default of the deprecated ``num_samples`` alias: not given (``None`` is a bad value).
+_UNSET: Any = object()
 
 
 class Symmetrized(TorchDistribution):
@@ -32,10 +43,17 @@ class Symmetrized(TorchDistribution):
 
     - ``"exact"``: enumeration of ``G`` (refused above ``max_order``, default 10^5);
     - ``"permanent"``: exact, for decoupled groups (one hidden layer) and a
-      mean-field Normal ``q``, by Ryser's formula (widths to 20-25);
+      mean-field Normal ``q``, by Glynn's formula on a scaled matrix (with an exact
+      subset dynamic program as fallback; widths up to 25, about 0.3 s of CPU per
+      point at width 25);
     - ``"contrastive"``: Gelberg et al.'s K-sample estimate (uniform ``g_j``);
     - ``"importance"``: K-sample estimate with an equivariant Plackett-Luce proposal;
-    - ``"auto"``: exact when affordable, else the permanent, else ``"importance"``.
+    - ``"auto"``: exact enumeration when ``|G| <= 10^4``, else the permanent (one hidden
+      layer, mean-field ``q``, widths up to 25), else ``"importance"``.
+
+    The stochastic estimators are tuned to draws of ``q``: at a point far from ``q``
+    (a draw of another posterior, a point on a path between modes) they can be many nats
+    off, so ``"auto"`` uses the exact permanent wherever it applies.
 
     The stochastic estimators keep the identity among their K terms, as training
     needs: for ``w ~ q`` their expectation upper-bounds ``E log q_sym(w)`` (a lower
@@ -51,19 +69,22 @@ class Symmetrized(TorchDistribution):
         distribution per site whose event shape is the site's shape.
     spec : PermutationSpec
     estimator : {"auto", "exact", "permanent", "contrastive", "importance"}
-    num_samples : int
-        ``K``, the number of terms of the stochastic estimators (identity included).
+    num_permutations : int
+        ``K``, the number of group elements of the stochastic estimators (identity
+        included).
     layout : FlatLayout, optional
         Required for a flat ``base``.
     beta : float
         Inverse temperature of the importance proposal (``>= 0``).
     max_order : int
         Enumeration limit of ``"exact"``.
+    num_samples : int, optional
+        Deprecated alias of ``num_permutations`` (warns).
 
     Raises
     ------
     ValueError, TypeError
-        Unknown ``estimator``, ``num_samples < 1`` or not an int, NaN/Inf or
+        Unknown ``estimator``, ``num_permutations < 1`` or not an int, NaN/Inf or
         non-positive scales in ``base`` (naming the site).
     SpecError
         ``base`` not matching ``spec`` (naming the site and shapes), or a group too
@@ -80,7 +101,7 @@ class Symmetrized(TorchDistribution):
     Memory: :meth:`log_prob` on a batch of ``B`` draws evaluates ``q`` at ``K x B``
     permuted copies (the whole group for ``"exact"``); they are formed a chunk at a time
     (:data:`~pyro_symmetry.estimators._base.CHUNK_BYTES`, 256 MB), so peak memory does not
-    grow with ``K`` or ``B`` (784-128-10 MLP, 256 draws: 0.65 GB at K = 16 and 64, where
+    grow with ``K`` or ``B`` (784-128-10 MLP, 256 draws: 0.6-0.7 GB peak at K = 16 and 64, where
     all copies at once took 5 and 20 GB; ``docs/benchmarks/estimators.md``).
 
     References
@@ -104,22 +125,34 @@ class Symmetrized(TorchDistribution):
         base: td.Distribution | Mapping[str, td.Distribution],
         spec: PermutationSpec,
         estimator: str = "auto",
-        num_samples: int = 16,
+        num_permutations: int = 16,
         *,
         layout: FlatLayout | None = None,
         beta: float = 1.0,
         max_order: int = MAX_EXACT_ORDER,
         validate_args: bool | None = None,
+        num_samples: Any = _UNSET,
     ) -> None:
         if not isinstance(estimator, str) or estimator not in METHODS:
             raise ValueError(f"estimator must be one of {METHODS}, got {estimator!r}")
-        num_samples = check_int("num_samples (K)", num_samples, minimum=1)
+        if num_samples is not _UNSET:
+            warnings.warn(
+                "Symmetrized(num_samples=...) is deprecated and will be removed; use num_permutations= "
+                "(num_samples means draws of w elsewhere in the API)",
+                DeprecationWarning,
+                stacklevel=3,  # the caller, above pyro's distribution metaclass
+            )
+            if num_permutations != 16:
+                raise TypeError("pass num_permutations= only (num_samples= is its deprecated alias), not both")
+            num_permutations = check_int("num_samples (K)", num_samples, minimum=1)
+        num_permutations = check_int("num_permutations (K)", num_permutations, minimum=1)
         beta = check_real("beta", beta, nonnegative=True)
         max_order = check_int("max_order", max_order, minimum=1)
         self._base = BaseDensity(base, spec, layout)
         self.base, self.spec, self.layout = base, self._base.spec, layout
-        self.estimator = resolve_method(self._base, estimator, max_order)
-        self.num_samples, self.beta, self.max_order = num_samples, beta, max_order
+        self.estimator = resolve_method(self._base, estimator, max_order, AUTO_EVAL_PERMANENT_WIDTH)
+        self._requested = estimator
+        self.num_permutations, self.beta, self.max_order = num_permutations, beta, max_order
         if self._base.is_flat:
             batch, event = base.batch_shape, base.event_shape
         else:
@@ -158,14 +191,14 @@ class Symmetrized(TorchDistribution):
     def log_prob(self, value: Any) -> torch.Tensor:
         """``log q_sym(value)`` by the chosen estimator, shape ``(*batch)``."""
         ratio = symmetry_log_ratio(
-            self._base, None, value, self.estimator, self.num_samples, beta=self.beta, max_order=self.max_order
+            self._base, None, value, self.estimator, self.num_permutations, beta=self.beta, max_order=self.max_order
         )
         return self._base.log_prob(value) + ratio
 
     def log_s(self, value: Any) -> torch.Tensor:
         """``log S(value) = log sum_g q(g^{-1} w) / q(w)`` by the chosen estimator."""
         ratio = symmetry_log_ratio(
-            self._base, None, value, self.estimator, self.num_samples, beta=self.beta, max_order=self.max_order
+            self._base, None, value, self.estimator, self.num_permutations, beta=self.beta, max_order=self.max_order
         )
         return ratio + self.spec.log_order
 
@@ -174,11 +207,23 @@ class Symmetrized(TorchDistribution):
         return self._base
 
     def mutual_information(self, num_samples: int = 1000, **kwargs: Any) -> MIEstimate:
-        """``I(g; w)`` of the base (see :func:`~pyro_symmetry.mutual_information`)."""
-        kwargs.setdefault("method", self.estimator)
-        kwargs.setdefault("num_permutations", self.num_samples)
+        """``I(g; w)`` of the base (see :func:`~pyro_symmetry.mutual_information`), by the
+        estimator this distribution was given (``"auto"`` resolved by
+        :func:`~pyro_symmetry.mutual_information`'s own rule: its points are draws of ``q``)."""
+        if "method" not in kwargs:
+            kwargs.setdefault("estimator", self._requested)
+        kwargs.setdefault("num_permutations", self.num_permutations)
         kwargs.setdefault("beta", self.beta)
         return mutual_information(self._base, num_samples=num_samples, **kwargs)
 
+    @property
+    def num_samples(self) -> int:
+        """Deprecated: the former name of :attr:`num_permutations` (warns)."""
+        warnings.warn("Symmetrized.num_samples is deprecated; use num_permutations", DeprecationWarning, stacklevel=2)
+        return self.num_permutations
+
     def __repr__(self) -> str:
-        return f"Symmetrized({self.spec!r}, estimator={self.estimator!r}, K={self.num_samples})"
+        groups = ", ".join(f"{g}: {n}" for g, n in self.spec.sizes.items())
+        return (
+            f"Symmetrized(groups {{{groups}}}, estimator={self.estimator!r}, num_permutations={self.num_permutations})"
+        )

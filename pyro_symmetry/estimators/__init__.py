@@ -1,6 +1,7 @@
 """Estimators of the symmetry term ``log S(w)`` and of ``I(g; w)`` (SPEC section 2).
 
-``exact`` (enumeration), ``permanent`` (Ryser, one hidden layer), ``contrastive``
+``exact`` (enumeration), ``permanent`` (Glynn's formula with an exact subset dynamic
+program as fallback; one hidden layer, widths up to 25), ``contrastive``
 (Gelberg et al. 2024, Thm 4.3) and ``importance`` (equivariant Plackett-Luce
 proposal), behind :func:`mutual_information` and :func:`symmetry_log_ratio`.
 The names in ``__all__`` are re-exported at the top level (``ps.mutual_information``);

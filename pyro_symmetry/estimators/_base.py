@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from .._validation import check_finite, check_spec
 from ..groups import FlatLayout, PermutationSpec, SpecError
 
-__all__ = ["CHUNK_BYTES", "BaseDensity", "Marginals", "as_base", "detach_distribution"]
+__all__ = ["CHUNK_BYTES", "BaseDensity", "Marginals", "as_base", "detach_distribution", "safe_log_prob"]
 
 Value = torch.Tensor | Mapping[str, torch.Tensor]
 
@@ -123,12 +123,34 @@ def _tensors(d: td.Distribution) -> list[torch.Tensor]:
     return out
 
 
+def safe_log_prob(d: td.Distribution, x: torch.Tensor) -> torch.Tensor:
+    """``d.log_prob(x)``, for an (independent) Normal as ``-0.5 z^2 - log scale - log sqrt(2 pi)``
+    with ``z = (x - loc) / scale``.
+
+    torch's ``Normal.log_prob`` divides by ``scale ** 2``, which underflows to zero in
+    float32 for scales below about 1e-19 (NaN or -inf for a perfectly ordinary value);
+    ``z`` is representable whenever the value is within a float's range of ``loc`` on the
+    scale of ``scale``.
+    """
+    inner, n = _unwrap(d)
+    if type(inner) not in (td.Normal, dist.Normal) or n > x.dim():
+        return d.log_prob(x)
+    z = (x - inner.loc) / inner.scale
+    out = -0.5 * z * z - inner.scale.log() - 0.5 * math.log(2 * math.pi)
+    return out.sum(tuple(range(-n, 0))) if n else out
+
+
 def _check_normal_params(label: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
     """Finite means and positive finite scales (``Normal``'s own check lets ``scale = inf`` through)."""
     check_finite(f"{label} loc", loc)
     check_finite(f"{label} scale", scale)
     if scale.numel() and not bool((scale > 0).all()):
         raise ValueError(f"{label} scale must be positive, got min {float(scale.min()):.3g}")
+    if scale.numel() and scale.is_floating_point() and not bool(torch.isfinite(scale.reciprocal()).all()):
+        raise ValueError(
+            f"{label} scale has values down to {float(scale.min()):.3g}, whose reciprocal overflows "
+            f"{scale.dtype} (the estimators evaluate (w - loc) / scale); use float64 for q and the value"
+        )
 
 
 class BaseDensity:
@@ -325,8 +347,8 @@ class BaseDensity:
         ``q(g^{-1} w) / q(w)`` and are left out; a flat ``q`` is evaluated whole.
         """
         if self.flat is not None:
-            return self.flat.log_prob(value)
-        return sum(self.dists[s].log_prob(value[s]) for s in self.spec.sites)
+            return safe_log_prob(self.flat, value)
+        return sum(safe_log_prob(self.dists[s], value[s]) for s in self.spec.sites)
 
     def log_kernel(self, value: Value) -> torch.Tensor:
         """``log q`` of the moving part up to a constant that no group element changes.
@@ -354,11 +376,11 @@ class BaseDensity:
     def log_prob(self, value: Value) -> torch.Tensor:
         """``log q(value)``, every site of ``q`` included."""
         if self.flat is not None:
-            return self.flat.log_prob(value)
+            return safe_log_prob(self.flat, value)
         missing = [s for s in self.dists if s not in value]
         if missing:
             raise SpecError(f"sites {missing} of q are missing from the value (have {sorted(value)})")
-        return sum(d.log_prob(value[s]) for s, d in self.dists.items())
+        return sum(safe_log_prob(d, value[s]) for s, d in self.dists.items())
 
     def act(self, value: Value, perm: Mapping[str, torch.Tensor]) -> Value:
         """``perm . value`` for a (batched) element; element dims lead the value's batch dims.

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributions as td
@@ -30,9 +32,10 @@ from ._base import BaseDensity, as_base, detach_distribution
 from .contrastive import contrastive_log_ratio
 from .exact import MAX_EXACT_ORDER, exact_log_ratio
 from .importance import importance_log_ratio
-from .permanent import check_decoupled, permanent_log_ratio
+from .permanent import MAX_PERMANENT_WIDTH, check_decoupled, permanent_log_ratio
 
 __all__ = [
+    "ESTIMATORS",
     "METHODS",
     "MIEstimate",
     "base_of",
@@ -44,46 +47,102 @@ __all__ = [
     "symmetry_log_ratio",
 ]
 
-METHODS = ("exact", "permanent", "contrastive", "importance", "auto")
+ESTIMATORS = ("exact", "permanent", "contrastive", "importance", "auto")
+#: The former name of :data:`ESTIMATORS`.
+METHODS = ESTIMATORS
 #: ``progress=None`` shows a bar once an estimate has run this long (s) ...
 PROGRESS_AFTER = 2.0
 #: ... and is projected to take longer than this in all (s).
 PROGRESS_LONGER_THAN = 10.0
-#: ``"auto"`` enumerates G up to this order, then tries the permanent up to this width.
+#: ``"auto"`` enumerates G up to this order, then tries the permanent up to this width
+#: where the points are draws of ``q`` (:func:`mutual_information`, the guides' training
+#: path): there the importance bound is close (within 7-8% of ``I`` at widths 12-16,
+#: ``docs/benchmarks/guides.md``) and costs far less than a permanent (about 0.3 s of CPU
+#: per draw at width 25, ``docs/benchmarks/estimators.md``).
 AUTO_EXACT_ORDER = 10_000
 AUTO_PERMANENT_WIDTH = 20
+#: ``"auto"`` for a density evaluated at given points (:class:`~pyro_symmetry.Symmetrized`,
+#: :func:`symmetry_log_ratio`, :func:`log_q_sym`, :func:`log_s`) uses the permanent up to its
+#: width limit: at a point far from ``q`` the importance estimate can be many nats off
+#: (its proposal is tuned to draws of ``q``), while the permanent is exact at any point.
+AUTO_EVAL_PERMANENT_WIDTH = MAX_PERMANENT_WIDTH
 
 
-class MIEstimate(NamedTuple):
-    """A Monte Carlo estimate of ``I(g; w)``, a named tuple of
+@dataclass(frozen=True, repr=False)
+class MIEstimate:
+    """A Monte Carlo estimate of ``I(g; w)`` (a frozen dataclass).
 
-    - ``value`` (float): the estimate in nats; exact methods are unbiased, the bounds
-      are lower bounds;
-    - ``stderr`` (float): the Monte Carlo standard error over the ``num_samples`` draws
-      of ``w`` (and of the contrastive/proposal elements);
-    - ``method`` (str): the method used (``"auto"`` resolved);
-    - ``num_samples`` (int);
-    - ``num_permutations`` (int or None): ``K`` for the bounds, ``None`` for the exact
-      methods;
-    - ``log_order`` (float): ``log|G|``, the largest possible value.
+    Attributes
+    ----------
+    value : float
+        The estimate in nats; the exact estimators are unbiased, the bounds are lower bounds.
+    stderr : float
+        Monte Carlo standard error over the ``num_samples`` draws of ``w`` (and of the
+        contrastive/proposal elements).
+    estimator : str
+        The estimator used (``"auto"`` resolved).
+    num_samples : int
+        Draws of ``w ~ q``.
+    num_permutations : int or None
+        ``K`` for the bounds, ``None`` for the exact estimators.
+    log_order : float
+        ``log|G|``, the largest possible value.
     """
 
     value: float
     stderr: float
-    method: str
+    estimator: str
     num_samples: int
     num_permutations: int | None
     log_order: float
 
+    @property
+    def method(self) -> str:
+        """Deprecated: the former name of :attr:`estimator` (warns)."""
+        warnings.warn("MIEstimate.method is deprecated; use MIEstimate.estimator", DeprecationWarning, stacklevel=2)
+        return self.estimator
 
-def resolve_method(base: BaseDensity, method: str, max_order: int = MAX_EXACT_ORDER) -> str:
+    def __repr__(self) -> str:
+        k = "" if self.num_permutations is None else f", K={self.num_permutations}"
+        return (
+            f"MIEstimate({self.value:.4g} +- {self.stderr:.2g} nats, estimator={self.estimator!r}, "
+            f"num_samples={self.num_samples}{k}, log|G|={self.log_order:.4g})"
+        )
+
+
+def estimator_argument(estimator: Any, method: Any, default: str = "auto", where: str = "this function") -> Any:
+    """The estimator name given as ``estimator=`` or as the deprecated ``method=``.
+
+    ``method`` (not ``None``) warns (:class:`DeprecationWarning`) and stands for ``estimator``;
+    both given is a :class:`TypeError`.
+    """
+    if method is None:
+        return estimator
+    warnings.warn(
+        f"{where}: method= is deprecated and will be removed; use estimator= (the same names)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    if estimator != default:
+        raise TypeError(f"{where}: pass estimator= only (method= is its deprecated alias), not both")
+    return method
+
+
+def resolve_method(
+    base: BaseDensity,
+    method: str,
+    max_order: int = MAX_EXACT_ORDER,
+    permanent_width: int = AUTO_PERMANENT_WIDTH,
+) -> str:
     """The method to use, checked against ``q`` and the spec.
 
     ``"auto"`` stands for exact enumeration if ``|G| <= 10^4``, else the permanent
-    (decoupled groups, mean-field ``q``, widths <= 20), else ``"importance"``. An
-    explicit ``"exact"`` is refused (:class:`~pyro_symmetry.SpecError`) when ``|G|``
-    exceeds ``max_order``, and ``"permanent"`` when the groups are coupled, ``q`` is
-    not mean-field or a group is wider than 30, before any work is done.
+    (decoupled groups, mean-field ``q``, widths <= ``permanent_width``: 20 by default,
+    :data:`AUTO_EVAL_PERMANENT_WIDTH` = 25 where the density is evaluated at given points),
+    else ``"importance"``. An explicit ``"exact"`` is refused
+    (:class:`~pyro_symmetry.SpecError`) when ``|G|`` exceeds ``max_order``, and
+    ``"permanent"`` when the groups are coupled, ``q`` is not mean-field or a group is
+    wider than 25 (``MAX_PERMANENT_WIDTH``), before any work is done.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -102,7 +161,7 @@ def resolve_method(base: BaseDensity, method: str, max_order: int = MAX_EXACT_OR
         return method
     if base.spec.order <= min(AUTO_EXACT_ORDER, max_order):
         return "exact"
-    if max(base.spec.sizes.values()) <= AUTO_PERMANENT_WIDTH:
+    if max(base.spec.sizes.values()) <= min(permanent_width, MAX_PERMANENT_WIDTH):
         try:
             check_decoupled(base)
             return "permanent"
@@ -177,13 +236,14 @@ def symmetry_log_ratio(
     q: Any,
     spec: PermutationSpec | None,
     value: Any,
-    method: str = "auto",
+    estimator: str = "auto",
     num_permutations: int = 16,
     *,
     layout: FlatLayout | None = None,
     beta: float = 1.0,
     generator: torch.Generator | None = None,
     max_order: int = MAX_EXACT_ORDER,
+    method: str | None = None,
 ) -> torch.Tensor:
     """``log q_sym(w) - log q(w) = log S(w) - log|G|`` (what a symmetrized guide adds).
 
@@ -194,12 +254,18 @@ def symmetry_log_ratio(
     spec : PermutationSpec
     value : dict ``site -> (*batch, *shape)`` or flat ``(*batch, D)``
         In ``q``'s dtype and on its device.
-    method : {"exact", "permanent", "contrastive", "importance", "auto"}
+    estimator : {"exact", "permanent", "contrastive", "importance", "auto"}
+        ``"auto"``: exact enumeration if ``|G| <= 10^4``, else the permanent (one hidden
+        layer, mean-field ``q``, widths up to 25: exact at any point, about 0.3 s of CPU
+        per point at width 25), else ``"importance"``. The bounds are tuned to draws
+        of ``q``: at a point far from ``q`` they can be many nats off.
     num_permutations : int
         ``K`` (bounds only), identity included.
     layout, beta, generator, max_order
         Flat layout; Plackett-Luce inverse temperature (``>= 0``); RNG for the group
         elements; enumeration limit of ``"exact"``.
+    method : str, optional
+        Deprecated alias of ``estimator`` (warns).
 
     Returns
     -------
@@ -218,25 +284,26 @@ def symmetry_log_ratio(
     TypeError
         A non-integer ``num_permutations``, a value in another dtype than ``q``.
     """
+    estimator = estimator_argument(estimator, method, where="symmetry_log_ratio")
     beta = _check_options(beta, generator, max_order)
     base = as_base(q, spec, layout) if not isinstance(q, BaseDensity) else q
-    m = resolve_method(base, method, max_order)
+    m = resolve_method(base, estimator, max_order, AUTO_EVAL_PERMANENT_WIDTH)
     K = _check_k(num_permutations) if m in ("contrastive", "importance") else 1
     base.batch_shape_of(value)  # sites, shapes, dtypes and devices, named on failure
     base.check_value(value)
     return estimate_log_ratio(base, value, m, K, beta, generator, max_order)
 
 
-def log_s(q: Any, spec: PermutationSpec | None, value: Any, method: str = "auto", **kwargs: Any) -> torch.Tensor:
+def log_s(q: Any, spec: PermutationSpec | None, value: Any, estimator: str = "auto", **kwargs: Any) -> torch.Tensor:
     """``log S(w) = log sum_g q(g^{-1} w) - log q(w)`` (``>= 0``); see :func:`symmetry_log_ratio`."""
     base = as_base(q, spec, kwargs.pop("layout", None)) if not isinstance(q, BaseDensity) else q
-    return symmetry_log_ratio(base, None, value, method, **kwargs) + base.spec.log_order
+    return symmetry_log_ratio(base, None, value, estimator, **kwargs) + base.spec.log_order
 
 
-def log_q_sym(q: Any, spec: PermutationSpec | None, value: Any, method: str = "auto", **kwargs: Any) -> torch.Tensor:
+def log_q_sym(q: Any, spec: PermutationSpec | None, value: Any, estimator: str = "auto", **kwargs: Any) -> torch.Tensor:
     """``log q_sym(w) = log (1/|G|) sum_g q(g^{-1} w)``; see :func:`symmetry_log_ratio`."""
     base = as_base(q, spec, kwargs.pop("layout", None)) if not isinstance(q, BaseDensity) else q
-    ratio = symmetry_log_ratio(base, None, value, method, **kwargs)
+    ratio = symmetry_log_ratio(base, None, value, estimator, **kwargs)
     return base.log_prob(value) + ratio
 
 
@@ -288,7 +355,7 @@ def base_of(q_or_guide: Any, spec: PermutationSpec | None = None, layout: FlatLa
 def mutual_information(
     q_or_guide: Any,
     spec: PermutationSpec | None = None,
-    method: str = "auto",
+    estimator: str = "auto",
     num_samples: int = 1000,
     num_permutations: int = 16,
     *,
@@ -298,6 +365,7 @@ def mutual_information(
     generator: torch.Generator | None = None,
     max_order: int = MAX_EXACT_ORDER,
     progress: bool | None = None,
+    method: str | None = None,
 ) -> MIEstimate:
     """Estimate ``I(g; w) = E_{w~q}[log q(w) - log q_sym(w)]`` with its standard error.
 
@@ -308,17 +376,17 @@ def mutual_information(
         flat distribution with ``layout``, a :class:`~pyro_symmetry.Symmetrized`).
     spec : PermutationSpec, optional
         Defaults to the guide's/distribution's own spec.
-    method : {"exact", "permanent", "contrastive", "importance", "auto"}
+    estimator : {"exact", "permanent", "contrastive", "importance", "auto"}
         ``"auto"``: exact enumeration if ``|G| <= 10^4``, else the permanent if
         the groups are decoupled (one hidden layer), ``q`` is mean-field and the
         widths are at most 20, else ``"importance"``. For a symmetrized guide this
         is independent of the estimator it trains with (a measurement wants the
         tightest affordable estimate, not the training bound): pass
-        ``method=guide.estimator, num_permutations=guide.num_permutations`` for that.
+        ``estimator=guide.estimator, num_permutations=guide.num_permutations`` for that.
     num_samples : int
-        Draws ``w ~ q`` (the Monte Carlo over ``w``).
+        Draws ``w ~ q`` (the Monte Carlo over ``w``; not group elements).
     num_permutations : int
-        ``K`` for the bounds (identity included).
+        ``K``, the group elements per draw of the bounds (identity included).
     layout, beta, batch_size, generator, max_order
         Flat layout; proposal inverse temperature (``>= 0``); draws of ``w`` taken
         at once (the estimators then work through the elements and draws of a batch
@@ -333,10 +401,13 @@ def mutual_information(
         more than 10 s in all (e.g. ``"importance"`` on a layer of width 1000, about
         0.1-0.2 s per draw at K = 16); ``True``/``False``: always/never.
 
+    method : str, optional
+        Deprecated alias of ``estimator`` (warns).
+
     Returns
     -------
     MIEstimate
-        ``value`` (nats), ``stderr``, resolved ``method``, ...
+        ``value`` (nats), ``stderr``, resolved ``estimator``, ...
 
     Raises
     ------
@@ -348,16 +419,17 @@ def mutual_information(
 
     Examples
     --------
-    >>> est = ps.mutual_information(guide, method="importance", num_permutations=16)
+    >>> est = ps.mutual_information(guide, estimator="importance", num_permutations=16)
     >>> print(f"I = {est.value:.2f} +- {est.stderr:.2f} (log|G| = {est.log_order:.1f})")
     """
+    estimator = estimator_argument(estimator, method, where="mutual_information")
     check_int("num_samples", num_samples, minimum=2)
     check_int("batch_size", batch_size, minimum=1)
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None, got {type(progress).__name__}")
     beta = _check_options(beta, generator, max_order)
     base = base_of(q_or_guide, spec, layout)
-    m = resolve_method(base, method, max_order)
+    m = resolve_method(base, estimator, max_order)
     K = _check_k(num_permutations) if m in ("contrastive", "importance") else None
     terms = []
     bar = _Progress(num_samples, progress, f"I(g; w), {m}")
@@ -374,7 +446,7 @@ def mutual_information(
     return MIEstimate(
         value=float(t.mean()),
         stderr=float(t.std() / math.sqrt(t.numel())),
-        method=m,
+        estimator=m,
         num_samples=num_samples,
         num_permutations=K,
         log_order=base.spec.log_order,
