@@ -227,3 +227,21 @@ def test_an_output_directory_reads_back_without_its_reference(tmp_path):
         assert back.names == list(summary.outputs)  # the barycenter is not mixed in
     explicit = ps.collections.from_files([tmp_path / "aligned" / "_reference.pt"], SPEC)
     assert len(explicit) == 1  # named explicitly: read as given
+
+
+def test_a_corrupt_file_is_named_by_the_generic_entry_points(files, tmp_path):
+    for p in sorted(files.glob("*.pt")):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    data = (tmp_path / "run2_1.pt").read_bytes()
+    (tmp_path / "run2_1.pt").write_bytes(data[: len(data) // 2])
+    coll = ps.collections.from_files(tmp_path / "*.pt", SPEC)
+    for method in ("memory", "streamed", "random_features"):
+        with pytest.raises(ps.collections.CheckpointError, match=r"run2_1\.pt.*(corrupt|truncated)"):
+            ps.diagnostics.mmd(coll[:8], coll[8:], method=method, num_permutations=10)
+    tree = ps.diagnostics.to_inference_data(coll, chains=4)  # lazy: nothing read yet
+    with pytest.raises(ps.collections.CheckpointError, match=r"run2_1\.pt"):
+        tree["posterior"]["fc1.bias"].values
+    skipping = ps.collections.from_files(tmp_path / "*.pt", SPEC, on_error="skip")
+    with pytest.warns(UserWarning, match=r"run2_1\.pt"):
+        res = ps.diagnostics.mmd(skipping[:8], skipping[8:], method="streamed", num_permutations=10)
+    assert res.mmd2 == res.mmd2  # computed without the bad file (15 checkpoints)

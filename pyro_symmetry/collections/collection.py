@@ -117,7 +117,9 @@ class Collection:
         if self.on_error == "raise":
             raise err
         if name not in self.errors:
-            self.errors[name] = str(err)
+            text, prefix = str(err), f"{name}: "
+            # the name is the key: keep the reason only (re-raised as CheckpointError(name, reason))
+            self.errors[name] = text[len(prefix) :] if text.startswith(prefix) else text
             warnings.warn(f"skipping checkpoint {err}", stacklevel=3)
 
     @property

@@ -23,12 +23,12 @@ from ..collections._formats import CheckpointError
 from .convergence import ConvergenceSummary
 from .inference_data import site_dims
 
-__all__ = ["chain_groups", "column_passes", "posterior_moments", "rhat_ess", "to_inference_data"]
+__all__ = ["chain_groups", "column_passes", "posterior_moments", "rhat_ess", "to_inference_data", "usable_indices"]
 
 _DEFAULT_BYTES = 256 << 20
 
 
-def _usable(collection: Collection) -> list[int]:
+def usable_indices(collection: Collection) -> list[int]:
     """Indices of the checkpoints to use: all, or (``on_error="skip"``) those that validate."""
     if collection.on_error == "skip":
         collection.validate()
@@ -50,7 +50,7 @@ def chain_groups(collection: Collection, chains: Any = None) -> list[list[int]]:
         draws. With ``on_error="skip"`` bad checkpoints are found first (one read of every
         file) and left out.
     """
-    use = _usable(collection)
+    use = usable_indices(collection)
     if chains is None:
         groups = [use]
     elif isinstance(chains, int) and not isinstance(chains, bool):

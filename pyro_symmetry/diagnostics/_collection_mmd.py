@@ -32,7 +32,7 @@ import torch
 from .._validation import check_int, check_real
 from ..collections import Collection
 from ..groups import SpecError
-from ._collection_data import column_passes
+from ._collection_data import column_passes, usable_indices
 
 __all__ = ["CollectionMMD", "mmd"]
 
@@ -283,7 +283,8 @@ def mmd(
     Parameters
     ----------
     x, y : Collection
-        Checkpoints of one network (the points; the means of Gaussian checkpoints). To
+        Checkpoints of one network (the points; the means of Gaussian checkpoints); with
+        ``on_error="skip"`` the bad ones are found first and left out. To
         compare modulo symmetry, canonicalize or align *both* first, to one reference
         computed from the pooled checkpoints (e.g. ``pooled.align("barycenter", out)``
         then split ``summary.collection(spec)``), which keeps the permutation test valid.
@@ -325,6 +326,10 @@ def mmd(
         check_int("num_bandwidths", num_bandwidths, minimum=1)
         check_real("bandwidth_ratio", bandwidth_ratio, positive=True)
     sites = _check_pair(x, y, sites)
+    # on_error="skip": find the bad checkpoints first (one read of every file) and leave them out
+    x, y = (c[usable_indices(c)] if c.on_error == "skip" else c for c in (x, y))
+    if len(x) < 2 or len(y) < 2:
+        raise ValueError(f"MMD needs at least 2 readable checkpoints on each side, got {len(x)} and {len(y)}")
     n, m = len(x), len(y)
     total, dim = n + m, sum(math.prod(x.signature.shapes[s]) for s in sites)
     if method == "auto":
