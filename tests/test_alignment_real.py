@@ -206,3 +206,248 @@ def test_alignment_reads_the_group_action_only():
                     assert not any(a.name.startswith("_") for a in node.names), (path.name, node.module)
             if isinstance(node, ast.Attribute):
                 assert node.attr not in banned, (path.name, node.lineno, node.attr)
+
+
+# ---------------------------------------------------------------------------- constrained latents
+def _noise_model(x, y=None):
+    import pyro
+    import pyro.distributions as dist
+
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(x @ w, sigma), obs=y)
+
+
+def _fit(seed, x, y):
+    import pyro
+    from pyro.infer.autoguide import AutoNormal
+
+    pyro.set_rng_seed(seed)
+    guide = AutoNormal(_noise_model, init_scale=0.5)
+    svi = pyro.infer.SVI(_noise_model, guide, pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    for _ in range(5):
+        svi.step(x, y)
+    return guide
+
+
+def test_interpolated_points_keep_the_guides_transforms():
+    """A learned positive noise scale: its (loc, scale) live in the guide's unconstrained space;
+    the interpolated point, the aligned run and the barrier's path map draws to the model's space
+    with the guide's transform (before: the loss saw the unconstrained value)."""
+    import pyro
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=gen)
+    y = x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(20, generator=gen)
+    with pyro.get_param_store().scope():
+        g0 = _fit(0, x, y)
+    with pyro.get_param_store().scope():
+        g1 = _fit(1, x, y)
+    # Push the noise scale's unconstrained loc below zero: exp(loc) is still a valid scale.
+    for g, v in ((g0, -2.0), (g1, -1.0)):
+        g.locs.sigma.data.fill_(v)
+    mid = ps.interpolate(g0, g1, 0.5)
+    assert isinstance(mid["sigma"], tuple)  # still a mapping site -> (loc, scale)
+    assert float(mid["sigma"][0].detach()) == pytest.approx(-1.5)
+    draws = ps.as_posterior(mid).draws(200, generator=torch.Generator().manual_seed(0))
+    assert bool((draws["sigma"] > 0).all())
+    loss = ps.nll_loss(_noise_model, x, y, num_samples=8)
+    res = ps.loss_barrier(loss, g0, g1, num_points=3)
+    assert torch.isfinite(res.losses).all()
+    assert float(res.losses[0]) == pytest.approx(loss(g0), rel=1e-12)
+    assert float(res.losses[-1]) == pytest.approx(loss(g1), rel=1e-12)
+    # aligned runs and barycenters keep them too (no group acts on these sites)
+    spec = PermutationSpec({"h": NeuronGroup(3, incoming=[("w", -1)])})
+    aligned = ps.align(g0, g1, spec).aligned
+    assert set(ps.as_posterior(aligned).transforms) == {"sigma"}
+    many = ps.align_many([g0, g1], spec)
+    assert set(ps.as_posterior(many.barycenter).transforms) == {"sigma"}
+    assert float(ps.loss_barrier(loss, many.aligned[0], many.aligned[1], 3).losses[0]) == pytest.approx(loss(g0))
+
+
+def test_posteriors_in_different_spaces_are_refused():
+    from pyro_symmetry.alignment.inputs import Marginals
+
+    q = {"s": (torch.zeros(2), torch.ones(2))}
+    a = Marginals(q, {"s": torch.distributions.ExpTransform()})
+    b = Marginals(q, {"s": torch.distributions.SigmoidTransform()})
+    with pytest.raises(ValueError, match="site 's' is mapped"):
+        ps.interpolate(a, b, 0.5)
+    assert ps.as_posterior(ps.interpolate(a, q, 0.5)).transforms == {"s": torch.distributions.ExpTransform()}
+
+
+# ---------------------------------------------------------------------------- ResNets, many runs
+def _resnet_runs(num_runs, noise, seed=0):
+    """A small BatchNorm ResNet (``ps.models.resnet``, spec of ``BayesianResNet``) with random
+    running statistics, and ``num_runs`` copies moved by planted elements (plus noise)."""
+    torch.manual_seed(seed)
+    net = ps.models.resnet(1, 4, blocks=(1, 1, 1), norm="batchnorm").double().eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.running_mean is not None:
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    spec = ps.models.BayesianResNet(1, (8, 8), 4, blocks=(1, 1, 1)).spec
+    params = {k: v.clone() for k, v in net.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    planted = [spec.identity()] + [spec.sample(generator=gen) for _ in range(num_runs - 1)]
+    runs = []
+    for g in planted:
+        moved = spec.apply(params, g)
+        runs.append(
+            {
+                k: v + noise * torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point() else v
+                for k, v in moved.items()
+            }
+        )
+    return net, spec, params, planted, runs
+
+
+def test_align_many_recovers_planted_resnet_runs_and_keeps_the_function():
+    net, spec, params, planted, runs = _resnet_runs(3, 1e-4)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    for reference in (0, "barycenter"):
+        res = ps.align_many(runs, spec, reference=reference, method="weights", seed=0)
+        for r, g in enumerate(planted):
+            assert _is_identity(spec, spec.compose(res.permutations[r], g)), (reference, r)
+        assert res.converged and res.objective.dtype == torch.float64 and res.objective.shape == (3,)
+        with torch.no_grad():
+            for r in range(3):
+                got = torch.func.functional_call(net, res.aligned[r], (x,))
+                torch.testing.assert_close(got, net(x), rtol=1e-2, atol=1e-2)
+        assert len(repr(res)) < 200
+
+
+def test_align_samples_on_a_resnet_undoes_label_switching():
+    net, spec, params, planted, runs = _resnet_runs(4, 0.0)
+    stacked = {k: torch.stack([r[k] for r in runs]) for k in spec.sites}
+    res = ps.align_samples(stacked, spec)
+    for b in range(4):
+        assert _is_identity(spec, spec.compose({k: v[b] for k, v in res.permutation.items()}, planted[b]))
+        for k in spec.sites:
+            torch.testing.assert_close(res.aligned[k][b], params[k], rtol=0, atol=1e-12)
+    assert bool(res.converged.all()) and res.objective.dtype == torch.float64
+    assert len(repr(res)) < 200
+
+
+def test_result_reprs_are_short():
+    net, spec, params, planted, runs = _resnet_runs(2, 0.0)
+    res = ps.align(runs[0], runs[1], spec, method="weights")
+    assert repr(res).startswith("AlignmentResult(") and len(repr(res)) < 200
+    assert isinstance(res.objective, list) and all(isinstance(v, float) for v in res.objective)
+    assert repr(res.aligned).startswith("Marginals(point") and len(repr(res.aligned)) < 300
+    barrier = ps.loss_barrier(lambda q: float(sum(v.double().sum() for v in q.values())), runs[0], runs[1], 3)
+    assert repr(barrier).startswith("BarrierResult(") and len(repr(barrier)) < 200
+
+
+# ---------------------------------------------------------------------------- BatchNorm reset
+def _bn_net(seed):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(12, 2)
+    ).double()
+    net[1].running_mean.normal_()
+    net[1].running_var.uniform_(0.5, 2.0)
+    net[1].weight.data.normal_()
+    return net.eval()
+
+
+def _hand_reset(net0, net1, t, x):
+    """The conv output's batch mean and unbiased variance per channel, at the lerped conv."""
+    w = torch.lerp(net0[0].weight, net1[0].weight, t).detach()
+    b = torch.lerp(net0[0].bias, net1[0].bias, t).detach()
+    h = torch.nn.functional.conv2d(x, w, b)
+    return h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)
+
+
+def test_barrier_recomputes_batchnorm_statistics_at_every_point():
+    net0, net1 = _bn_net(0), _bn_net(1)
+    x = torch.randn(16, 1, 4, 4, dtype=torch.float64)
+    from pyro_symmetry._state import snapshot
+
+    stats0 = net0[1].running_mean.clone()
+    before = snapshot()
+    mid = ps.interpolate(net0, net1, 0.5, data=x)
+    mean, var = _hand_reset(net0, net1, 0.5, x)
+    torch.testing.assert_close(mid["1.running_mean"], mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mid["1.running_var"], var, rtol=1e-12, atol=1e-12)
+    plain = ps.interpolate(net0, net1, 0.5, data=x, reset_bn=False)
+    torch.testing.assert_close(plain["1.running_mean"], (net0[1].running_mean + net1[1].running_mean) / 2)
+    seen = []
+
+    def loss(q):
+        seen.append({k: v.clone() for k, v in q.items()})
+        with torch.no_grad():
+            return float(torch.func.functional_call(net0, dict(q), (x,)).pow(2).mean())
+
+    res = ps.loss_barrier(loss, net0, net1, num_points=3, data=x)
+    for t, q in zip((0.0, 0.5, 1.0), seen):
+        mean, var = _hand_reset(net0, net1, t, x)
+        torch.testing.assert_close(q["1.running_mean"], mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(q["1.running_var"], var, rtol=1e-12, atol=1e-12)
+    # the barrier is computed from those losses; without data, from the interpolated statistics
+    assert float(res.losses[1]) == pytest.approx(loss(seen[1]))
+    stale = ps.loss_barrier(loss, net0, net1, num_points=3)
+    assert float(stale.losses[1]) != pytest.approx(float(res.losses[1]))
+    assert not net0.training and torch.equal(net0[1].running_mean, stats0)  # the caller's network: untouched
+    assert snapshot() == before
+    with pytest.raises(ValueError, match="needs data="):
+        ps.interpolate(net0, net1, 0.5, reset_bn=True)
+    with pytest.raises(ValueError, match="nn.Module with BatchNorm"):
+        ps.interpolate(dict(net0.state_dict()), net1, 0.5, data=x, reset_bn=True)
+
+
+# ---------------------------------------------------------------------------- activation matching
+def _moved_copy(net, spec, g):
+    import copy
+
+    other = copy.deepcopy(net)
+    other.load_state_dict(spec.apply(dict(net.state_dict()), g))
+    return other
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU, torch.nn.Tanh])
+def test_activation_matching_recovers_a_planted_mlp_permutation(act):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), act(), torch.nn.Linear(8, 6), act(), torch.nn.Linear(6, 3)
+    ).double()
+    spec = PermutationSpec.from_module(net)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    for seed in range(3):
+        g = spec.sample(generator=torch.Generator().manual_seed(seed))
+        other = _moved_copy(net, spec, g)
+        res = ps.align(net, other, spec, method="activations", data=x)
+        assert _is_identity(spec, spec.compose(res.permutation, g))
+        assert res.objective[-1] == pytest.approx(0.0, abs=1e-20) and res.objective[0] > 0
+        with torch.no_grad():
+            got = torch.func.functional_call(net, dict(res.aligned), (x,))
+            torch.testing.assert_close(got, net(x), rtol=1e-12, atol=1e-12)
+
+
+def test_activation_matching_on_a_resnet_sums_the_stream():
+    net, spec, params, planted, runs = _resnet_runs(2, 0.0)
+    x = torch.randn(32, 1, 8, 8, dtype=torch.float64)
+    other = _moved_copy(net, spec, planted[1])
+    res = ps.align(net, other, spec, method="activations", data=[x[:16], x[16:]])
+    assert _is_identity(spec, spec.compose(res.permutation, planted[1]))
+    with torch.no_grad():
+        got = torch.func.functional_call(net, dict(res.aligned), (x,))
+        torch.testing.assert_close(got, net(x), rtol=1e-10, atol=1e-10)
+    # points of the network (a state dict) with module=
+    res2 = ps.align(dict(net.state_dict()), dict(other.state_dict()), spec, method="activations", data=x, module=net)
+    assert _is_identity(spec, spec.compose(res2.permutation, planted[1]))
+
+
+def test_activation_matching_says_what_it_cannot_do():
+    net, spec, *_ = _vit_and_transformer()[0]
+    with pytest.raises(ps.SpecError, match="nested groups"):
+        ps.align(net, net, spec, method="activations", data=torch.randn(2, 3, 8, 8))
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    spec = ps.mlp_spec(["a", "b"], [4])  # its sites are not the module's parameters
+    params = {"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4), "b.weight": torch.randn(2, 4)}
+    params["b.bias"] = torch.randn(2)
+    with pytest.raises(ps.SpecError, match="group 'a'"):
+        ps.align(params, params, spec, method="activations", data=torch.randn(5, 3), module=mlp)
+    with pytest.raises(ValueError, match="needs data="):
+        ps.align(mlp, mlp, ps.PermutationSpec.from_module(mlp), method="activations")

@@ -228,11 +228,6 @@ def test_barriers_of_user_models_without_functional():
     _check_default_barriers(DeepBNN, deep_spec(), _classification())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ps.interpolate returns (loc, scale) in the guide's unconstrained space without its transforms, so the "
-    "loss along the path sees a negative Gamma noise scale (the lead is fixing interpolate)",
-)
 def test_barriers_of_a_model_with_a_constrained_latent():
     _check_default_barriers(TutorialBNN, tutorial_spec(), _regression())
 

@@ -2,9 +2,11 @@
 
 :func:`align` matches one posterior to another (Wasserstein or weight matching, by
 coordinate descent over neuron groups with linear assignments, signed for odd
-activations); :func:`align_many` aligns several runs to one or to their barycenter;
+activations, attention heads and their dims jointly; or activation matching on data);
+:func:`align_many` aligns several runs to one or to their barycenter;
 :func:`align_samples` aligns every sample of a batch (MCMC chains, ensembles);
-:func:`interpolate` and :func:`loss_barrier` measure linear mode connectivity.
+:func:`interpolate` and :func:`loss_barrier` measure linear mode connectivity (BatchNorm
+statistics recomputed on data at every point; guides' transforms kept).
 """
 
 from .barrier import (

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from .._validation import check_callable, check_finite, check_int, check_real, check_tensor
-from .inputs import check_dtypes, check_sites, read_posterior
+from .bnreset import has_running_stats, reset_batchnorm
+from .inputs import Marginals, check_dtypes, check_sites, merge_transforms, read_posterior
 
 __all__ = [
     "BarrierResult",
@@ -48,7 +49,7 @@ def _lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return torch.lerp(a, b.to(a.dtype), t)
 
 
-def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
+def interpolate(q0: Any, q1: Any, t: float, *, data: Any = None, reset_bn: bool | None = None) -> dict[str, Any]:
     """The point at ``t`` on the W2 geodesic from ``q0`` to ``q1``.
 
     Parameters
@@ -58,13 +59,27 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
         (``site -> tensor``), with the same sites and shapes. Align first
         (``q1 = align(q0, q1, spec).aligned``) to interpolate modulo symmetry.
     t : float in [0, 1]
+    data : Tensor, tuple of forward arguments, or iterable of batches, optional
+        Inputs on which BatchNorm running statistics are recomputed (see ``reset_bn``).
+    reset_bn : bool, optional
+        Recompute the running statistics of every BatchNorm of the network at the point
+        (REPAIR-style reset; Jordan et al. 2023): interpolated statistics belong to no
+        network on the path. Default: ``True`` when ``q0`` is an ``nn.Module`` with
+        BatchNorm running statistics and ``data`` is given, else ``False``. Needs ``q0`` to
+        be that module (``q1`` may be a module or a state dict, e.g. an aligned one); see
+        :func:`~pyro_symmetry.alignment.bnreset.reset_batchnorm`. The result is then
+        detached (statistics are not differentiable).
 
     Returns
     -------
-    dict
-        ``site -> (loc_t, scale_t)`` with ``loc_t = (1 - t) loc0 + t loc1`` and
+    Marginals
+        A dict ``site -> (loc_t, scale_t)`` with ``loc_t = (1 - t) loc0 + t loc1`` and
         ``scale_t = (1 - t) scale0 + t scale1``, or ``site -> (1 - t) w0 + t w1``.
-        ``t = 0`` and ``t = 1`` give the inputs exactly.
+        ``t = 0`` and ``t = 1`` give the inputs exactly. It is also a
+        :class:`~pyro_symmetry.Posterior` that keeps the guides' transforms: a latent site
+        with a constrained support (a learned positive noise scale) is interpolated in the
+        guide's unconstrained space, as the guide parameterizes it, and a loss that draws
+        from the point (:func:`~pyro_symmetry.nll_loss`) maps its draws to the model's space.
 
     Notes
     -----
@@ -77,20 +92,60 @@ def interpolate(q0: Any, q1: Any, t: float) -> dict[str, Any]:
     t = check_real("t", t)
     if not 0.0 <= t <= 1.0:
         raise ValueError(f"t must lie in [0, 1], got {t}")
-    return _interpolate(read_posterior(q0, "q0", detach=False), read_posterior(q1, "q1", detach=False), t)
+    reset = _reset_option(q0, data, reset_bn)
+    r0 = read_posterior(q0, "q0", detach=reset is not None, transforms=True)
+    r1 = read_posterior(q1, "q1", detach=reset is not None, transforms=True)
+    return _at(r0, r1, t, None, reset)
 
 
-def _interpolate(r0: tuple, r1: tuple, t: float) -> dict[str, Any]:
-    """:func:`interpolate` between two posteriors read by ``read_posterior``."""
-    (f0, mu0, sd0), (f1, mu1, sd1) = r0, r1
+def _reset_option(q0: Any, data: Any, reset_bn: bool | None) -> tuple | None:
+    """``(module, data)`` when BatchNorm statistics are to be recomputed along the path, else None."""
+    if reset_bn is not None and not isinstance(reset_bn, bool):
+        raise TypeError(f"reset_bn must be None or a bool, got {reset_bn!r}")
+    if reset_bn is None:
+        reset_bn = data is not None and has_running_stats(q0)
+    if not reset_bn:
+        return None
+    if not has_running_stats(q0):
+        raise ValueError(
+            "reset_bn=True needs q0 to be an nn.Module with BatchNorm running statistics (got a "
+            f"{type(q0).__name__}); pass the network itself"
+        )
+    if data is None:
+        raise ValueError("reset_bn=True needs data= (inputs on which the BatchNorm statistics are recomputed)")
+    return q0, data
+
+
+def _at(r0: tuple, r1: tuple, t: float, transforms: dict | None, reset: tuple | None) -> Marginals:
+    """The point at ``t``, with its BatchNorm statistics recomputed when ``reset`` is given."""
+    point = _interpolate(r0, r1, t, transforms)
+    if reset is None:
+        return point
+    if point.form != "point":
+        raise ValueError("reset_bn applies to networks (points): q0 and q1 are Gaussian posteriors")
+    return Marginals(reset_batchnorm(reset[0], point, reset[1]), point.transforms)
+
+
+def _check_pair(r0: tuple, r1: tuple) -> dict[str, Any]:
+    """Two posteriors read by ``read_posterior(..., transforms=True)`` can be interpolated:
+    one form, the same sites, shapes and dtypes; their transforms (merged)."""
+    (f0, mu0, sd0, tr0), (f1, mu1, sd1, tr1) = r0, r1
     if f0 != f1:
         raise ValueError(f"q0 is {f0} but q1 is {f1}: both must be Gaussian or both points")
     check_sites({"q0": mu0, "q1": mu1})
     floating = [k for k in mu0 if mu0[k].is_floating_point() or mu1[k].is_floating_point()]
     check_dtypes(floating, {"q0": mu0, "q1": mu1}, {"q0": sd0, "q1": sd1})
+    return merge_transforms({"q0": tr0, "q1": tr1})
+
+
+def _interpolate(r0: tuple, r1: tuple, t: float, transforms: dict | None = None) -> Marginals:
+    """:func:`interpolate` between two posteriors read by ``read_posterior(..., transforms=True)``."""
+    if transforms is None:
+        transforms = _check_pair(r0, r1)
+    (f0, mu0, sd0, _), (_, mu1, sd1, _) = r0, r1
     if f0 == "point":
-        return {k: _lerp(mu0[k], mu1[k], t) for k in mu0}
-    return {k: (_lerp(mu0[k], mu1[k], t), _lerp(sd0[k], sd1[k], t)) for k in mu0}
+        return Marginals({k: _lerp(mu0[k], mu1[k], t) for k in mu0}, transforms)
+    return Marginals({k: (_lerp(mu0[k], mu1[k], t), _lerp(sd0[k], sd1[k], t)) for k in mu0}, transforms)
 
 
 @dataclass(frozen=True)
@@ -110,9 +165,20 @@ class BarrierResult:
     losses: torch.Tensor
     barrier: float
 
+    def __repr__(self) -> str:
+        ends = f"{float(self.losses[0]):.6g} -> {float(self.losses[-1]):.6g}"
+        return f"BarrierResult(barrier={self.barrier:.6g}, points={self.t.numel()}, losses {ends})"
+
 
 def loss_barrier(
-    loss_fn: Callable[[Any], float], q0: Any, q1: Any, num_points: int = 25, *, progress: bool = False
+    loss_fn: Callable[[Any], float],
+    q0: Any,
+    q1: Any,
+    num_points: int = 25,
+    *,
+    data: Any = None,
+    reset_bn: bool | None = None,
+    progress: bool = False,
 ) -> BarrierResult:
     """Loss barrier along the W2 geodesic (or straight line) from ``q0`` to ``q1``.
 
@@ -125,6 +191,11 @@ def loss_barrier(
         As in :func:`interpolate`.
     num_points : int
         Evenly spaced ``t`` in ``[0, 1]``, endpoints included (>= 2).
+    data, reset_bn
+        As in :func:`interpolate`: by default the BatchNorm running statistics of a network
+        ``q0`` are recomputed on ``data`` at every point of the grid (endpoints included),
+        so that the barrier measures the networks, not stale statistics (REPAIR; Jordan et
+        al. 2023).
     progress : bool
         Show a progress bar over ``t``.
 
@@ -154,8 +225,11 @@ def loss_barrier(
         from tqdm.auto import tqdm
 
         grid = tqdm(grid, desc="loss barrier", leave=False)
-    r0, r1 = read_posterior(q0, "q0"), read_posterior(q1, "q1")
-    losses = torch.tensor([_loss_value(loss_fn, _interpolate(r0, r1, t), t) for t in grid], dtype=torch.float64)
+    r0, r1 = read_posterior(q0, "q0", transforms=True), read_posterior(q1, "q1", transforms=True)
+    transforms = _check_pair(r0, r1)
+    reset = _reset_option(q0, data, reset_bn)
+    losses = [_loss_value(loss_fn, _at(r0, r1, t, transforms, reset), t) for t in grid]
+    losses = torch.tensor(losses, dtype=torch.float64)
     chord = torch.lerp(losses[0].expand_as(ts), losses[-1].expand_as(ts), ts)
     return BarrierResult(ts, losses, float((losses - chord).max()))
 

@@ -5,20 +5,23 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import pyro.distributions as dist
 import torch
 
 from .._validation import check_devices, check_int, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError, decode_signed
-from ..posterior import read
+from ..posteriors import Posterior, as_posterior
 
 __all__ = [
     "METHODS",
+    "Marginals",
     "apply_gaussian",
     "bind_spec",
     "check_dtypes",
     "check_method",
     "check_options",
     "check_sites",
+    "merge_transforms",
     "read_posterior",
     "rest_distance",
     "sq_norm",
@@ -33,16 +36,74 @@ def sq_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=-1, dtype=torch.float64).pow(2)
 
 
-def read_posterior(
-    q: Any, name: str, *, detach: bool = True
-) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """``(form, means or points, standard deviations or None)`` of any posterior form.
+def read_posterior(q: Any, name: str, *, detach: bool = True, transforms: bool = False) -> tuple:
+    """``(form, means or points, standard deviations or None)`` of any posterior form, and
+    with ``transforms`` its unconstrained -> constrained maps ``site -> Transform`` (a
+    guide's latent sites with a constrained support, e.g. a learned positive noise scale).
 
     Values are detached unless ``detach=False`` (alignment is a discrete search with no
     gradient); every tensor must hold values (not on the meta device) on one device.
     Errors name the posterior as ``name`` (``"q1"``, ``"posteriors[2]"``).
     """
-    return read(q, name, detach=detach)
+    post = as_posterior(q, name=name, detach=detach)
+    if post.form == "point":
+        out = ("point", post.point(), None)
+    else:
+        loc, scale = post.gaussian()  # raises, naming the form, when there are no Gaussian marginals
+        out = ("gaussian", loc, scale)
+    return (*out, dict(post.transforms)) if transforms else out
+
+
+def merge_transforms(named: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The union of the posteriors' transforms (``name -> site -> Transform``); a site two
+    posteriors map differently raises a ``ValueError`` naming both."""
+    out: dict[str, Any] = {}
+    first: dict[str, str] = {}
+    for name, transforms in named.items():
+        for site, t in transforms.items():
+            if site in out and out[site] != t:
+                raise ValueError(
+                    f"site {site!r} is mapped to its support by {out[site]} in {first[site]} but by {t} in {name}; "
+                    "the posteriors must live in one space"
+                )
+            out.setdefault(site, t)
+            first.setdefault(site, name)
+    return out
+
+
+class Marginals(dict, Posterior):
+    """A mapping ``site -> (loc, scale)`` (or ``site -> tensor`` for a point) that is also a
+    :class:`~pyro_symmetry.Posterior` keeping a guide's transforms.
+
+    What :func:`~pyro_symmetry.align` (``aligned``), :func:`~pyro_symmetry.align_many` and
+    :func:`~pyro_symmetry.interpolate` return: index it as a dict; pass it to a loss, and
+    :func:`~pyro_symmetry.as_posterior` reads it with the transforms of the guides it came
+    from, so latent sites with a constrained support (a learned positive noise scale,
+    whose ``(loc, scale)`` live in the guide's unconstrained space) are drawn in the
+    model's space.
+    """
+
+    def __init__(self, values: Mapping[str, Any], transforms: Mapping[str, Any] | None = None, name: str = "") -> None:
+        dict.__init__(self, values)
+        dists = {}
+        for k, v in values.items():
+            if torch.is_tensor(v):
+                dtype = v.dtype if v.is_floating_point() else torch.get_default_dtype()
+                dists[k] = dist.Delta(v, log_density=v.new_zeros((), dtype=dtype), event_dim=v.dim())
+            else:
+                loc, scale = v
+                dists[k] = dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
+        transforms = {k: t for k, t in (transforms or {}).items() if k in values}
+        Posterior.__init__(self, dists=dists, transforms=transforms, name=name or "the posterior", source=None)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{k}: {tuple(s)}" for k, s in list(self.sites.items())[:4])
+        more = "" if len(self.sites) <= 4 else f", ... ({len(self.sites)} sites)"
+        extra = f", transforms={sorted(self.transforms)}" if self.transforms else ""
+        return f"Marginals({self.form}, {{{shapes}{more}}}{extra})"
+
+    def __reduce__(self) -> tuple:
+        return (Marginals, (dict(self), self.transforms, self.name))
 
 
 def check_sites(
@@ -180,3 +241,12 @@ def apply_gaussian(
     """``g.N(loc, scale^2)``: means move with signs, standard deviations without."""
     new_loc, new_scale = spec.apply(loc, perm), spec.apply(scale, unsigned(perm))
     return {k: (new_loc[k], new_scale[k]) for k in loc}
+
+
+def act_on(
+    spec: PermutationSpec, form: str, mu: Mapping, sd: Mapping | None, perm: Mapping, transforms: Mapping
+) -> Marginals:
+    """``g.q`` in ``q``'s form (points or ``(loc, scale)``), keeping ``q``'s transforms (the
+    sites they map, a noise scale, are not moved by any group)."""
+    values = spec.apply(mu, perm) if form == "point" else apply_gaussian(spec, mu, sd, perm)
+    return Marginals(values, transforms)

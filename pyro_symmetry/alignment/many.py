@@ -26,12 +26,14 @@ from .._validation import check_devices, check_finite, check_int, check_spec
 from ..groups import PermutationSpec, SpecError
 from .core import Channels, Solution, coordinate_descent
 from .inputs import (
-    apply_gaussian,
+    Marginals,
+    act_on,
     bind_spec,
     check_dtypes,
     check_method,
     check_options,
     check_sites,
+    merge_transforms,
     read_posterior,
     rest_distance,
     sq_norm,
@@ -74,6 +76,12 @@ class ManyAlignment:
     iterations: int
     converged: bool
 
+    def __repr__(self) -> str:
+        return (
+            f"ManyAlignment(runs={len(self.permutations)}, objective={_summary(self.objective)}, "
+            f"iterations={self.iterations}, converged={self.converged})"
+        )
+
 
 @dataclass(frozen=True)
 class SampleAlignment:
@@ -106,6 +114,20 @@ class SampleAlignment:
     objective: torch.Tensor
     converged: torch.Tensor
     iterations: int
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleAlignment(batch={tuple(self.converged.shape)}, objective={_summary(self.objective[..., -1])}, "
+            f"converged={int(self.converged.sum())}/{self.converged.numel()}, iterations={self.iterations})"
+        )
+
+
+def _summary(x: torch.Tensor) -> str:
+    """``mean [min, max]`` of a float tensor, for short reprs."""
+    if x.numel() == 0:
+        return "[]"
+    x = x.double()
+    return f"{float(x.mean()):.6g} [{float(x.min()):.6g}, {float(x.max()):.6g}]"
 
 
 def _mean_aligned(
@@ -200,7 +222,9 @@ def align_many(
         raise ValueError("posteriors is empty")
     check_spec(spec)
     names = [f"posteriors[{r}]" for r in range(len(posteriors))]
-    read = [read_posterior(q, name) for q, name in zip(posteriors, names)]
+    full = [read_posterior(q, name, transforms=True) for q, name in zip(posteriors, names)]
+    read = [r[:3] for r in full]
+    transforms = [r[3] for r in full]
     check_method(method, {name: f for name, (f, _, _) in zip(names, read)})
     means = {name: mu for name, (_, mu, _) in zip(names, read)}
     check_sites(means, spec.sites)
@@ -232,13 +256,14 @@ def align_many(
     aligned = []
     for r, (form, mu, sd) in enumerate(read):
         if form == "point":
-            aligned.append({s: al_mu[s][r] for s in sites})
+            aligned.append(Marginals({s: al_mu[s][r] for s in sites}, transforms[r]))
         else:
-            aligned.append(apply_gaussian(spec, mu, sd, perms[r]))
+            aligned.append(act_on(spec, form, mu, sd, perms[r], transforms[r]))
     # Integer buffers (BatchNorm's num_batches_tracked) have no mean: keep the first run's.
     bary_mu = {s: al_mu[s].mean(0) if al_mu[s].is_floating_point() else al_mu[s][0] for s in sites}
     bary_sd = {s: al_sd[s].mean(0) for s in sites} if gaussian else None
-    barycenter: dict[str, Any] = {s: (bary_mu[s], bary_sd[s]) for s in sites} if gaussian else bary_mu
+    values = {s: (bary_mu[s], bary_sd[s]) for s in sites} if gaussian else bary_mu
+    barycenter = Marginals(values, merge_transforms(dict(zip(names, transforms))))
     if bary:
         # The cost to the barycenter returned: if the refinement stopped at max_iters (not
         # converged), the last permutations were chosen against the one before it.

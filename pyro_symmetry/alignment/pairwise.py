@@ -10,9 +10,10 @@ import torch
 
 from .._validation import check_spec
 from ..groups import PermutationSpec
+from .activations import activation_matching
 from .core import coordinate_descent
 from .inputs import (
-    apply_gaussian,
+    act_on,
     bind_spec,
     check_dtypes,
     check_method,
@@ -20,6 +21,7 @@ from .inputs import (
     check_sites,
     read_posterior,
     rest_distance,
+    sq_norm,
 )
 
 __all__ = ["AlignmentResult", "align"]
@@ -53,6 +55,13 @@ class AlignmentResult:
     converged: bool
     sweeps: int
 
+    def __repr__(self) -> str:
+        start, end = self.objective[0], self.objective[-1]
+        return (
+            f"AlignmentResult(groups={len(self.permutation)}, objective {start:.6g} -> {end:.6g}, "
+            f"converged={self.converged}, sweeps={self.sweeps})"
+        )
+
 
 def align(
     q0: Any,
@@ -66,6 +75,8 @@ def align(
     init: str | Mapping[str, torch.Tensor] = "greedy",
     compute_dtype: torch.dtype | None = None,
     progress: bool = False,
+    data: Any = None,
+    module: torch.nn.Module | None = None,
 ) -> AlignmentResult:
     """Align posterior ``q1`` to ``q0`` up to the weight-space symmetry ``spec``.
 
@@ -96,9 +107,14 @@ def align(
         the same sites, with the same shapes, on one device; tensors that require grad
         are read as values (detached).
     spec : PermutationSpec
-    method : {"wasserstein", "weights"}
+    method : {"wasserstein", "weights", "activations"}
         ``"wasserstein"`` uses means and standard deviations (both posteriors
-        Gaussian); ``"weights"`` the means or points only.
+        Gaussian); ``"weights"`` the means or points only; ``"activations"`` matches each
+        group's neurons by the correlation of their activations on ``data`` (Git Re-Basin's
+        activation matching; Entezari et al. 2022), the networks at their means or points
+        (see :mod:`~pyro_symmetry.alignment.activations`; ``init``, ``max_sweeps``, ``seed``
+        and ``compute_dtype`` do not apply, and ``objective`` is the weight-space distance
+        before and after).
     max_sweeps : int
     seed : int, optional
         Seeds the order in which groups are visited.
@@ -118,6 +134,11 @@ def align(
         steps: each is taken only if the cost, computed from the inputs, drops.
     progress : bool
         Show a progress bar over sweeps.
+    data : Tensor, tuple of forward arguments, or iterable of batches, optional
+        Inputs for ``method="activations"``.
+    module : nn.Module, optional
+        The network for ``method="activations"`` (default: ``q0`` when it is one); the spec's
+        site names must be its parameter names (a spec from ``from_module``).
 
     Returns
     -------
@@ -140,8 +161,12 @@ def align(
     True
     """
     check_options(max_sweeps, seed, compute_dtype, signs)
+    if method == "activations":
+        return _by_activations(q0, q1, spec, data, module, signs)
+    if data is not None or module is not None:
+        raise ValueError(f"data= and module= are for method='activations', not method={method!r}")
     f0, mu0, sd0 = read_posterior(q0, "q0")
-    f1, mu1, sd1 = read_posterior(q1, "q1")
+    f1, mu1, sd1, transforms1 = read_posterior(q1, "q1", transforms=True)
     check_method(method, {"q0": f0, "q1": f1})
     check_spec(spec)
     check_sites({"q0": mu0, "q1": mu1}, spec.sites)
@@ -162,7 +187,7 @@ def align(
     tail_sd1 = {s: sd1[s].unsqueeze(0) for s in rest} if wass else None
     offset = float(rest_distance(rest, mu0, sd0 if wass else None, tail1, tail_sd1)[0])
     perm = {g: p[0] for g, p in sol.perm.items()}
-    aligned = spec.apply(mu1, perm) if f1 == "point" else apply_gaussian(spec, mu1, sd1, perm)
+    aligned = act_on(spec, f1, mu1, sd1, perm, transforms1)
     return AlignmentResult(
         permutation=perm,
         aligned=aligned,
@@ -170,3 +195,28 @@ def align(
         converged=bool(sol.converged[0]),
         sweeps=sol.sweeps,
     )
+
+
+def _by_activations(q0: Any, q1: Any, spec: PermutationSpec, data: Any, module: Any, signs: bool) -> AlignmentResult:
+    """:func:`align` with ``method="activations"``."""
+    if data is None:
+        raise ValueError("method='activations' needs data= (inputs on which the activations are compared)")
+    if module is None and isinstance(q0, torch.nn.Module) and not hasattr(q0, "prototype_trace"):
+        module = q0
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError("method='activations' needs the network: pass q0 as the nn.Module, or module=")
+    check_spec(spec)
+    f0, mu0, _ = read_posterior(q0, "q0")
+    f1, mu1, sd1, transforms1 = read_posterior(q1, "q1", transforms=True)
+    check_sites({"q0": mu0, "q1": mu1}, spec.sites)
+    floating = [k for k in mu0 if mu0[k].is_floating_point()]
+    check_dtypes(floating, {"q0": mu0, "q1": mu1})
+    spec = bind_spec(spec, {k: tuple(v.shape) for k, v in mu0.items()}, signs, "q0")
+    perm = activation_matching(spec, module, mu0, mu1, data)
+    moved = spec.apply(mu1, perm)
+
+    def distance(mu: dict) -> float:
+        return float(sum(sq_norm((mu0[k] - mu[k]).unsqueeze(0))[0] for k in floating))
+
+    aligned = act_on(spec, f1, mu1, sd1, perm, transforms1)
+    return AlignmentResult(perm, aligned, [distance(mu1), distance(moved)], True, 1)
