@@ -19,6 +19,7 @@ from . import (
     collections,  # checkpoints read lazily; ps.collections.from_files(...)
     diagnostics,  # noqa: E402  (top layer, imported last)
     models,
+    testing,  # strategies and assertions for users' own test suites (Hypothesis: the testing extra)
 )
 from .alignment import *  # noqa: F403
 from .alignment import __all__ as _alignment_all
@@ -54,7 +55,6 @@ __all__ = [
     "ModelLoss",
     "Posterior",
     "as_posterior",
-    "collections",
     "error_loss",
     "nll_loss",
     "FlatLayout",

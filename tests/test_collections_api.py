@@ -47,7 +47,9 @@ def stacked(coll) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- the namespace
 def test_ps_collections_is_public():
-    assert "collections" in ps.__all__ and ps.collections.from_files is not None
+    # a subpackage like ps.diagnostics and ps.models: not in __all__, where a star import would
+    # shadow the standard library's collections
+    assert "collections" not in ps.__all__ and ps.collections.from_files is not None
     assert "collections" in ps.diagnostics.__all__ and ps.diagnostics.collections.rhat_ess is not None
     import collections  # the standard library's module is not shadowed by `import pyro_symmetry`
 

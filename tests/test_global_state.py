@@ -187,7 +187,7 @@ CALLS = {
     "M.evaluate": lambda e: M.evaluate(e.probs, e.labels, e.probs.flip(-1)),
     "M.expected_calibration_error": lambda e: M.expected_calibration_error(e.probs[0], e.labels),
     "M.fpr_at_tpr": lambda e: M.fpr_at_tpr(torch.linspace(0, 1, 7), torch.linspace(0.5, 2, 5)),
-    "M.mutual_information": lambda e: M.mutual_information(e.probs),
+    "M.predictive_mutual_information": lambda e: M.predictive_mutual_information(e.probs),
     "M.nll": lambda e: M.nll(e.probs[0], e.labels),
     "M.predictive_entropy": lambda e: M.predictive_entropy(e.probs[0]),
     "M.reliability_diagram": lambda e: M.reliability_diagram(e.probs[0], e.labels),
