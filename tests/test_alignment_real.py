@@ -451,3 +451,26 @@ def test_activation_matching_says_what_it_cannot_do():
         ps.align(params, params, spec, method="activations", data=torch.randn(5, 3), module=mlp)
     with pytest.raises(ValueError, match="needs data="):
         ps.align(mlp, mlp, ps.PermutationSpec.from_module(mlp), method="activations")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_parent_with_its_own_entries_is_solved_with_its_nested_groups(seed):
+    """Heads with a per-head gate (``(H,)``, no nested group on it) and a per-head block of
+    ``D`` columns no nested group covers: the parent's own similarity and the nested groups'
+    assignments are optimized jointly, one step from the identity reaching the brute-force minimum."""
+    groups = _attention_family(False, 3, 2)
+    heads = groups["heads"]
+    groups["heads"] = NeuronGroup(
+        heads.size,
+        incoming=[*heads.incoming, Axis("gate", 0)],
+        outgoing=[*heads.outgoing, Axis("extra", 1, inner=2)],
+    )
+    shapes = {**_shapes(3, 2), "gate": (3,), "extra": (4, 6)}
+    spec = PermutationSpec(groups, shapes)
+    gen = torch.Generator().manual_seed(seed)
+    q0, q1 = _random(shapes, gen), _random(shapes, gen)
+    q1["gate"] = 5 * q1["gate"]  # the gate matters: the heads' own similarity is not negligible
+    elements = spec.elements()
+    best = float(_costs(spec, q0, q1, elements).min())
+    res = ps.align(q0, q1, spec, method="weights", init="identity", max_sweeps=1)
+    assert res.objective[-1] <= best * (1 + 1e-12)
