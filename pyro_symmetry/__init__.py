@@ -16,10 +16,10 @@ Layers (each imports only those below it)::
 """
 
 from . import (
-    collections,  # checkpoints read lazily; ps.collections.from_files(...)
+    collections,  # noqa: F401  (a subpackage, outside __all__: ps.collections.from_files(...))
     diagnostics,  # noqa: E402  (top layer, imported last)
     models,
-    testing,  # strategies and assertions for users' own test suites (Hypothesis: the testing extra)
+    testing,  # noqa: F401  (strategies and assertions for users' own tests; Hypothesis: the testing extra)
 )
 from .alignment import *  # noqa: F403
 from .alignment import __all__ as _alignment_all

@@ -70,12 +70,7 @@ BANNED_ATTRIBUTES = {"incoming", "outgoing", "site_moves", "activation_symmetry"
 
 # file -> reason. Only files still being migrated to spec.action by another change; the
 # list can only shrink (the test fails on an entry without a violation).
-KNOWN_VIOLATIONS = {
-    "pyro_symmetry/distributions/pushforward.py": "imports groups.builders._own_batch_ndim (the batch dims of a "
-    "distribution); needs a public helper in groups/ or a local one (issue 11 item 1)",
-    "pyro_symmetry/diagnostics/kernel_mmd.py": "reads g.activation_symmetry to decide whether to canonicalize "
-    "scales/signs; should read g.signed or g.scalable (issue 11 item 1)",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 
 
 def _rel(path: pathlib.Path) -> str:

@@ -237,7 +237,7 @@ def canonical_form(
     if method not in ("align", "sort"):
         raise ValueError(f"canonical must be 'align' or 'sort', got {method!r}")
     if scaling is None:
-        scaling = any(g.activation_symmetry != "none" for g in spec.groups.values())
+        scaling = any(g.signed or g.scalable for g in spec.groups.values())
     if method == "align" and reference is None:
         reference = "barycenter"
     out = canonicalize(dict(samples), spec, scaling=bool(scaling), permutation=method, reference=reference, **kwargs)

@@ -19,7 +19,7 @@ from torch.distributions import constraints
 
 from .._validation import check_spec
 from ..groups import FlatLayout, GroupElement, PermutationSpec, SpecError, apply_flat, flat_permutation
-from ..groups.builders import _own_batch_ndim
+from ..groups.builders import own_batch_ndim
 from ..posteriors import as_posterior
 
 __all__ = ["Pushforward", "PushforwardGuide", "pushforward_guide"]
@@ -80,7 +80,7 @@ class Pushforward(TorchDistribution):
     ) -> None:
         if not isinstance(spec, PermutationSpec):
             raise SpecError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
-        gbatch = spec._check_element(perm)
+        gbatch = spec.validate(perm)
         self.spec, self.perm = spec, dict(perm)
         # One reader for every form of q; the live parameters are kept (rsample differentiates).
         q = as_posterior(base, name="base", layout=layout, detach=False)
@@ -335,7 +335,7 @@ class PushforwardGuide:
         check_spec(spec)
         if not callable(guide):
             raise TypeError(f"guide must be a Pyro guide (a callable), got {type(guide).__name__}")
-        spec._check_element(perm)
+        spec.validate(perm)
         if any(p.dim() != 1 for p in perm.values()):
             raise SpecError("PushforwardGuide takes one (unbatched) group element")
         if getattr(guide, "prototype_trace", None) is None:
@@ -351,7 +351,7 @@ class PushforwardGuide:
             if support is not constraints.real:
                 raise SpecError(f"site {s!r} has support {support}; only real-valued sites can be permuted")
             fn = nodes[s]["fn"]
-            own = _own_batch_ndim(nodes[s])
+            own = own_batch_ndim(nodes[s])
             shapes[s] = tuple(fn.batch_shape[len(fn.batch_shape) - own :]) + tuple(fn.event_shape)
         # A spec whose groups do not match the model's site shapes is rejected here, naming them.
         spec = spec.with_shapes({**(spec.shapes or {}), **shapes})
