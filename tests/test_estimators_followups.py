@@ -188,3 +188,25 @@ def test_num_permutations_and_estimator_names():
         assert torch.equal(ps.symmetry_log_ratio(q, spec, w, method="exact"), ref)
     with pytest.warns(DeprecationWarning, match="estimator="):
         assert torch.equal(ps.log_q_sym(q, spec, w, method="exact"), ps.log_q_sym(q, spec, w, estimator="exact"))
+
+
+# ---------------------------------------------------------------- guides read through ps.as_posterior
+
+
+def test_base_of_a_map_guide_names_the_guide():
+    """A fitted ``AutoDelta`` is a point, not a density: the error names the guide (it
+    used to speak of "a mapping of point tensors" the user never passed)."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoDelta
+
+    from pyro_symmetry._state import isolated
+
+    with isolated():
+        pyro.clear_param_store()
+        model = BayesianMLP(3, [3], 1, likelihood="regression")
+        guide = AutoDelta(model)
+        x, y = torch.randn(8, 3), torch.randn(8)
+        SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO()).step(x, y)
+        with pytest.raises(ps.SpecError, match="AutoDelta is a point estimate"):
+            ps.mutual_information(guide, model.spec, "exact", num_samples=4)

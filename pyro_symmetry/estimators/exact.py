@@ -51,7 +51,7 @@ def exact_log_ratio(base: BaseDensity, value, max_order: int = MAX_EXACT_ORDER) 
     if spec.order > max_order:
         raise SpecError(
             f"exact enumeration over |G| = {spec.order} elements exceeds max_order={max_order}; use "
-            "method='permanent' (one hidden layer) or a bound ('importance', 'contrastive')"
+            "estimator='permanent' (one hidden layer) or a bound ('importance', 'contrastive')"
         )
     ref = base.reference(value)
     out = _enumerate(base, value)

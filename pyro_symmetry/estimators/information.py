@@ -334,17 +334,20 @@ def base_of(q_or_guide: Any, spec: PermutationSpec | None = None, layout: FlatLa
     if spec is None:
         raise SpecError(f"no spec given and {type(q_or_guide).__name__} carries none: pass spec=")
     if isinstance(q_or_guide, torch.nn.Module) and hasattr(q_or_guide, "prototype_trace"):
-        from pyro.infer import autoguide
-
-        from ..posterior import gaussian_params
+        from ..posteriors import as_posterior  # posteriors imports the estimators: import here
 
         if q_or_guide.prototype_trace is None:
             raise SpecError(f"{type(q_or_guide).__name__} is not fitted: run an SVI step (or call it once) first")
-        if isinstance(q_or_guide, autoguide.AutoContinuous):
-            with torch.no_grad():
-                post = q_or_guide.get_posterior()
-            return BaseDensity(detach_distribution(post), spec, FlatLayout.from_guide(q_or_guide))
-        return BaseDensity(gaussian_params(q_or_guide), spec)
+        post = as_posterior(q_or_guide)  # detached parameters
+        if post.flat is not None:  # AutoContinuous: q over the flat latent vector, covariance kept
+            return BaseDensity(post.flat, spec, post.layout)
+        if post.is_point:
+            raise SpecError(
+                f"{type(q_or_guide).__name__} is a point estimate: I(g; w) and log q_sym need a density q "
+                "(a Gaussian posterior: loc and scale)"
+            )
+        loc, scale = post.gaussian()
+        return BaseDensity({k: (loc[k], scale[k]) for k in loc}, spec)
     if isinstance(q_or_guide, td.Distribution):
         return BaseDensity(q_or_guide, spec, layout)
     if isinstance(q_or_guide, Mapping):

@@ -281,16 +281,16 @@ def check_decoupled(base: BaseDensity) -> None:
             if site in owner:
                 raise SpecError(
                     f"the permanent needs decoupled neuron groups (one hidden layer); site {site!r} is acted on by "
-                    f"groups {owner[site]!r} and {g!r}: use method='exact' (small nets) or 'importance'"
+                    f"groups {owner[site]!r} and {g!r}: use estimator='exact' (small nets) or 'importance'"
                 )
             owner[site] = g
     if not base.marginals().exact:
-        raise SpecError("the permanent needs a factorized (mean-field Normal) q; use method='exact' or 'importance'")
+        raise SpecError("the permanent needs a factorized (mean-field Normal) q; use estimator='exact' or 'importance'")
     big = {g: n for g, n in spec.sizes.items() if n > MAX_PERMANENT_WIDTH}
     if big:
         raise SpecError(
             f"group(s) {big} are wider than {MAX_PERMANENT_WIDTH}: the permanent (2^n n work) is too costly; "
-            "use method='importance'"
+            "use estimator='importance'"
         )
 
 
