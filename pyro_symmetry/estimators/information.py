@@ -402,7 +402,7 @@ def mutual_information(
         A tqdm progress bar over the draws (on stderr). ``None`` (default): shown only
         for a long estimate, from the moment it has run 2 s and is projected to take
         more than 10 s in all (e.g. ``"importance"`` on a layer of width 1000, about
-        0.1-0.2 s per draw at K = 16); ``True``/``False``: always/never.
+        0.34 s of CPU per draw at K = 16, docs/benchmarks/estimators.md); ``True``/``False``: always/never.
 
     method : str, optional
         Deprecated alias of ``estimator`` (warns).
