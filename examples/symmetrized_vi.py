@@ -224,7 +224,7 @@ def train_digits(width, method, steps, seed, data, progress):
         acc = float((probs.argmax(-1) == yte).float().mean())
         nll = float(-probs[torch.arange(len(yte)), yte].clamp_min(1e-12).log().mean())
     pyro.set_rng_seed(10_000)
-    mi = ps.mutual_information(guide, model.spec, method="auto", num_samples=200, num_permutations=64)
+    mi = ps.mutual_information(guide, model.spec, estimator="auto", num_samples=200, num_permutations=64)
     base = AutoNormal(model)
     with pyro.get_param_store().scope():
         base(xtr, ytr)
@@ -395,7 +395,7 @@ def main() -> None:
                 name = m if m == "mean-field" else f"symmetrized ({m})"
                 print(
                     f"| {wdt} | {name} | {r['acc']:.3f} | {r['nll']:.3f} | {r['elbo']:.1f} | {r['elbo_sym']:.1f} | "
-                    f"{r['mi'].value:.2f} ± {r['mi'].stderr:.2f} | {r['mi'].method} |"
+                    f"{r['mi'].value:.2f} ± {r['mi'].stderr:.2f} | {r['mi'].estimator} |"
                 )
 
         print(f"[section 3: {time.time() - t0:.0f} s]")

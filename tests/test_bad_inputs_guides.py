@@ -85,7 +85,7 @@ def test_num_permutations(k):
     with pytest.raises(err, match="num_permutations"):
         ps.mutual_information(_q(), MODEL.spec, "importance", num_samples=4, num_permutations=k)
     with pytest.raises(err, match=r"num_samples \(K\)"):
-        ps.Symmetrized(_normals(_q()), MODEL.spec, num_samples=k)
+        ps.Symmetrized(_normals(_q()), MODEL.spec, num_permutations=k)
 
 
 @given(n=st.one_of(not_ints, st.integers(-5, 1)), which=st.sampled_from(["num_samples", "batch_size"]))
@@ -279,7 +279,7 @@ def test_nan_parameters_of_a_fitted_guide():
     with torch.no_grad():
         guide.locs.fc1.bias_unconstrained.fill_(math.nan)
     with pytest.raises(ValueError, match=re.escape("q['fc1.bias'] loc contains NaN or Inf")):
-        ps.mutual_information(guide, method="exact", num_samples=4)
+        ps.mutual_information(guide, estimator="exact", num_samples=4)
 
 
 # ---------------------------------------------------------------- spec vs model / value
@@ -406,7 +406,7 @@ def test_unfitted_guides(make):
     with pytest.raises(ps.SpecError, match="not fitted"):
         guide.symmetrized()
     with pytest.raises(ps.SpecError, match="not fitted"):
-        ps.mutual_information(guide, method="exact", num_samples=4)
+        ps.mutual_information(guide, estimator="exact", num_samples=4)
     guide(X, Y)  # once set up, all of them work
     assert guide.sample_posterior(3)["fc1.weight"].shape == (3, 3, 2)
     with pytest.raises(_count_error(0), match="num_samples"):

@@ -61,7 +61,7 @@ def test_report_renders_every_section_and_removes_the_symmetry(tmp_path):
     assert set(report.mutual_information) == {"all", "fc1", "fc2"}
     for name, log_order in (("all", model.spec.log_order), ("fc1", math.lgamma(5)), ("fc2", math.lgamma(4))):
         for est in report.mutual_information[name]:
-            assert est.method == "exact" and est.value == pytest.approx(log_order, abs=1e-4)
+            assert est.estimator == "exact" and est.value == pytest.approx(log_order, abs=1e-4)
     assert rows["fc1"]["mi_mean"] == pytest.approx(math.lgamma(5), abs=1e-4)
 
     text = str(report)

@@ -64,7 +64,7 @@ def test_exact_matches_independent_brute_force(hidden, act):
     expected = brute_force_log_q_sym(q, w, hidden, signed=act == "tanh") - base.log_prob(w)
     assert torch.allclose(ratio, expected, atol=1e-9)
     # log S = ratio + log|G| >= 0 (the identity term alone is 1)
-    assert ps.log_s(q, model.spec, w, method="exact") >= 0
+    assert ps.log_s(q, model.spec, w, estimator="exact") >= 0
 
 
 @pytest.mark.parametrize("per_chunk", [1, 5, 7, None])
@@ -139,7 +139,7 @@ def test_auto_resolution():
     deep = BayesianMLP(2, [12, 12], 2)
     for model, expected in [(small, "exact"), (one, "permanent"), (deep, "importance")]:
         est = ps.mutual_information(mean_field(model.spec.shapes, 0), model.spec, num_samples=4)
-        assert est.method == expected
+        assert est.estimator == expected
 
 
 def test_mixture_exact_matches_pushforward_enumeration():
@@ -260,10 +260,10 @@ def test_mutual_information_accepts_guides_and_mappings():
     q = mean_field(model.spec.shapes, 0)
     pairs = {k: (d.base_dist.loc, d.base_dist.scale) for k, d in q.items()}
     torch.manual_seed(0)
-    a = ps.mutual_information(q, model.spec, method="exact", num_samples=400)
+    a = ps.mutual_information(q, model.spec, estimator="exact", num_samples=400)
     torch.manual_seed(0)
-    b = ps.mutual_information(pairs, model.spec, method="permanent", num_samples=400)
-    assert a.method == "exact" and b.method == "permanent" and a.num_permutations is None
+    b = ps.mutual_information(pairs, model.spec, estimator="permanent", num_samples=400)
+    assert a.estimator == "exact" and b.estimator == "permanent" and a.num_permutations is None
     assert a.value == pytest.approx(b.value, abs=1e-9) and 0 <= a.value <= a.log_order
     assert a.stderr > 0
     with pytest.raises(ps.SpecError, match="spec"):

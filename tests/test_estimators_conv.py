@@ -136,7 +136,9 @@ def test_mutual_information_on_conv_guides():
 
     def mi(method):
         torch.manual_seed(0)  # the same draws of w for every method
-        return ps.mutual_information(guide, method=method, num_samples=300, generator=torch.Generator().manual_seed(0))
+        return ps.mutual_information(
+            guide, estimator=method, num_samples=300, generator=torch.Generator().manual_seed(0)
+        )
 
     est = {m: mi(m) for m in ("exact", "permanent", "contrastive", "importance")}
     assert est["exact"].value == pytest.approx(est["permanent"].value, abs=1e-5)

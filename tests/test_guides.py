@@ -127,7 +127,7 @@ def test_elbo_identity_through_pyro():
         sym_elbos.append(ls)
     diffs, sym_elbos = torch.tensor(diffs, dtype=torch.float64), torch.tensor(sym_elbos, dtype=torch.float64)
     pyro.set_rng_seed(99)
-    mi = ps.mutual_information(sym, method="exact", num_samples=4000)
+    mi = ps.mutual_information(sym, estimator="exact", num_samples=4000)
     se = math.hypot(diffs.std() / math.sqrt(len(diffs)), mi.stderr)
     assert 0.3 < mi.value < model.spec.log_order
     assert abs(diffs.mean() - mi.value) < 4 * se
@@ -276,7 +276,7 @@ def test_symmetrize_flat_guides(make):
     z = tr.nodes[f"_{guide.guide._pyro_name}_latent"]["value"]
     expected = symmetry_log_ratio(guide.get_posterior(), guide.spec, z, "exact", layout=guide.layout)
     assert torch.allclose(tr.nodes[guide._factor_name]["fn"].log_factor, expected)
-    mi = ps.mutual_information(guide, method="exact", num_samples=200)
+    mi = ps.mutual_information(guide, estimator="exact", num_samples=200)
     assert 0 <= mi.value <= model.spec.log_order
     draws = guide.sample_posterior(50)
     assert draws["fc1.weight"].shape == (50, 3, 2) and guide.median()["fc2.weight"].shape == (1, 3)
@@ -484,7 +484,7 @@ def test_training_and_estimates_are_reproducible_in_float32_and_float64(make, dt
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO(num_particles=2, vectorize_particles=True))
         losses = [svi.step(x, y) for _ in range(12)]
         params = {k: v.detach().clone() for k, v in guide.named_parameters()}
-        mi = ps.mutual_information(guide, method="auto", num_samples=32, generator=torch.Generator().manual_seed(1))
+        mi = ps.mutual_information(guide, estimator="auto", num_samples=32, generator=torch.Generator().manual_seed(1))
         tr = pyro.poutine.trace(guide).get_trace(x, y)
         return losses, params, mi, guide.sample_posterior(4), tr
 

@@ -101,7 +101,7 @@ def test_rsample_gradients_and_flat_mixture():
     mix = dist.MixtureOfDiagNormals(
         locs, torch.ones(2, layout.dim, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     )
-    q_sym = ps.Symmetrized(mix, model.spec, estimator="importance", num_samples=4, layout=layout)
+    q_sym = ps.Symmetrized(mix, model.spec, estimator="importance", num_permutations=4, layout=layout)
     assert q_sym.has_rsample and q_sym.event_shape == (layout.dim,)
     w = q_sym.rsample((5,))
     lp = q_sym.log_prob(w)
@@ -110,7 +110,7 @@ def test_rsample_gradients_and_flat_mixture():
     assert locs.grad is not None and torch.isfinite(locs.grad).all()
     exact = ps.Symmetrized(mix, model.spec, estimator="exact", layout=layout)
     est = exact.mutual_information(num_samples=300)
-    assert est.method == "exact" and 0 <= est.value <= model.spec.log_order
+    assert est.estimator == "exact" and 0 <= est.value <= model.spec.log_order
 
 
 def test_errors():
@@ -118,8 +118,8 @@ def test_errors():
     q = mean_field(model.spec.shapes, 0)
     with pytest.raises(ValueError, match="estimator"):
         ps.Symmetrized(q, model.spec, estimator="nope")
-    with pytest.raises(ValueError, match="num_samples"):
-        ps.Symmetrized(q, model.spec, num_samples=0)
+    with pytest.raises(ValueError, match="num_permutations"):
+        ps.Symmetrized(q, model.spec, num_permutations=0)
     with pytest.raises(ps.SpecError, match="layout"):
         ps.Symmetrized(dist.Normal(torch.zeros(5), 1.0).to_event(1), model.spec)
     with pytest.raises(ps.SpecError, match="no distribution"):

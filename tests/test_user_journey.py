@@ -29,7 +29,7 @@ def test_getting_started_journey(digits_small, tmp_path):
     # 1. a symmetrized guide, plain SVI
     guide = ps.AutoSymmetrizedNormal(model, num_permutations=8)
     _train(model, guide, x_tr, y_tr, 30, seed=0)
-    mi = ps.mutual_information(guide, model.spec, method="permanent", num_samples=64)
+    mi = ps.mutual_information(guide, model.spec, estimator="permanent", num_samples=64)
     assert 0.0 <= mi.value <= model.spec.log_order + 3 * mi.stderr
     assert model.spec.log_order == pytest.approx(math.lgamma(7))
 

@@ -106,7 +106,7 @@ class AutoSymmetrizedNormal(SymmetryTerm, AutoNormal):
     >>> guide = ps.AutoSymmetrizedNormal(model, num_permutations=8)
     >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
     >>> svi.step(x, y)
-    >>> ps.mutual_information(guide, method="importance")
+    >>> ps.mutual_information(guide, estimator="importance")
     """
 
     def __init__(
