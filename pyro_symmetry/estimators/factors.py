@@ -61,6 +61,14 @@ def _rows(x: torch.Tensor, axis: int, n: int, ndim: int) -> torch.Tensor:
     return x.reshape(*x.shape[: x.dim() - ndim], n, -1)
 
 
+def _join(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows ``(*lead_s, n, m_s)`` -> ``(*lead, n, sum m_s)`` (``lead`` broadcast)."""
+    if len(rows) == 1:
+        return rows[0]
+    lead = torch.broadcast_shapes(*(r.shape[:-1] for r in rows))
+    return torch.cat([r.expand(*lead, r.shape[-1]) for r in rows], -1)
+
+
 #: An entry whose expansion adds terms larger than this many times its own size (plus one
 #: nat) is recomputed directly: the expansion's rounding error is relative to those terms.
 _CANCELLATION = 4.0
@@ -84,14 +92,27 @@ def _factor_term(x: torch.Tensor, loc: torch.Tensor, lam: torch.Tensor) -> torch
     c = loc.mean(-2, keepdim=True)
     xc, lc = x - c, loc - c
     m = x.shape[-1]
-    quad = -0.5 * (xc * xc) @ lam.transpose(-1, -2)  # (*batch, n, n), <= 0
-    cross = xc @ (lc * lam).transpose(-1, -2)
     lsum = (lc * lc * lam).sum(-1).unsqueeze(-2)
-    kern = quad + cross - 0.5 * lsum  # -0.5 sum lam (x - loc)^2 by the expansion
     norm = (0.5 * lam.log().sum(-1) - 0.5 * m * math.log(2 * math.pi)).unsqueeze(-2)
+    # qb = quad - lsum / 2 with quad = -0.5 (xc^2) @ lam^T <= 0, and kern = qb + xc @ (lc lam)^T,
+    # -0.5 sum lam (x - loc)^2 by the expansion; lsum - 2 quad = -2 qb is the terms' size.
+    if lam.dim() == 2 and loc.dim() == 2:  # one 2-D product per term, the bias folded in
+        lead = xc.shape[:-1]
+        flat = xc.reshape(-1, m)
+        qb = torch.addmm(-0.5 * lsum, flat.square(), -0.5 * lam.transpose(-1, -2))
+        kern = torch.addmm(qb, flat, (lc * lam).transpose(-1, -2)).reshape(*lead, -1)
+        qb = qb.reshape(*lead, -1)
+    else:
+        qb = (xc * xc) @ (-0.5 * lam).transpose(-1, -2) - 0.5 * lsum
+        kern = qb + xc @ (lc * lam).transpose(-1, -2)
     with torch.no_grad():
-        redo = (lsum - 2.0 * quad) > _CANCELLATION * (kern.abs() + 1.0)
-        idx = redo.nonzero(as_tuple=True) if bool(redo.any()) else None
+        # (lsum - 2 quad) > C (|kern| + 1)  <=>  qb + (C / 2) |kern| < -C / 2
+        gap = kern.abs().mul_(0.5 * _CANCELLATION).add_(qb)
+        idx = None
+        low = gap.min() if gap.numel() else None
+        if low is not None and not bool(low >= -0.5 * _CANCELLATION):  # a NaN min: look entry by entry
+            redo = gap < -0.5 * _CANCELLATION
+            idx = redo.nonzero(as_tuple=True) if bool(redo.any()) else None
     if idx is not None:
         shape = kern.shape  # (*lead, n, n)
         rows = shape[:-1] + (m,)
@@ -105,7 +126,9 @@ def _factor_term(x: torch.Tensor, loc: torch.Tensor, lam: torch.Tensor) -> torch
             d = xe[li + (i[sel],)] - le[li + (j[sel],)]
             parts.append(-0.5 * (lame[li + (j[sel],)] * d * d).sum(-1))
         kern = kern.index_put(idx, torch.cat(parts))
-    return kern + norm
+    if kern.requires_grad:
+        return kern + norm
+    return kern.add_(norm)
 
 
 def neuron_log_factors(
@@ -150,14 +173,18 @@ def neuron_log_factors(
     mixture = marginals.log_weights is not None
     ref = next(iter(values.values()))
     dtype = dtype or ref.dtype
-    total = None
+    # The factor is a sum over coordinates: sites of the same kind (passive or not) are
+    # joined along the coordinates and evaluated with one set of products.
+    kinds: dict[bool, list] = {}
     for site, axis, _, passive in entries:
         nd = len(spec.shapes[site])
         v = _rows(values[site].to(dtype), axis, n, nd)
         loc = _rows(marginals.loc[site].to(dtype), axis, n, nd)
         lam = _rows(marginals.scale[site].to(dtype), axis, n, nd).pow(-2)
-        if mixture:
-            v = v.unsqueeze(-3)
+        kinds.setdefault(passive and signed, []).append((v.unsqueeze(-3) if mixture else v, loc, lam))
+    total = None
+    for passive, parts in kinds.items():
+        v, loc, lam = (_join([p[r] for p in parts]) for r in range(3))
         plus = _factor_term(v, loc, lam)
         if not signed:
             term = plus.unsqueeze(-2)  # (*batch, [C,] n, 1, n)
