@@ -84,7 +84,7 @@ def test_num_permutations(k):
         ps.symmetry_log_ratio(_q(), MODEL.spec, _value(), "contrastive", k)
     with pytest.raises(err, match="num_permutations"):
         ps.mutual_information(_q(), MODEL.spec, "importance", num_samples=4, num_permutations=k)
-    with pytest.raises(err, match=r"num_samples \(K\)"):
+    with pytest.raises(err, match=r"num_permutations \(K\)"):
         ps.Symmetrized(_normals(_q()), MODEL.spec, num_permutations=k)
 
 
