@@ -165,7 +165,7 @@ def test_arviz_objects_go_back_in(tmp_path):
         after = ps.diagnostics.rhat_ess_before_after(form, spec).after.rhat
         assert all(np.array_equal(after[k], ref_after[k], equal_nan=True) for k in ref_after)
     for form in (loaded, idata):
-        realigned = ps.diagnostics.to_inference_data(form, align="barycenter", spec=spec)
+        realigned = ps.diagnostics.to_inference_data(form, reference="barycenter", spec=spec)
         assert "log_likelihood" in realigned.children
         assert float(arviz_stats.loo(realigned).elpd) == pytest.approx(float(arviz_stats.loo(tree).elpd), rel=1e-9)
         moved = ps.as_posterior(realigned, spec).draws()

@@ -48,14 +48,6 @@ GROUP_ELEMENT_WORDS = re.compile(r"group element|permutations?\b|``K``|terms of 
 #: ``(check, callable) -> reason``: checks failing on purpose (xfail strict); see the module docstring.
 KNOWN: dict[tuple[str, str], str] = {
     (
-        "alias",
-        "ps.diagnostics.align_draws(method=)",
-    ): "ps.diagnostics.align_draws(method=): the old spelling does not warn yet (or is gone)",
-    (
-        "alias",
-        "ps.diagnostics.to_inference_data(align=)",
-    ): "ps.diagnostics.to_inference_data(align=): the old spelling does not warn yet (or is gone)",
-    (
         "estimator",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses its estimator with another name than estimator=",
@@ -70,27 +62,14 @@ KNOWN: dict[tuple[str, str], str] = {
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still takes 'align'; rename (keep the old name as a deprecated alias)",
     (
-        "other_names",
-        "ps.diagnostics.to_inference_data",
-    ): "ps.diagnostics.to_inference_data still takes 'align'; rename (keep the old name as a deprecated alias)",
-    (
-        "reference",
-        "ps.diagnostics.align_draws",
-    ): "ps.diagnostics.align_draws still chooses the alignment reference with another name than reference=",
-    (
         "reference",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses the alignment reference with another name than reference=",
-    (
-        "reference",
-        "ps.diagnostics.to_inference_data",
-    ): "ps.diagnostics.to_inference_data still chooses the alignment reference with another name than reference=",
     ("repr", "CanonicalForm"): "repr(CanonicalForm) prints its tensors (hundreds to thousands of characters)",
     ("repr", "MMDResult"): "repr(MMDResult) prints its tensors (hundreds to thousands of characters)",
     ("repr", "MinMassResult"): "repr(MinMassResult) prints its tensors (hundreds to thousands of characters)",
     ("seed", "ps.mutual_information"): "ps.mutual_information takes generator= but no seed=",
     ("seed", "ps.symmetry_log_ratio"): "ps.symmetry_log_ratio takes generator= but no seed=",
-    ("takes reference", "ps.diagnostics.align_draws"): "ps.diagnostics.align_draws does not take reference= yet",
 }
 
 
@@ -331,6 +310,14 @@ def test_rhat_ess_before_after_align_is_a_deprecated_alias_of_reference(examples
         old = D.rhat_ess_before_after(None, draws.spec, align="reference", draws=draws)
     for site in new.after.rhat:
         assert (new.after.rhat[site] == old.after.rhat[site]).all()
+
+
+def test_reference_and_its_deprecated_alias_must_agree(world):
+    draws = D.collect_draws(world[2], num_samples=3)
+    with pytest.deprecated_call(match="reference="), pytest.raises(ValueError, match="method='reference'"):
+        D.align_draws(draws, world[3], reference="barycenter", method="reference")
+    with pytest.deprecated_call(match="reference="), pytest.raises(ValueError, match="align='barycenter'"):
+        D.to_inference_data(world[2], num_samples=3, reference="reference", align="barycenter")
 
 
 def _gaussian_base(world):

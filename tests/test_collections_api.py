@@ -79,8 +79,8 @@ def test_to_inference_data_of_a_collection_is_dask_backed(files):
 
 def test_to_inference_data_refuses_what_does_not_apply_to_a_collection(files):
     coll = ps.collections.from_files(files / "*.pt", SPEC)
-    with pytest.raises(ValueError, match=r"does not take align.*coll\.align"):
-        ps.diagnostics.to_inference_data(coll, align="barycenter")
+    with pytest.raises(ValueError, match=r"does not take reference.*coll\.align"):
+        ps.diagnostics.to_inference_data(coll, reference="barycenter")
     with pytest.raises(ValueError, match="does not take num_samples, data"):
         ps.diagnostics.to_inference_data(coll, num_samples=10, data=(torch.zeros(2, 4),))
     other = ps.mlp_spec(["fc1", "fc2", "fc3"], [6, 5], activation_symmetry="none")

@@ -115,10 +115,10 @@ def test_errors_and_the_global_rng_is_left_alone():
     state = torch.get_rng_state()
     D.to_inference_data(runs, num_samples=3)
     assert torch.equal(state, torch.get_rng_state())
-    with pytest.raises(ValueError, match="align"):
-        D.to_inference_data(runs, align="nearest")
+    with pytest.raises(ValueError, match="reference"):
+        D.to_inference_data(runs, reference="nearest")
     with pytest.raises(ps.SpecError, match="spec"):
-        D.to_inference_data(runs, num_samples=3, align="barycenter")
+        D.to_inference_data(runs, num_samples=3, reference="barycenter")
     with pytest.raises(ps.SpecError, match="spec"):
         D.to_inference_data(runs, symmetric=True)
     with pytest.raises(TypeError, match="runs"):

@@ -161,7 +161,7 @@ def test_compare_mean_field_and_symmetrized_guides_aligned_or_not():
     trees = {
         "mean-field": D.to_inference_data(mean_field, num_samples=30, data=(x, y), spec=spec),
         "mean-field aligned": D.to_inference_data(
-            mean_field, num_samples=30, data=(x, y), spec=spec, align="reference"
+            mean_field, num_samples=30, data=(x, y), spec=spec, reference="reference"
         ),
         "symmetrized": D.to_inference_data(symmetrized, num_samples=30, data=(x, y), spec=spec),
     }
@@ -271,7 +271,7 @@ def test_trees_read_back_keep_every_group_and_re_align(tree_and_runs, tmp_path, 
         for k in tree[group].data_vars:
             assert back[group][k].dims == tree[group][k].dims, (group, k)
             np.testing.assert_array_equal(back[group][k].values, tree[group][k].values)
-    realigned = D.to_inference_data(loaded, spec=spec, align="barycenter")
+    realigned = D.to_inference_data(loaded, spec=spec, reference="barycenter")
     assert realigned["posterior"].attrs["aligned"] == "barycenter"
     # the log-likelihood, lp and observations are invariant: kept; log_q of per-draw aligned draws is not
     np.testing.assert_array_equal(realigned["log_likelihood"]["obs"].values, tree["log_likelihood"]["obs"].values)
@@ -320,7 +320,7 @@ def test_float64_draws_stay_float64_through_netcdf(tmp_path):
     assert {str(tree["posterior"][k].dtype) for k in spec.sites} == {"float64"}
     assert tree["log_likelihood"]["obs"].dtype == np.float64
     tree.to_netcdf(tmp_path / "t.nc")
-    back = D.to_inference_data(xr.open_datatree(tmp_path / "t.nc"), spec=spec, align="reference")
+    back = D.to_inference_data(xr.open_datatree(tmp_path / "t.nc"), spec=spec, reference="reference")
     assert {str(back["posterior"][k].dtype) for k in spec.sites} == {"float64"}
 
 

@@ -54,7 +54,7 @@ def test_rhat_of_permuted_runs_is_large_before_and_one_after_alignment(activatio
 
 def test_rhat_ess_accepts_trees_and_checks_its_input():
     spec, runs = _permuted_runs()
-    tree = D.to_inference_data(runs, num_samples=20, spec=spec, align="barycenter")
+    tree = D.to_inference_data(runs, num_samples=20, spec=spec, reference="barycenter")
     summary = D.rhat_ess(tree, var_names=["fc1.weight"], layers={"fc1.weight": "first"})
     assert summary.layer_names == ["first"] and summary.rhat["fc1.weight"].shape == (5, 3)
     assert "first" in str(summary)

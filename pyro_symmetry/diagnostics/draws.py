@@ -357,7 +357,7 @@ def _permutations_per_run(perms: Any, num: int) -> list[dict[str, torch.Tensor]]
 def align_draws(
     draws: Any,
     spec: PermutationSpec | None = None,
-    method: str = "barycenter",
+    reference: str | None = None,
     *,
     alignment: Any = None,
     **kwargs: Any,
@@ -377,15 +377,28 @@ def align_draws(
     draws : RunDraws, or anything :func:`collect_draws` reads (an ArviZ tree, an MCMC, ...)
     spec : PermutationSpec, optional
         Defaults to ``draws.spec``.
-    method : {"barycenter", "reference"}
-        Align to an iteratively refined barycenter (no run is privileged), or to
-        run 0 (for sample sets: the first draw of chain 0).
+    reference : {"barycenter", "reference"}, optional
+        Align to an iteratively refined barycenter (no run is privileged; the default), or to
+        run 0 (for sample sets: the first draw of chain 0). ``method=`` is a deprecated
+        spelling (warns with ``DeprecationWarning``).
     alignment : ManyAlignment, optional
         A precomputed ``align_many`` result of ``draws.posteriors`` to reuse.
     **kwargs : passed to ``align_many`` / ``align_samples`` (e.g. ``progress=True``).
+
+    Raises
+    ------
+    ValueError
+        ``reference`` is not one of the above, or both ``reference`` and ``method`` are given.
     """
+    if "method" in kwargs:
+        warnings.warn("align_draws(method=...) is deprecated; use reference=...", DeprecationWarning, stacklevel=2)
+        method = kwargs.pop("method")
+        if reference is not None and method != reference:
+            raise ValueError(f"align_draws got reference={reference!r} and its deprecated alias method={method!r}")
+        reference = method
+    method = "barycenter" if reference is None else reference
     if method not in ("barycenter", "reference"):
-        raise ValueError(f"align must be None, 'reference' or 'barycenter', got {method!r}")
+        raise ValueError(f"reference must be 'reference' or 'barycenter', got {method!r}")
     if not isinstance(draws, RunDraws):
         draws = collect_draws(draws, spec=spec)
     spec = spec if spec is not None else draws.spec

@@ -14,6 +14,7 @@ The tree is built with the refactored ArviZ packages (``arviz-base``), which
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,7 +100,7 @@ def to_inference_data(
     *,
     num_samples: int = 100,
     symmetric: bool = False,
-    align: str | None = None,
+    reference: str | None = None,
     spec: PermutationSpec | None = None,
     data: Any = None,
     model: Any = None,
@@ -107,6 +108,7 @@ def to_inference_data(
     seed: int = 0,
     progress: bool = False,
     chains: Any = None,
+    align: str | None = None,
 ) -> Any:
     """Several runs as one ArviZ ``xarray.DataTree``: each run is a chain.
 
@@ -136,10 +138,11 @@ def to_inference_data(
     symmetric : bool
         Move every draw by an independent uniform group element: draws from the
         symmetrized posterior ``q_sym`` (needs ``spec``; ``log_q`` is then dropped).
-    align : {None, "reference", "barycenter"}
-        Remove the symmetry before conversion, see :func:`align_draws`.
+    reference : {None, "reference", "barycenter"}
+        Remove the symmetry before conversion, aligning to run 0 or to a barycenter
+        (see :func:`align_draws`); ``None`` keeps the draws as they are.
     spec : PermutationSpec, optional
-        Names the dims after neuron groups; needed for ``align``/``symmetric``.
+        Names the dims after neuron groups; needed for ``reference``/``symmetric``.
         Defaults to the model's ``.spec`` (``ps.models`` networks carry one).
     data : tuple of model args (or mapping of kwargs), optional
         The model's data, observed values included (``model(x, y)``: ``data=(x, y)``). When
@@ -165,6 +168,8 @@ def to_inference_data(
         checkpoint; ``k``: ``k`` consecutive equal chains; ``name -> label``), see
         :func:`ps.diagnostics.collections.chain_groups
         <pyro_symmetry.diagnostics.collections.chain_groups>`.
+    align : str, optional
+        Deprecated spelling of ``reference`` (warns with ``DeprecationWarning``).
 
     Raises
     ------
@@ -210,11 +215,12 @@ def to_inference_data(
     Vehtari et al. (2017, 2021): PSIS-LOO, rank-normalized R-hat; Magnusson et al. (2019):
     LOO for approximate posteriors; Laurent, Aldea, Franchi (ICLR 2024).
     """
+    reference = _deprecated_align(reference, align)
     if isinstance(runs, Collection):
         options = {
             "num_samples": num_samples != 100,
             "symmetric": symmetric,
-            "align": align is not None,
+            "reference": reference is not None,
             "data": data is not None,
             "model": model is not None,
             "posterior_predictive": posterior_predictive,
@@ -222,18 +228,28 @@ def to_inference_data(
         return _collection_tree(runs, spec, chains, [k for k, given in options.items() if given])
     if chains is not None:
         raise ValueError("chains= applies to a Collection; runs are chains already (one chain per run)")
-    if align not in ALIGN_METHODS:
-        raise ValueError(f"align must be None, 'reference' or 'barycenter', got {align!r}")
+    if reference not in ALIGN_METHODS:
+        raise ValueError(f"reference must be None, 'reference' or 'barycenter', got {reference!r}")
     draws = gather_draws(
         runs, num_samples=num_samples, spec=spec, symmetric=symmetric, data=data, model=model, seed=seed
     )
-    if align is not None:
-        draws = align_draws(draws, method=align, progress=progress)
+    if reference is not None:
+        draws = align_draws(draws, reference=reference, progress=progress)
     if data is not None:
         draws = with_model_data(
             draws, data, model=model, posterior_predictive=posterior_predictive, seed=seed, progress=progress
         )
     return draws_to_datatree(draws)
+
+
+def _deprecated_align(reference: str | None, align: str | None) -> str | None:
+    """``reference``, or the deprecated ``align=`` spelling of it (with a ``DeprecationWarning``)."""
+    if align is None:
+        return reference
+    warnings.warn("to_inference_data(align=...) is deprecated; use reference=...", DeprecationWarning, stacklevel=3)
+    if reference is not None and reference != align:
+        raise ValueError(f"to_inference_data got reference={reference!r} and its deprecated alias align={align!r}")
+    return align
 
 
 def _collection_tree(collection: Collection, spec: PermutationSpec | None, chains: Any, refused: list[str]) -> Any:
