@@ -209,7 +209,7 @@ def main(argv=None):
         for w in blocks:
             r = ps.min_mass(w, spec, tol=tol, include_biases=args.include_biases)
             summary.append((r.iterations, r.residual.max().item(), r.mass_before / r.mass_after - 1,
-                            bool(r.converged.all()), r.mass_after))  # fmt: skip
+                            r.converged, r.mass_after))  # fmt: skip
             del r
         return summary
 

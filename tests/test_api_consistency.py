@@ -51,11 +51,7 @@ KNOWN: dict[tuple[str, str], str] = {
         "estimator",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses its estimator with another name than estimator=",
-    ("fields", "MinMassResult"): "MinMassResult.converged is Tensor, not bool",
     ("fields", "SampleAlignment"): "SampleAlignment.converged is Tensor, not bool",
-    ("frozen", "CanonicalForm"): "CanonicalForm is not a frozen dataclass yet",
-    ("frozen", "MMDResult"): "MMDResult is not a frozen dataclass yet",
-    ("frozen", "MinMassResult"): "MinMassResult is not a frozen dataclass yet",
     ("frozen", "SymmetryReport"): "SymmetryReport is not a frozen dataclass yet",
     (
         "other_names",
@@ -65,9 +61,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "reference",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses the alignment reference with another name than reference=",
-    ("repr", "CanonicalForm"): "repr(CanonicalForm) prints its tensors (hundreds to thousands of characters)",
-    ("repr", "MMDResult"): "repr(MMDResult) prints its tensors (hundreds to thousands of characters)",
-    ("repr", "MinMassResult"): "repr(MinMassResult) prints its tensors (hundreds to thousands of characters)",
     ("seed", "ps.mutual_information"): "ps.mutual_information takes generator= but no seed=",
     ("seed", "ps.symmetry_log_ratio"): "ps.symmetry_log_ratio takes generator= but no seed=",
 }

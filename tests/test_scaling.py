@@ -148,7 +148,7 @@ def test_a_norm_layers_scale_is_a_weight_of_the_mass(norm):
     assert ps.mass_sites(spec) == ("1.weight", "3.weight")
     assert set(ps.mass_sites(spec, include_biases=True)) == {"1.weight", "1.bias", "3.weight"}
     res = ps.min_mass(net.state_dict(), spec)
-    assert res.converged.all() and not res.dead["0"].any()
+    assert res.converged and not res.dead["0"].any()
     moved = copy.deepcopy(net)
     moved.load_state_dict(res.params)
     x = torch.randn(5, 3)

@@ -115,7 +115,7 @@ def test_module_parameters_work_directly():
     spec = ps.PermutationSpec.from_module(net)
     params = dict(net.named_parameters())
     res = ps.min_mass(params, spec)
-    assert res.converged.all() and not any(v.requires_grad for v in res.params.values())
+    assert res.converged and not any(v.requires_grad for v in res.params.values())
     x = torch.randn(6, 3)
     net2 = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
     net2.load_state_dict(res.params)

@@ -28,8 +28,9 @@ symmetrically, so the permutation test stays valid.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ __all__ = ["KERNELS", "MMDResult", "canonical_form", "mmd", "mmd2_unbiased"]
 KERNELS = ("gaussian", "laplace")
 
 
-class MMDResult(NamedTuple):
+@dataclass(frozen=True, repr=False)
+class MMDResult:
     """Result of :func:`mmd`.
 
     Attributes
@@ -73,6 +75,16 @@ class MMDResult(NamedTuple):
     p_values: torch.Tensor
     num_permutations: int
     canonical: str | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # the fields in order, so ``CollectionMMD(*res, ...)`` and old tuple unpacking keep working
+        return iter(tuple(getattr(self, f.name) for f in fields(self)))
+
+    def __repr__(self) -> str:
+        return (
+            f"MMDResult(mmd2={self.mmd2:.4g}, p_value={self.p_value:.4g}, kernels={len(self.kernels)}, "
+            f"num_permutations={self.num_permutations}, canonical={self.canonical!r})"
+        )
 
 
 def _as_matrix(x: Any, name: str, keys: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str] | None]:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,7 +38,8 @@ _ALIGN_EXPONENT = 30  # samples whose largest |weight| is beyond 2**+-30 are ali
 SortKey = str | int | Callable[[Mapping[str, torch.Tensor], PermutationSpec, str], torch.Tensor]
 
 
-class CanonicalForm(NamedTuple):
+@dataclass(frozen=True, repr=False)
+class CanonicalForm:
     """Result of :func:`canonicalize`.
 
     ``params == spec.apply(flip_signs(rescale(input, spec, log_scales), spec, signs), permutation)``.
@@ -61,6 +63,16 @@ class CanonicalForm(NamedTuple):
     signs: dict[str, torch.Tensor]
     permutation: dict[str, torch.Tensor]
     reference: dict[str, torch.Tensor] | None
+
+    def __repr__(self) -> str:
+        # every per-group tensor is (*batch, n): its leading dims are the batch
+        per_group = [*self.permutation.values(), *self.log_scales.values(), *self.signs.values()]
+        batch = tuple(per_group[0].shape[:-1]) if per_group else "?"
+        return (
+            f"CanonicalForm(sites={len(self.params)}, batch={batch}, scaled={sorted(self.log_scales)}, "
+            f"signed={sorted(self.signs)}, permuted={sorted(self.permutation)}, "
+            f"aligned={self.reference is not None})"
+        )
 
 
 def _incoming_rows(params: Mapping[str, torch.Tensor], spec: PermutationSpec, group: str) -> list[torch.Tensor]:

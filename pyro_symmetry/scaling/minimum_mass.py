@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -47,7 +47,8 @@ _CACHE_BYTES = 8 << 20  # coefficient bytes per sub-batch: fits a server CPU's L
 _SAFE_TOTAL = {torch.float32: (2.0**-20, 2.0**64), torch.float64: (2.0**-400, 2.0**400)}
 
 
-class MinMassResult(NamedTuple):
+@dataclass(frozen=True, repr=False)
+class MinMassResult:
     """Result of :func:`min_mass`.
 
     Attributes
@@ -71,7 +72,9 @@ class MinMassResult(NamedTuple):
         not zero: the problem is then solved in float64, or refused.)
     iterations : int
         Sweeps of block coordinate descent performed (shared by the batch).
-    converged : BoolTensor ``(*batch,)``
+    converged : bool
+        Every draw of the batch converged (``converged_per_draw.all()``).
+    converged_per_draw : BoolTensor ``(*batch,)``
         ``residual <= tol``, computed from coefficients checked to be representable
         (never from underflowed or overflowed numbers).
     """
@@ -83,7 +86,18 @@ class MinMassResult(NamedTuple):
     residual: torch.Tensor
     dead: dict[str, torch.Tensor]
     iterations: int
-    converged: torch.Tensor
+    converged: bool
+    converged_per_draw: torch.Tensor
+
+    def __repr__(self) -> str:
+        batch = tuple(self.mass_after.shape)
+        done = self.converged_per_draw
+        return (
+            f"MinMassResult(batch={batch}, groups={sorted(self.log_scales)}, "
+            f"mass={float(self.mass_before.sum()):.4g} -> {float(self.mass_after.sum()):.4g}, "
+            f"max_residual={float(self.residual.max()) if self.residual.numel() else 0.0:.2e}, "
+            f"iterations={self.iterations}, converged={int(done.sum())}/{done.numel()})"
+        )
 
 
 def _piece_table(
@@ -246,7 +260,7 @@ def min_mass(
     Returns
     -------
     MinMassResult
-        ``(params, log_scales, mass_before, mass_after, residual, dead, iterations, converged)``.
+        ``(params, log_scales, mass_before, mass_after, residual, dead, iterations, converged, converged_per_draw)``.
 
     Raises
     ------
@@ -314,7 +328,7 @@ def min_mass(
         extra = [mass_of_site(narrow(params[s], nd, r), nd) for s, nd, r in fixed]
         extra += [mass(params, spec, constant)] if constant else []
         const = functools.reduce(torch.add, extra)
-        res = res._replace(mass_before=res.mass_before + const, mass_after=res.mass_after + const)
+        res = replace(res, mass_before=res.mass_before + const, mass_after=res.mass_after + const)
     return res
 
 
@@ -378,7 +392,8 @@ def _min_mass_batched(
         residual=residual.reshape(batch),
         dead={g: d.reshape(tuple(batch) + (-1,)) for g, d in dead_all.items()},
         iterations=iterations,
-        converged=(residual <= tol).reshape(batch),
+        converged=bool((residual <= tol).all()),
+        converged_per_draw=(residual <= tol).reshape(batch),
     )
 
 
