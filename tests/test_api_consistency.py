@@ -61,8 +61,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "reference",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses the alignment reference with another name than reference=",
-    ("seed", "ps.mutual_information"): "ps.mutual_information takes generator= but no seed=",
-    ("seed", "ps.symmetry_log_ratio"): "ps.symmetry_log_ratio takes generator= but no seed=",
 }
 
 
@@ -311,6 +309,28 @@ def test_reference_and_its_deprecated_alias_must_agree(world):
         D.align_draws(draws, world[3], reference="barycenter", method="reference")
     with pytest.deprecated_call(match="reference="), pytest.raises(ValueError, match="align='barycenter'"):
         D.to_inference_data(world[2], num_samples=3, reference="reference", align="barycenter")
+
+
+def test_seed_of_the_estimators_is_reproducible_and_leaves_the_global_rng(world):
+    guide, spec, draws = world[2][0].guide, world[3], {k: v[:4] for k, v in world[4].items()}
+    q = ps.gaussian_params(guide)
+    state = torch.get_rng_state()
+    one = ps.mutual_information(guide, spec, estimator="contrastive", num_samples=8, seed=3)
+    two = ps.mutual_information(guide, spec, estimator="contrastive", num_samples=8, seed=3)
+    assert one.value == two.value and torch.equal(state, torch.get_rng_state())
+    ratio = ps.symmetry_log_ratio(q, spec, draws, "contrastive", 4, seed=5)
+    assert torch.equal(ratio, ps.symmetry_log_ratio(q, spec, draws, "contrastive", 4, generator=_seeded(5)))
+    assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(ValueError, match="seed= or generator="):
+        ps.symmetry_log_ratio(q, spec, draws, "contrastive", 4, seed=5, generator=_seeded(5))
+    with pytest.raises(ValueError, match="seed= or generator="):
+        ps.mutual_information(guide, spec, num_samples=8, seed=5, generator=_seeded(5))
+    with pytest.raises(TypeError, match="seed"):
+        ps.mutual_information(guide, spec, num_samples=8, seed=1.5)
+
+
+def _seeded(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 def _gaussian_base(world):

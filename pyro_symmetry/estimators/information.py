@@ -15,6 +15,7 @@ Plackett-Luce proposal; far tighter on wide layers) and ``"auto"``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -26,7 +27,8 @@ import torch
 import torch.distributions as td
 from tqdm.auto import tqdm
 
-from .._validation import check_int, check_real
+from .._state import isolated
+from .._validation import check_int, check_real, check_seed
 from ..groups import FlatLayout, PermutationSpec, SpecError
 from ._base import BaseDensity, as_base, detach_distribution
 from .contrastive import contrastive_log_ratio
@@ -174,6 +176,16 @@ def _check_k(num_permutations: Any, name: str = "num_permutations") -> int:
     return check_int(name, num_permutations, minimum=1)
 
 
+def _seeded(seed: Any, generator: Any) -> torch.Generator | None:
+    """``generator``, or a private CPU generator seeded with ``seed`` (not both)."""
+    seed = check_seed("seed", seed)
+    if seed is None:
+        return generator
+    if generator is not None:
+        raise ValueError("give seed= or generator=, not both")
+    return torch.Generator().manual_seed(seed)
+
+
 def _check_options(beta: Any, generator: Any, max_order: Any) -> float:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -244,6 +256,7 @@ def symmetry_log_ratio(
     generator: torch.Generator | None = None,
     max_order: int = MAX_EXACT_ORDER,
     method: str | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """``log q_sym(w) - log q(w) = log S(w) - log|G|`` (what a symmetrized guide adds).
 
@@ -266,6 +279,10 @@ def symmetry_log_ratio(
         elements; enumeration limit of ``"exact"``.
     method : str, optional
         Deprecated alias of ``estimator`` (warns).
+    seed : int, optional
+        Seeds a private generator of the group elements (the bounds are then
+        reproducible; torch's global RNG is not used nor changed). Not together with
+        ``generator``.
 
     Returns
     -------
@@ -285,6 +302,7 @@ def symmetry_log_ratio(
         A non-integer ``num_permutations``, a value in another dtype than ``q``.
     """
     estimator = estimator_argument(estimator, method, where="symmetry_log_ratio")
+    generator = _seeded(seed, generator)
     beta = _check_options(beta, generator, max_order)
     base = as_base(q, spec, layout) if not isinstance(q, BaseDensity) else q
     m = resolve_method(base, estimator, max_order, AUTO_EVAL_PERMANENT_WIDTH)
@@ -369,6 +387,7 @@ def mutual_information(
     max_order: int = MAX_EXACT_ORDER,
     progress: bool | None = None,
     method: str | None = None,
+    seed: int | None = None,
 ) -> MIEstimate:
     """Estimate ``I(g; w) = E_{w~q}[log q(w) - log q_sym(w)]`` with its standard error.
 
@@ -406,6 +425,10 @@ def mutual_information(
 
     method : str, optional
         Deprecated alias of ``estimator`` (warns).
+    seed : int, optional
+        Seeds the whole estimate: the draws of ``w`` (from a forked copy of torch's RNG,
+        so the caller's RNG state is left as found) and a private generator of the group
+        elements. Not together with ``generator``.
 
     Returns
     -------
@@ -426,6 +449,7 @@ def mutual_information(
     >>> print(f"I = {est.value:.2f} +- {est.stderr:.2f} (log|G| = {est.log_order:.1f})")
     """
     estimator = estimator_argument(estimator, method, where="mutual_information")
+    generator = _seeded(seed, generator)
     check_int("num_samples", num_samples, minimum=2)
     check_int("batch_size", batch_size, minimum=1)
     if progress is not None and not isinstance(progress, bool):
@@ -436,8 +460,11 @@ def mutual_information(
     K = _check_k(num_permutations) if m in ("contrastive", "importance") else None
     terms = []
     bar = _Progress(num_samples, progress, f"I(g; w), {m}")
+    rng = contextlib.nullcontext() if seed is None else isolated(param_store=False)
     try:
-        with torch.no_grad():
+        with rng, torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)  # the draws of w, in the forked RNG
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
                 w = base.sample(torch.Size([n]))
