@@ -213,7 +213,7 @@ def test_every_sample_is_a_coordinatewise_minimum(hidden, sym, eps, seed, size):
     spec = _spec(sizes, sym)
     q0, q1 = _near_invariant_pair(spec, sizes, seed, eps, False, batch=(size,))
     res = ps.align_samples(q1[0], spec, q0[0], seed=seed)
-    assert bool(res.converged.all())
+    assert res.converged is True
     for b in range(size):
         one = ({k: v[b] for k, v in q1[0].items()}, None)
         perm = {g: p[b] for g, p in res.permutation.items()}

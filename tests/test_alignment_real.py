@@ -326,7 +326,7 @@ def test_align_samples_on_a_resnet_undoes_label_switching():
         assert _is_identity(spec, spec.compose({k: v[b] for k, v in res.permutation.items()}, planted[b]))
         for k in spec.sites:
             torch.testing.assert_close(res.aligned[k][b], params[k], rtol=0, atol=1e-12)
-    assert bool(res.converged.all()) and res.objective.dtype == torch.float64
+    assert res.converged is True and res.objective.dtype == torch.float64
     assert len(repr(res)) < 200
 
 

@@ -51,7 +51,6 @@ KNOWN: dict[tuple[str, str], str] = {
         "estimator",
         "ps.diagnostics.symmetry_report",
     ): "ps.diagnostics.symmetry_report still chooses its estimator with another name than estimator=",
-    ("fields", "SampleAlignment"): "SampleAlignment.converged is Tensor, not bool",
     ("frozen", "SymmetryReport"): "SymmetryReport is not a frozen dataclass yet",
     (
         "other_names",

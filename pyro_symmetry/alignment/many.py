@@ -99,7 +99,9 @@ class SampleAlignment:
     objective : Tensor ``(*batch, sweeps + 1)``
         Each sample's cost ``||reference - g.w||^2`` (over the sites of ``reference``)
         per sweep of the last descent.
-    converged : Tensor ``(*batch,)`` bool
+    converged : bool
+        Every sample converged (``converged_per_draw.all()``).
+    converged_per_draw : BoolTensor ``(*batch,)``
         The sample's descent converged (a sweep changed nothing) and, with
         ``reference="barycenter"``, the barycenter stopped moving within ``max_iters``
         (otherwise ``False`` for every sample: ``reference`` is then the last barycenter
@@ -112,13 +114,15 @@ class SampleAlignment:
     aligned: dict[str, torch.Tensor]
     reference: dict[str, torch.Tensor]
     objective: torch.Tensor
-    converged: torch.Tensor
+    converged: bool
+    converged_per_draw: torch.Tensor
     iterations: int
 
     def __repr__(self) -> str:
+        done = self.converged_per_draw
         return (
-            f"SampleAlignment(batch={tuple(self.converged.shape)}, objective={_summary(self.objective[..., -1])}, "
-            f"converged={int(self.converged.sum())}/{self.converged.numel()}, iterations={self.iterations})"
+            f"SampleAlignment(batch={tuple(done.shape)}, objective={_summary(self.objective[..., -1])}, "
+            f"converged={int(done.sum())}/{done.numel()}, iterations={self.iterations})"
         )
 
 
@@ -405,7 +409,8 @@ def align_samples(
         reference={**{s: ch[0] for s, ch in ref.items()}, **rest_ref},
         objective=objective.reshape(batch + objective.shape[-1:]),
         # A barycenter still moving after max_iters leaves no sample converged.
-        converged=(sol.converged & stable).reshape(batch),
+        converged=bool((sol.converged & stable).all()),
+        converged_per_draw=(sol.converged & stable).reshape(batch),
         iterations=iters,
     )
 
