@@ -75,7 +75,7 @@ def estimate_mi(
                     mutual_information(
                         q,
                         sub,
-                        method=method,
+                        estimator=method,
                         num_samples=num_samples,
                         num_permutations=num_permutations,
                         generator=gen,
@@ -114,7 +114,7 @@ def info(draws: Any, rows: list[dict], mi: dict, align: str, canonical: str) -> 
     if mi:
         est = mi["all"][0]
         k = f", K = {est.num_permutations}" if est.num_permutations else ""
-        out["I(g;w) estimator"] = f"{est.method} ({est.num_samples} draws{k})"
+        out["I(g;w) estimator"] = f"{est.estimator} ({est.num_samples} draws{k})"
     return out
 
 
@@ -222,8 +222,12 @@ def mmd_section(draws: Any, spec: PermutationSpec, num_permutations: int, seed: 
 # ---------------------------------------------------------------------- figures
 def figures(convergence: ConvergenceComparison, curves: list, num_weights: int) -> dict[str, bytes]:
     """``name -> PNG bytes`` of the report's figures."""
+    if convergence.after is None:  # a collection without after=: no before/after to draw
+        return {}
     before, after = convergence.draws_before, convergence.draws_after
     out = {"rhat_hist": plots.png_bytes(plots.plot_rhat_hist(convergence.before.rhat, convergence.after.rhat))}
+    if before is None:  # a collection: the draws stay in their files, the per-weight figures need them
+        return out
     # The weights whose R-hat drops most under alignment: where symmetry was the disagreement.
     with np.errstate(invalid="ignore"):  # inf - inf: degenerate before and after, no drop to show
         drop = {k: convergence.before.rhat[k] - convergence.after.rhat[k] for k in convergence.before.rhat}
@@ -241,6 +245,8 @@ def degenerate_notes(convergence: ConvergenceComparison) -> list[str]:
     """Say which layers' R-hat/ESS rest on degenerate draws (every run constant)."""
     notes = []
     for label, summary in (("before", convergence.before), ("after", convergence.after)):
+        if summary is None:  # a collection's report without after=: nothing after alignment
+            continue
         counts = {layer: summary.num_degenerate(layer) for layer in summary.layer_names}
         counts = {layer: c for layer, c in counts.items() if c}
         if counts:
@@ -254,17 +260,18 @@ def degenerate_notes(convergence: ConvergenceComparison) -> list[str]:
     return notes
 
 
-def rows(spec, convergence, mi, mmd_results, curves, draws) -> list[dict[str, Any]]:
-    """One row of raw numbers per layer and a last row ``"all"``."""
-    shapes = {site: tuple(v.shape[2:]) for site, v in draws.samples.items()}
+def rows(spec, convergence, mi, mmd_results, curves, shapes) -> list[dict[str, Any]]:
+    """One row of raw numbers per layer and a last row ``"all"`` (``shapes``: ``site -> shape``
+    of one draw; ``convergence.after`` None and MMD ``after`` None leave the 'after' cells empty)."""
     widths, groups = layer_widths(spec, shapes), layer_groups(spec, list(shapes))
     out = []
     for layer, group in [*groups.items(), ("all", None)]:
         key = None if layer == "all" else layer
-        b, a = convergence.before.row(key), convergence.after.row(key)
+        b = convergence.before.row(key)
+        a = convergence.after.row(key) if convergence.after is not None else {}
         row: dict[str, Any] = {"layer": layer, "num_weights": b["num_weights"]}
         for k in ("rhat_max", "rhat_median", "frac_rhat>1.01", "frac_rhat>1.1", "ess_min", "ess_median", "degenerate"):
-            row[f"{k}_before"], row[f"{k}_after"] = b[k], a[k]
+            row[f"{k}_before"], row[f"{k}_after"] = b[k], a.get(k)
         if layer == "all":
             row["width"] = sum(spec.sizes.values())
             row["log_order"], row["log_order_share"] = spec.log_order, 1.0
@@ -281,9 +288,9 @@ def rows(spec, convergence, mi, mmd_results, curves, draws) -> list[dict[str, An
             row["mi_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         if mmd_results:
             before, after = mmd_results[layer]
-            row.update(
-                mmd2_before=before.mmd2, mmd_p_before=before.p_value, mmd2_after=after.mmd2, mmd_p_after=after.p_value
-            )
+            row.update(mmd2_before=before.mmd2, mmd_p_before=before.p_value)
+            if after is not None:
+                row.update(mmd2_after=after.mmd2, mmd_p_after=after.p_value)
         if layer == "all" and curves:
             row["barrier_before"] = statistics.fmean(b.barrier for _, b, _ in curves)
             row["barrier_after"] = statistics.fmean(a.barrier for _, _, a in curves)

@@ -38,6 +38,7 @@ from ..alignment import BarrierResult, align_many
 from ..estimators import MIEstimate
 from ..groups import SpecError
 from . import _report_parts as parts
+from ._report_collection import is_streamed, moments_table, streamed_sections
 from ._report_format import (
     COLUMNS,
     FILES_NOTE,
@@ -71,11 +72,14 @@ class SymmetryReport:
         for the formatted table), keys such as ``rhat_max_before``,
         ``frac_rhat>1.01_after``, ``mi_mean``, ``mmd2_before``, ``barrier_after``.
     convergence : ConvergenceComparison
-        With the draws before and after alignment (``draws_before``, ``draws_after``).
+        With the draws before and after alignment (``draws_before``, ``draws_after``). For a
+        checkpoint collection the draws stay in their files (both None), and ``after`` is None
+        unless ``after=`` was given.
     mutual_information : dict ``name -> list of MIEstimate`` (one per run)
         ``"all"`` (whole network) and each hidden layer (its own subgroup).
     barriers : list of ``(label, before, after)`` BarrierResults
     mmd : dict ``layer -> (before, after)`` MMDResults for runs 0 and 1
+        (``CollectionMMD`` s of chains 0 and 1 for a collection; ``after`` None without ``after=``)
     figures : dict ``name -> bytes``
         The figures as PNG (embedded in :meth:`to_html`).
     info : dict of summary facts (runs, draws, log|G|, alignment, canonical form)
@@ -84,6 +88,9 @@ class SymmetryReport:
         which layers' R-hat/ESS rest on degenerate draws.
     runs : list of int
         The index in ``runs`` of each run the report uses (failed runs are skipped).
+    moments : dict ``"before"``/``"after"`` -> ``site -> (mean, variance)``
+        Posterior means and variances over every draw (filled for a checkpoint collection,
+        where they are streamed).
     files : dict ``name -> Path``
         The files the last :meth:`save` wrote (empty before).
     """
@@ -99,6 +106,7 @@ class SymmetryReport:
     title: str = "Symmetry report"
     runs: list[int] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
+    moments: dict[str, dict[str, tuple[Any, Any]]] = field(default_factory=dict)
 
     def table(self) -> list[list[str]]:
         """The formatted table: a header row, then one row per layer and ``"all"``."""
@@ -137,7 +145,13 @@ class SymmetryReport:
             head = ["pair", "barrier before", "barrier after"]
             body = [[label, f"{b.barrier:.3f}", f"{a.barrier:.3f}"] for label, b, a in self.barriers]
             out.append(("Loss barriers between pairs of runs", [head] + body))
+        if self.moments:
+            layers = [r["layer"] for r in self.rows[:-1]]
+            out.append(("Posterior means and standard deviations", moments_table(self.moments, layers)))
         return out
+
+    def _has_draws(self) -> bool:
+        return self.convergence.draws_before is not None
 
     def to_markdown(self, extra_notes: tuple[str, ...] = ()) -> str:
         """Markdown: facts, the table, per-run tables and notes (the figures are in the HTML page)."""
@@ -152,7 +166,7 @@ class SymmetryReport:
         notes = [*self.notes, *extra_notes]
         if notes:
             lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-        lines += [FILES_NOTE, ""]
+        lines += [FILES_NOTE, ""] if self._has_draws() else []
         return "\n".join(lines)
 
     def to_html(self, extra_notes: tuple[str, ...] = ()) -> str:
@@ -177,7 +191,8 @@ class SymmetryReport:
         notes = [*self.notes, *extra_notes]
         if notes:
             parts_ += ["<h2>Notes</h2><ul>"] + [f"<li>{esc(n)}</li>" for n in notes] + ["</ul>"]
-        parts_ += [f"<p>{esc(FILES_NOTE)}</p>", "</body></html>"]
+        parts_ += [f"<p>{esc(FILES_NOTE)}</p>"] if self._has_draws() else []
+        parts_.append("</body></html>")
         return "\n".join(parts_)
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Path]:
@@ -208,6 +223,10 @@ class SymmetryReport:
         trees = {"draws": self.convergence.draws_before, "draws_aligned": self.convergence.draws_after}
         for name, draws in trees.items():
             path = out / REPORT_FILES[name]
+            if draws is None:  # a collection's draws stay in their files
+                if overwrite and path.is_file():
+                    path.unlink()  # an earlier report's draws would look like this one's
+                continue
             try:
                 tree = draws_to_datatree(draws)
                 paths[name] = write_file(path, lambda tmp, tree=tree: tree.to_netcdf(tmp), overwrite)
@@ -261,15 +280,24 @@ def symmetry_report(
     title: str = "Symmetry report",
     overwrite: bool = False,
     figures: bool | None = None,
+    chains: Any = None,
+    after: Any = None,
+    max_bytes: int = 256 << 20,
 ) -> SymmetryReport:
     """Measure how much of the disagreement between runs is weight-space symmetry.
 
     Parameters
     ----------
-    runs : list, or one MCMC / ArviZ tree
+    runs : list, one MCMC / ArviZ tree, or a checkpoint Collection
         As :func:`~pyro_symmetry.diagnostics.to_inference_data`: at least 2 runs (chains). An
         ArviZ ``DataTree``/``InferenceData`` (e.g. the ``draws.nc`` of an earlier report,
-        reopened with ``xarray.open_datatree``) is re-aligned draw by draw.
+        reopened with ``xarray.open_datatree``) is re-aligned draw by draw. A
+        :class:`~pyro_symmetry.collections.Collection`, or the dask-backed tree
+        ``ps.diagnostics.collections.to_inference_data(collection, chains=...)``, is reported
+        from streamed computations only (never every checkpoint at once): R-hat/ESS block by
+        block, posterior means/variances, MMD between chains 0 and 1 (Collection only);
+        alignment, barriers, ``I(g; w)`` and the per-weight figures are skipped with a note,
+        and no draws files are written (the checkpoints are the draws).
     spec : PermutationSpec, optional
         Default: the model's ``.spec``.
     data : ``(x, y)``, optional
@@ -306,6 +334,16 @@ def symmetry_report(
         only those: other files are never touched).
     figures : bool, optional
         Render the figures (matplotlib); default: when ``out_dir`` is given.
+    chains : optional
+        For a Collection: how checkpoints form chains (see
+        :func:`~pyro_symmetry.diagnostics.collections.chain_groups`: an int, index lists, or
+        ``name -> run label``).
+    after : Collection or dask-backed tree, optional
+        For a collection: its aligned or canonical copy (``collection.align(reference,
+        out_dir)`` / ``collection.canonicalize(out_dir)``, reopened with
+        ``ps.collections.from_files``), checkpoint for checkpoint; fills the 'after' columns.
+    max_bytes : int
+        For a collection: working-memory budget of one streamed block (R-hat/ESS, MMD).
 
     Returns
     -------
@@ -335,8 +373,15 @@ def symmetry_report(
         mmd_permutations=mmd_permutations,
         num_weights_plotted=num_weights_plotted,
     )
+    check_int("max_bytes", max_bytes, minimum=1)
     if out_dir is not None:
         check_out_dir(Path(out_dir), overwrite)
+    if is_streamed(runs):
+        options = {"seed": seed, "mmd_permutations": mmd_permutations, "max_bytes": max_bytes, "progress": progress}
+        report = _collection_report(runs, spec, chains, after, options, title)
+        return _finish(report, figures, out_dir, overwrite, 0)
+    if chains is not None or after is not None:
+        raise TypeError("chains= and after= apply to a checkpoint Collection (or its dask-backed DataTree) only")
     steps = ["draws", "alignment", "R-hat/ESS", "I(g;w)", "barriers", "MMD", "figures", "files"]
     bar = tqdm(steps, desc="symmetry report", disable=not progress, leave=False)
     step = iter(bar)
@@ -373,19 +418,42 @@ def symmetry_report(
 
     next(step)
     mmd_results, canonical = parts.mmd_section(draws, spec, mmd_permutations, seed, notes)
-    rows = parts.rows(spec, convergence, mi, mmd_results, curves, draws)
+    shapes = {site: tuple(v.shape[2:]) for site, v in draws.samples.items()}
+    rows = parts.rows(spec, convergence, mi, mmd_results, curves, shapes)
     info = parts.info(draws, rows, mi, align, canonical)
     report = SymmetryReport(rows, convergence, mi, curves, mmd_results, {}, info, notes, title, run_ids)
 
     next(step)
+    report = _finish(report, figures, out_dir, overwrite, num_weights_plotted, curves)
+    bar.close()
+    return report
+
+
+def _collection_report(runs: Any, spec: Any, chains: Any, after: Any, options: dict, title: str) -> SymmetryReport:
+    """The report of a checkpoint collection (or its dask-backed tree), streamed."""
+    got = streamed_sections(runs, spec, chains, after, options)
+    return SymmetryReport(
+        rows=got["rows"],
+        convergence=got["convergence"],
+        mutual_information={},
+        barriers=[],
+        mmd=got["mmd"],
+        info=got["info"],
+        notes=got["notes"],
+        title=title,
+        moments=got["moments"],
+    )
+
+
+def _finish(
+    report: SymmetryReport, figures: bool | None, out_dir: Any, overwrite: bool, num_weights: int, curves: list = ()
+) -> SymmetryReport:
+    """Render the figures (when asked, or by default with ``out_dir``) and save."""
     if figures or (figures is None and out_dir is not None):
         try:
-            report.figures = parts.figures(convergence, curves, num_weights_plotted)
+            report.figures = parts.figures(report.convergence, list(curves), num_weights)
         except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing: the report without figures
-            notes.append(parts.failure("The figures", e))
-
-    next(step)
+            report.notes.append(parts.failure("The figures", e))
     if out_dir is not None:
         report.save(out_dir, overwrite=overwrite)
-    bar.close()
     return report
