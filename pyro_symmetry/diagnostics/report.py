@@ -13,6 +13,11 @@ apparent disagreement is symmetry:
 * loss barriers between pairs of runs before and after alignment (with data);
 * MMD between two runs before and after mapping samples to a canonical form.
 
+A checkpoint :class:`~pyro_symmetry.collections.Collection` (or its dask-backed tree) is
+reported from streamed computations only (:mod:`._report_collection`): R-hat/ESS block by
+block, posterior moments, MMD over the files; what needs every draw or a model is skipped
+with a note.
+
 With ``out_dir`` it writes one self-contained HTML page (figures embedded), a markdown
 version, and the draws before and after alignment as ArviZ trees in netCDF, into an
 empty or new folder (see :func:`symmetry_report` for ``overwrite``).
