@@ -47,19 +47,7 @@ GROUP_ELEMENT_WORDS = re.compile(r"group element|permutations?\b|``K``|terms of 
 
 #: ``(check, callable) -> reason``: checks failing on purpose (xfail strict); see the module docstring.
 KNOWN: dict[tuple[str, str], str] = {
-    (
-        "estimator",
-        "ps.diagnostics.symmetry_report",
-    ): "ps.diagnostics.symmetry_report still chooses its estimator with another name than estimator=",
     ("frozen", "SymmetryReport"): "SymmetryReport is not a frozen dataclass yet",
-    (
-        "other_names",
-        "ps.diagnostics.symmetry_report",
-    ): "ps.diagnostics.symmetry_report still takes 'align'; rename (keep the old name as a deprecated alias)",
-    (
-        "reference",
-        "ps.diagnostics.symmetry_report",
-    ): "ps.diagnostics.symmetry_report still chooses the alignment reference with another name than reference=",
 }
 
 

@@ -192,3 +192,15 @@ def test_format_row_shows_nan_estimates_as_nan_not_as_blanks():
     cells = dict(zip(COLUMNS, _format_row(row)))
     assert cells["I(g;w) / log|G|"] == "NaN ± NaN / 1.8"
     assert cells["barrier"] == "NaN → 0.100" and cells["R-hat max"] == "n/a → inf"
+
+
+def test_deprecated_report_options_warn_and_map_to_the_new_names():
+    """``align=`` and ``mi_method=`` are the old spellings of ``reference=`` and ``mi_estimator=``."""
+    from pyro_symmetry.diagnostics.report import _renamed_options
+
+    with pytest.warns(DeprecationWarning, match="reference="):
+        assert _renamed_options("barycenter", "auto", "reference", None) == (0, "auto")
+    with pytest.warns(DeprecationWarning, match="mi_estimator="):
+        assert _renamed_options("barycenter", "auto", None, "exact") == ("barycenter", "exact")
+    with pytest.raises(ValueError, match="reference must be"):
+        _renamed_options("first", "auto", None, None)

@@ -263,6 +263,28 @@ def _check_options(align: str, data: Any, loss_fn: Any, seed: Any, **counts: Any
         raise TypeError(f"data must be a pair (x, y) of held-out tensors, got {type(data).__name__}")
 
 
+def _renamed_options(reference: Any, mi_estimator: str, align: Any, mi_method: Any) -> tuple[Any, str]:
+    """The new spellings, from the deprecated ``align=`` and ``mi_method=`` when given."""
+    if align is not None:
+        warnings.warn(
+            "symmetry_report: align= is deprecated and will be removed; use reference= "
+            "('barycenter', or 0 for the first run)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        reference = 0 if align == "reference" else align
+    if mi_method is not None:
+        warnings.warn(
+            "symmetry_report: mi_method= is deprecated and will be removed; use mi_estimator= (the same names)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        mi_estimator = mi_method
+    if reference not in ("barycenter", 0) or isinstance(reference, bool):
+        raise ValueError(f"reference must be 'barycenter' or 0 (the first run), got {reference!r}")
+    return reference, mi_estimator
+
+
 def symmetry_report(
     runs: Any,
     spec: Any = None,
@@ -270,12 +292,12 @@ def symmetry_report(
     out_dir: str | Path | None = None,
     *,
     num_samples: int = 100,
-    align: str = "barycenter",
+    reference: str | int = "barycenter",
     loss_fn: Callable[[Any], float] | None = None,
     model: Any = None,
     barrier_pairs: int = 3,
     barrier_points: int = 25,
-    mi_method: str = "auto",
+    mi_estimator: str = "auto",
     mi_samples: int = 64,
     mi_permutations: int = 16,
     mmd_permutations: int = 200,
@@ -288,6 +310,8 @@ def symmetry_report(
     chains: Any = None,
     after: Any = None,
     max_bytes: int = 256 << 20,
+    align: str | None = None,
+    mi_method: str | None = None,
 ) -> SymmetryReport:
     """Measure how much of the disagreement between runs is weight-space symmetry.
 
@@ -317,7 +341,8 @@ def symmetry_report(
         written. It must be empty or new (checked before any work), unless ``overwrite``.
     num_samples : int
         Draws per run for R-hat/ESS and MMD.
-    align : {"barycenter", "reference"}
+    reference : {"barycenter", 0}
+        What the runs are aligned to: their barycenter, or run 0.
     loss_fn : callable ``posterior -> float``, optional
         Loss for the barriers (overrides the default built from ``data``).
     model : Pyro model, optional
@@ -325,8 +350,9 @@ def symmetry_report(
         default: the runs' model (a guide's, a ``TrainedRun``'s).
     barrier_pairs, barrier_points : int
         Pairs ``(r, r + 1)`` of runs and points on each interpolation path.
-    mi_method, mi_samples, mi_permutations
-        Estimator of ``I(g; w)`` (:func:`~pyro_symmetry.mutual_information`).
+    mi_estimator, mi_samples, mi_permutations
+        Estimator of ``I(g; w)`` (:func:`~pyro_symmetry.mutual_information`'s ``estimator``,
+        ``num_samples`` and ``num_permutations``).
     mmd_permutations : int
     num_weights_plotted : int
     seed : int
@@ -350,6 +376,11 @@ def symmetry_report(
     max_bytes : int
         For a collection: working-memory budget of one streamed block (R-hat/ESS, MMD).
 
+    align : {"barycenter", "reference"}, optional
+        Deprecated: use ``reference=`` (``"reference"`` is ``reference=0``).
+    mi_method : str, optional
+        Deprecated: use ``mi_estimator=``.
+
     Returns
     -------
     SymmetryReport
@@ -366,6 +397,8 @@ def symmetry_report(
     >>> report = ps.diagnostics.symmetry_report(runs, data=(x_test, y_test), out_dir="report")
     >>> print(report)
     """
+    reference, mi_estimator = _renamed_options(reference, mi_estimator, align, mi_method)
+    align = "reference" if reference == 0 else reference
     _check_options(
         align=align,
         data=data,
@@ -415,7 +448,7 @@ def symmetry_report(
     notes += parts.degenerate_notes(convergence)
 
     next(step)
-    mi = parts.mi_section(posteriors, spec, (mi_method, mi_samples, mi_permutations), seed, progress, notes)
+    mi = parts.mi_section(posteriors, spec, (mi_estimator, mi_samples, mi_permutations), seed, progress, notes)
 
     next(step)
     options = {"pairs": barrier_pairs, "points": barrier_points, "seed": seed, "progress": progress}
