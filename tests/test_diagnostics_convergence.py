@@ -48,7 +48,7 @@ def test_rhat_of_permuted_runs_is_large_before_and_one_after_alignment(activatio
     assert rows[-1]["num_weights"] == sum(v.numel() for v, _ in runs[0].values())
     assert rows[0]["frac_rhat>1.1_before"] > rows[0]["frac_rhat>1.1_after"]
     # Aligning to run 0 instead of the barycenter removes the same disagreement.
-    to_first = D.rhat_ess_before_after(runs, spec, align="reference", num_samples=100, draws=cmp.draws_before)
+    to_first = D.rhat_ess_before_after(runs, spec, reference="reference", num_samples=100, draws=cmp.draws_before)
     assert to_first.after.fraction_above(1.1) == 0.0
 
 

@@ -171,7 +171,7 @@ def test_diagnostics_accept_either_dtype(dtype):
     labels = torch.randint(0, 3, (9,), generator=g)
     for fn in (D.metrics.accuracy, D.metrics.nll, D.metrics.brier_score, D.metrics.expected_calibration_error):
         assert fn(probs, labels).dtype == dtype
-    assert D.metrics.mutual_information(probs).dtype == dtype
+    assert D.metrics.predictive_mutual_information(probs).dtype == dtype
     model = BayesianMLP(3, [4], 2)
     tree = D.to_inference_data([_gaussian(model, dtype, r) for r in range(2)], num_samples=4, seed=0)
     assert {str(tree["posterior"][k].dtype) for k in model.site_names} == {str(dtype).replace("torch.", "")}

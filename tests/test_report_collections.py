@@ -175,3 +175,16 @@ def test_report_mutual_information_uses_the_current_estimator_keyword():
         warnings.simplefilter("error", FutureWarning)
         report = D.symmetry_report(runs, model.spec, num_samples=8, mi_samples=4, mmd_permutations=10, progress=False)
     assert report.info["I(g;w) estimator"].split(" ")[0] in ("exact", "permanent", "contrastive", "importance")
+
+
+def test_rhat_ess_of_a_collection_or_its_dask_tree_is_streamed(files):
+    """``ps.diagnostics.rhat_ess`` dispatches a Collection (with ``chains=``) and a dask-backed
+    tree to the streamed kernel: the same numbers as on the draws in memory; the repr of a
+    comparison without an "after" side prints."""
+    coll = ps.collections.from_files(files / "*.pt", SPEC)
+    want = D.rhat_ess(_chains(coll))
+    _same_rhat(D.rhat_ess(coll, chains=_run_of), want)
+    _same_rhat(D.rhat_ess(D.to_inference_data(coll, chains=_run_of)), want)
+    with pytest.raises(TypeError, match="chains= applies"):
+        D.rhat_ess(_chains(coll), chains=_run_of)
+    assert "-> -" in repr(D.ConvergenceComparison(want, None, None, None))

@@ -13,26 +13,14 @@ go on.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._executors import cancel_all, check_executor, submit, wait_first
+from .._executors import is_dask as _is_dask
+
 __all__ = ["check_executor", "default_workers", "run_tasks"]
-
-
-def _is_dask(obj: Any) -> bool:
-    return type(obj).__module__.split(".")[0] == "distributed"
-
-
-def check_executor(executor: Any) -> None:
-    if executor is not None and not callable(getattr(executor, "submit", None)):
-        raise TypeError(
-            "executor must be None (in-process) or have a submit(fn, *args) method (a concurrent.futures "
-            f"executor, a dask.distributed.Client), got {type(executor).__name__}"
-        )
 
 
 def default_workers(executor: Any) -> int:
@@ -46,32 +34,6 @@ def default_workers(executor: Any) -> int:
             pass
     n = getattr(executor, "_max_workers", None)
     return n if isinstance(n, int) and n > 0 else os.cpu_count() or 1
-
-
-def _submit(executor: Any, fn: Callable, args: tuple) -> Any:
-    if _is_dask(executor) and type(executor).__name__ == "Client":
-        # Not pure: a re-run after a failure must run again, not reuse a cached result.
-        return executor.submit(fn, *args, pure=False)
-    return executor.submit(fn, *args)
-
-
-def _wait_first(futures: Sequence[Any]) -> list[Any]:
-    """The futures of ``futures`` that are done, waiting until at least one is."""
-    if all(isinstance(f, cf.Future) for f in futures):
-        return list(cf.wait(futures, return_when=cf.FIRST_COMPLETED).done)
-    if all(_is_dask(f) for f in futures):
-        from distributed import wait
-
-        client = getattr(futures[0], "client", None)
-        # wait() asks for the default client: make the futures' own client current.
-        with client.as_current() if hasattr(client, "as_current") else contextlib.nullcontext():
-            wait(list(futures), return_when="FIRST_COMPLETED")
-        return [f for f in futures if f.done()]
-    while True:
-        done = [f for f in futures if f.done()]
-        if done:
-            return done
-        time.sleep(0.01)
 
 
 def run_tasks(
@@ -106,12 +68,12 @@ def run_tasks(
             batch = next(it, None)
             if batch is None:
                 return
-            pending[_submit(executor, fn, (*common, batch))] = batch
+            pending[submit(executor, fn, *common, batch)] = batch
 
     try:
         fill()
         while pending:
-            for fut in _wait_first(list(pending)):
+            for fut in wait_first(list(pending)):
                 batch = pending.pop(fut)
                 try:
                     result = fut.result()
@@ -123,9 +85,5 @@ def run_tasks(
                     fut.release()  # Dask: let the scheduler forget the result now
             fill()
     except BaseException:
-        for fut in pending:
-            try:
-                fut.cancel()
-            except Exception:  # noqa: BLE001
-                pass
+        cancel_all(pending)
         raise

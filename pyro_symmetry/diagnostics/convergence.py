@@ -184,8 +184,14 @@ def rhat_ess(
     layers: Mapping[str, str] | None = None,
     method: str = "rank",
     engine: str = "vectorized",
+    chains: Any = None,
 ) -> ConvergenceSummary:
     """R-hat and bulk ESS of every weight, treating runs as chains.
+
+    A checkpoint :class:`~pyro_symmetry.collections.Collection`, or an ArviZ tree whose draws
+    are dask arrays (``to_inference_data(collection, chains=...)``), is computed by streaming
+    (:func:`pyro_symmetry.diagnostics.collections.rhat_ess`: a block of weights at a time,
+    never the whole collection in memory), with the same numbers.
 
     Parameters
     ----------
@@ -204,6 +210,9 @@ def rhat_ess(
         once; ``"arviz"`` calls ``arviz_stats.rhat``/``ess``, which loop over the
         weights in Python (about 2 ms each: minutes for a network's worth; see
         ``benchmarks/rhat.py``).
+    chains : optional
+        For a Collection: which checkpoints form each chain (see
+        :func:`pyro_symmetry.diagnostics.collections.chain_groups`).
 
     Returns
     -------
@@ -219,6 +228,14 @@ def rhat_ess(
     """
     if engine not in ("vectorized", "arviz"):
         raise ValueError(f"engine must be 'vectorized' or 'arviz', got {engine!r}")
+    if _streamed(data):
+        if (method, engine) != ("rank", "vectorized"):
+            raise ValueError("a collection (or a dask-backed tree) is streamed with method='rank', engine='vectorized'")
+        from ._collection_data import rhat_ess as streamed_rhat_ess
+
+        return streamed_rhat_ess(data, chains=chains, var_names=var_names, layers=layers)
+    if chains is not None:
+        raise TypeError("chains= applies to a checkpoint Collection only (runs and trees already have chains)")
     if engine == "vectorized" and method != "rank":
         raise ValueError(f"engine='vectorized' computes method='rank' only; use engine='arviz' for {method!r}")
 
@@ -290,11 +307,14 @@ class ConvergenceComparison:
         return rows
 
     def __repr__(self) -> str:
-        b, a = self.before.row(None), self.after.row(None)
+        b = self.before.row(None)
+        a = self.after.row(None) if self.after is not None else None  # a collection report without after=
+        after_max = _fmt(a["rhat_max"], ".4g") if a is not None else "-"
+        after_frac = f"{a['frac_rhat>1.01']:.3g}" if a is not None else "-"
         return (
             f"ConvergenceComparison(chains={self.before.num_chains}, draws={self.before.num_draws}, "
-            f"weights={b['num_weights']}, rhat_max={_fmt(b['rhat_max'], '.4g')} -> {_fmt(a['rhat_max'], '.4g')}, "
-            f"frac_rhat>1.01={b['frac_rhat>1.01']:.3g} -> {a['frac_rhat>1.01']:.3g})"
+            f"weights={b['num_weights']}, rhat_max={_fmt(b['rhat_max'], '.4g')} -> {after_max}, "
+            f"frac_rhat>1.01={b['frac_rhat>1.01']:.3g} -> {after_frac})"
         )
 
 
@@ -343,3 +363,14 @@ def rhat_ess_before_after(
     check_enough_chains(draws, 2, "R-hat across runs")
     aligned = align_draws(draws, spec, reference, **align_kwargs)  # positional: align_draws' own name may differ
     return ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)
+
+
+def _streamed(data: Any) -> bool:
+    """A checkpoint Collection, or an ArviZ tree / Dataset whose draws are dask arrays."""
+    from ..collections import Collection
+
+    if isinstance(data, Collection):
+        return True
+    post = data["posterior"] if getattr(data, "children", None) and "posterior" in data.children else data
+    values = getattr(post, "data_vars", None)
+    return bool(values) and any(type(v.data).__module__.startswith("dask") for v in values.values())

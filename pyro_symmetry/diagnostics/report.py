@@ -280,8 +280,10 @@ def _renamed_options(reference: Any, mi_estimator: str, align: Any, mi_method: A
             stacklevel=3,
         )
         mi_estimator = mi_method
+    if reference == "reference":  # align_draws' and rhat_ess_before_after's name for run 0
+        reference = 0
     if reference not in ("barycenter", 0) or isinstance(reference, bool):
-        raise ValueError(f"reference must be 'barycenter' or 0 (the first run), got {reference!r}")
+        raise ValueError(f"reference must be 'barycenter', or 'reference' or 0 (the first run), got {reference!r}")
     return reference, mi_estimator
 
 
@@ -341,8 +343,9 @@ def symmetry_report(
         written. It must be empty or new (checked before any work), unless ``overwrite``.
     num_samples : int
         Draws per run for R-hat/ESS and MMD.
-    reference : {"barycenter", 0}
-        What the runs are aligned to: their barycenter, or run 0.
+    reference : {"barycenter", "reference", 0}
+        What the runs are aligned to: their barycenter, or run 0 (``"reference"`` or ``0``,
+        as in :func:`align_draws`).
     loss_fn : callable ``posterior -> float``, optional
         Loss for the barriers (overrides the default built from ``data``).
     model : Pyro model, optional
