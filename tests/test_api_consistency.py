@@ -47,7 +47,6 @@ GROUP_ELEMENT_WORDS = re.compile(r"group element|permutations?\b|``K``|terms of 
 
 #: ``(check, callable) -> reason``: checks failing on purpose (xfail strict); see the module docstring.
 KNOWN: dict[tuple[str, str], str] = {
-    ("frozen", "SymmetryReport"): "SymmetryReport is not a frozen dataclass yet",
 }
 
 

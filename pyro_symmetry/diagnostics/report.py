@@ -66,7 +66,7 @@ __all__ = ["SymmetryReport", "symmetry_report"]
 _format_row = format_row  # the formatted row of one layer (kept under its old name)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SymmetryReport:
     """The result of :func:`symmetry_report`.
 
@@ -245,7 +245,8 @@ class SymmetryReport:
         for name, text in texts.items():
             data = text.encode("utf-8")
             paths[name] = write_file(out / REPORT_FILES[name], lambda tmp, data=data: tmp.write_bytes(data), overwrite)
-        self.files = dict(paths)
+        self.files.clear()  # frozen: the dict is the report's own, updated in place
+        self.files.update(paths)
         return paths
 
 
@@ -492,7 +493,7 @@ def _finish(
     """Render the figures (when asked, or by default with ``out_dir``) and save."""
     if figures or (figures is None and out_dir is not None):
         try:
-            report.figures = parts.figures(report.convergence, list(curves), num_weights)
+            report.figures.update(parts.figures(report.convergence, list(curves), num_weights))
         except Exception as e:  # noqa: BLE001 - e.g. matplotlib missing: the report without figures
             report.notes.append(parts.failure("The figures", e))
     if out_dir is not None:
