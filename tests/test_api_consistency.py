@@ -46,8 +46,7 @@ OTHER_NAMES = {
 GROUP_ELEMENT_WORDS = re.compile(r"group element|permutations?\b|``K``|terms of the|contrastive", re.IGNORECASE)
 
 #: ``(check, callable) -> reason``: checks failing on purpose (xfail strict); see the module docstring.
-KNOWN: dict[tuple[str, str], str] = {
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _public_callables() -> dict[str, typing.Any]:
