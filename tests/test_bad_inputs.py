@@ -952,8 +952,8 @@ def test_to_inference_data(hidden, data):
         kw, pattern = {"num_samples": data.draw(bad_count(1))}, "num_samples"
     elif kind == "seed":
         kw, pattern = {**kw, "seed": data.draw(st.text(min_size=1, max_size=2))}, "seed"
-    elif kind == "align":
-        kw, pattern = {**kw, "align": data.draw(st.text(max_size=4))}, "align"
+    elif kind == "align":  # the reference (align= is its deprecated spelling)
+        kw, pattern = {**kw, "reference": data.draw(st.text(max_size=4))}, "reference"
     elif kind == "nan chain":
         r, site = data.draw(st.integers(0, 2)), data.draw(st.sampled_from(sorted(runs[0])))
         runs = [params_of(model, i, (4,)) for i in range(3)]
