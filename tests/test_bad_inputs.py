@@ -984,7 +984,7 @@ def test_rhat_needs_chains_and_draws():
 
 
 report_options = st.sampled_from(
-    ["align", "barrier_points", "barrier_pairs", "mi_samples", "mmd_permutations", "num_samples", "loss_fn", "data"]
+    ["reference", "barrier_points", "barrier_pairs", "mi_samples", "mmd_permutations", "num_samples", "loss_fn", "data"]
 )
 
 
@@ -995,7 +995,7 @@ def test_symmetry_report_options(option, data):
     runs = [gaussian_of(model, r) for r in range(3)]
     value = data.draw(
         {
-            "align": st.text(max_size=4),
+            "reference": st.text(max_size=4),
             "barrier_points": bad_count(2),
             "barrier_pairs": bad_count(0),
             "mi_samples": bad_count(1),
