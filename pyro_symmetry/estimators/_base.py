@@ -194,21 +194,19 @@ class BaseDensity:
             self.flat, self.dists = q, None
             spec = spec if spec.shapes is not None else spec.with_shapes(layout.shapes)
         elif isinstance(q, Mapping):
-            dists = {}
-            for k, v in q.items():
-                if isinstance(v, (tuple, list)) and len(v) == 2:
-                    loc, scale = v
-                    if not (torch.is_tensor(loc) and torch.is_tensor(scale)):
-                        raise TypeError(f"q[{k!r}] must be a (loc, scale) pair of tensors, got {type(loc).__name__}")
-                    if not (loc.is_floating_point() and scale.is_floating_point()):
-                        raise TypeError(
-                            f"q[{k!r}]: loc and scale must be floating point, got {loc.dtype}, {scale.dtype}"
-                        )
-                    _check_normal_params(f"q[{k!r}]", loc, scale)
-                    v = dist.Normal(loc, scale, validate_args=False).to_event(loc.dim())
-                if not isinstance(v, td.Distribution):
-                    raise SpecError(f"q[{k!r}] must be a Distribution or a (loc, scale) pair, got {type(v).__name__}")
-                dists[k] = v
+            from ..posteriors import as_posterior  # the one reader of posterior forms
+
+            for k, v in q.items():  # a density needs scale > 0 (the reader allows 0: point-like sites)
+                if isinstance(v, (tuple, list)) and len(v) == 2 and all(torch.is_tensor(x) for x in v):
+                    if v[0].is_floating_point() and v[1].is_floating_point():
+                        _check_normal_params(f"q[{k!r}]", *v)
+            post = as_posterior(q, name="q", detach=False)  # reads and checks every form; gradients kept
+            if post.dists is None:
+                raise SpecError(
+                    "q must map sites to Distributions or (loc, scale) pairs; got "
+                    + ("points" if post.is_point else "draws")
+                )
+            dists = dict(post.dists)
             missing = [s for s in spec.sites if s not in dists]
             if missing:
                 raise SpecError(f"sites {missing} of the spec have no distribution in q (have {sorted(dists)})")
