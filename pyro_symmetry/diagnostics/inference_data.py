@@ -97,11 +97,11 @@ def draws_to_datatree(draws: RunDraws, spec: PermutationSpec | None = None) -> A
 
 def to_inference_data(
     runs: Any,
+    spec: PermutationSpec | None = None,
     *,
     num_samples: int = 100,
     symmetric: bool = False,
     reference: str | None = None,
-    spec: PermutationSpec | None = None,
     data: Any = None,
     model: Any = None,
     posterior_predictive: bool = False,
