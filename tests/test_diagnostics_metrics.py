@@ -99,11 +99,13 @@ def test_entropy_and_mutual_information():
     # Two samples that each put all mass on a different class: aleatoric 0, epistemic log 2.
     samples = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)
     assert float(M.predictive_entropy(samples)[0]) == pytest.approx(math.log(2))
-    assert float(M.mutual_information(samples)[0]) == pytest.approx(math.log(2))
+    assert float(M.predictive_mutual_information(samples)[0]) == pytest.approx(math.log(2))
     # Identical samples: no epistemic uncertainty.
     same, _ = _random_predictions(0, s=1)
     same = same.expand(4, -1, -1)
-    assert torch.allclose(M.mutual_information(same), torch.zeros(same.shape[1], dtype=same.dtype), atol=1e-12)
+    assert torch.allclose(
+        M.predictive_mutual_information(same), torch.zeros(same.shape[1], dtype=same.dtype), atol=1e-12
+    )
     # Against scipy's entropy on random inputs, and MI = H(mean) - mean H.
     from scipy.stats import entropy
 
@@ -111,7 +113,7 @@ def test_entropy_and_mutual_information():
     h = M.predictive_entropy(samples).numpy()
     np.testing.assert_allclose(h, entropy(samples.mean(0).numpy(), axis=-1), rtol=1e-12)
     mean_h = entropy(samples.numpy(), axis=-1).mean(0)
-    np.testing.assert_allclose(M.mutual_information(samples).numpy(), h - mean_h, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(M.predictive_mutual_information(samples).numpy(), h - mean_h, rtol=1e-10, atol=1e-14)
 
 
 def test_evaluate_and_errors(dtype):
@@ -126,7 +128,7 @@ def test_evaluate_and_errors(dtype):
     with pytest.raises(ValueError, match="labels"):
         M.accuracy(samples, y + 10)
     with pytest.raises(ValueError, match=r"\(S, N, C\)"):
-        M.mutual_information(samples[0])
+        M.predictive_mutual_information(samples[0])
     with pytest.raises(ValueError, match="tpr"):
         M.fpr_at_tpr(torch.zeros(3), torch.ones(3), 1.5)
 
