@@ -246,7 +246,12 @@ def rhat_ess(
 
 def _check_sizes(num_chains: int, num_draws: int) -> None:
     if num_chains < 2 or num_draws < 4:
-        raise ValueError(f"R-hat needs >= 2 chains of >= 4 draws, got {num_chains} chains of {num_draws} draws")
+        hint = (
+            " (pass chains=: which checkpoints form each chain, e.g. a run per file-name prefix)"
+            if num_chains < 2
+            else ""
+        )
+        raise ValueError(f"R-hat needs >= 2 chains of >= 4 draws, got {num_chains} chains of {num_draws} draws{hint}")
 
 
 def _kernel(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
