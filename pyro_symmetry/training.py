@@ -33,6 +33,7 @@ from ._executors import check_executor
 from ._runs import Outcome, Task, diverged, fresh_optim, load, run_on_executor, train_one
 from ._state import isolated
 from ._validation import check_callable, check_finite, check_int
+from .posteriors.predict import plate_nesting
 
 __all__ = ["TrainedRun", "train_runs"]
 
@@ -112,17 +113,6 @@ def _failed(seed: int | None, losses: torch.Tensor, error: BaseException) -> Tra
 
 
 # ---------------------------------------------------------------------- vectorized
-def _plate_nesting(trace: Any) -> int:
-    dims = [
-        -f.dim
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        for f in site["cond_indep_stack"]
-        if f.vectorized and f.dim is not None
-    ]
-    return max(dims, default=0)
-
-
 class _RunsPlated:
     """``model`` with every site under one extra plate ``_runs`` of size R."""
 
@@ -213,7 +203,7 @@ def _train_vectorized(
         if not callable(base):
             raise TypeError(f"make_model() must return a Pyro model (a callable), got {type(base).__name__}")
         with torch.no_grad():
-            nesting = _plate_nesting(poutine.trace(base).get_trace(*task.args, **task.kwargs))
+            nesting = plate_nesting(poutine.trace(base).get_trace(*task.args, **task.kwargs))
         vmodel = _RunsPlated(base, num_runs, -(nesting + 1))
         vguide = task.make_guide(vmodel)
         if type(vguide) is not AutoNormal:

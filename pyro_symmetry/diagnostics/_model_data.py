@@ -15,14 +15,13 @@ import copy
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import site_is_subsample
 
 from .._state import isolated
 from ..posteriors import predict
-from ._run_reading import DRAW_PLATE, sum_per_draw
+from ._run_reading import sum_per_draw
 
 __all__ = ["ModelData", "model_data", "obs_dims", "split_data"]
 
@@ -113,18 +112,7 @@ def _log_joint_looped(model: Any, values: Mapping[str, torch.Tensor], num: int, 
 
 def _log_joint_vectorized(model: Any, values: Mapping[str, torch.Tensor], num: int, args: tuple, kwargs: dict):
     first = _trace(model, {k: v[0] for k, v in values.items()}, args, kwargs)
-    nest = max(
-        (-f.dim for s in first.nodes.values() if s["type"] == "sample" for f in s["cond_indep_stack"] if f.vectorized),
-        default=0,
-    )
-    batched = {}
-    for k, v in values.items():
-        site = first.nodes[k]
-        own = tuple(site["value"].shape)
-        batch_nd = len(own) - site["fn"].event_dim
-        batched[k] = v.reshape((num,) + (1,) * (nest - batch_nd) + own)
-    with pyro.plate(DRAW_PLATE, num, dim=-(nest + 1)):
-        tr = _trace(model, batched, args, kwargs)
+    tr = predict.trace_over_draws(model, values, num, args, kwargs, first)
     return sum_per_draw(tr, num)
 
 

@@ -29,11 +29,10 @@ from pyro.poutine.util import site_is_subsample
 
 from .._state import fork_rng
 from ..posteriors import as_posterior
+from ..posteriors.predict import DRAW_PLATE, plate_nesting  # one plate over draws, one reading of plates
 from . import _trees
 
 __all__ = ["Chain", "is_guide", "read_run", "sum_per_draw"]
-
-DRAW_PLATE = "_ps_draws"
 
 
 class Chain(NamedTuple):
@@ -55,19 +54,6 @@ class Chain(NamedTuple):
 def is_guide(x: Any) -> bool:
     """A Pyro autoguide (or a guide-like module that traces its model)."""
     return isinstance(x, torch.nn.Module) and hasattr(x, "prototype_trace")
-
-
-def _plate_nesting(trace: Any) -> int:
-    return max(
-        (
-            -f.dim
-            for s in trace.nodes.values()
-            if s["type"] == "sample"
-            for f in s["cond_indep_stack"]
-            if f.vectorized and f.dim is not None
-        ),
-        default=0,
-    )
 
 
 def sum_per_draw(trace: Any, num: int) -> torch.Tensor:
@@ -100,7 +86,7 @@ def _latent_values(trace: Any) -> dict[str, torch.Tensor]:
 
 def _guide_vectorized(guide: Any, num: int, args: tuple, kwargs: dict) -> tuple[dict, torch.Tensor]:
     tr0 = poutine.trace(guide).get_trace(*args, **kwargs)
-    with pyro.plate(DRAW_PLATE, num, dim=-(_plate_nesting(tr0) + 1)):
+    with pyro.plate(DRAW_PLATE, num, dim=-(plate_nesting(tr0) + 1)):
         tr = poutine.trace(guide).get_trace(*args, **kwargs)
     shapes = {k: tuple(v.shape) for k, v in _latent_values(tr0).items()}
     values = {k: v.reshape((num, *shapes[k])) for k, v in _latent_values(tr).items()}

@@ -29,7 +29,7 @@ from pyro.poutine.util import site_is_subsample
 from .._state import isolated
 from .._validation import check_mapping
 
-__all__ = ["Predictions", "latent_sites", "predict"]
+__all__ = ["Predictions", "latent_sites", "plate_nesting", "predict", "trace_over_draws"]
 
 DRAW_PLATE = "_ps_draws"
 
@@ -62,7 +62,8 @@ class Predictions:
         return f"Predictions({sites}, vectorized={self.vectorized})"
 
 
-def _plate_nesting(trace: poutine.Trace) -> int:
+def plate_nesting(trace: poutine.Trace) -> int:
+    """How many batch dims (counted from the right) the vectorized plates of ``trace`` use."""
     dims = [
         -f.dim
         for s in trace.nodes.values()
@@ -147,10 +148,16 @@ def _looped(
     )
 
 
-def _vectorized(
-    model: Callable, values: Mapping[str, torch.Tensor], num: int, args: tuple, kwargs: dict, obs: tuple, first
-):
-    nest = _plate_nesting(first)
+def trace_over_draws(
+    model: Callable, values: Mapping[str, torch.Tensor], num: int, args: tuple, kwargs: dict, first: poutine.Trace
+) -> poutine.Trace:
+    """One trace of ``model`` conditioned on all ``num`` draws at once, under a plate over draws.
+
+    ``values[site]`` is ``(num, *site_value_shape)``; ``first`` is the trace at draw 0 (it
+    gives each site's value shape and the model's plate nesting). Each draw dim is placed left
+    of every plate of the model, so the model's own batch dims keep their places.
+    """
+    nest = plate_nesting(first)
     batched = {}
     for k, v in values.items():
         site = first.nodes[k]
@@ -158,7 +165,13 @@ def _vectorized(
         batch_nd = len(own) - site["fn"].event_dim
         batched[k] = v.reshape((num,) + (1,) * (nest - batch_nd) + own)
     with pyro.plate(DRAW_PLATE, num, dim=-(nest + 1)):
-        tr = _trace(model, batched, args, kwargs)
+        return _trace(model, batched, args, kwargs)
+
+
+def _vectorized(
+    model: Callable, values: Mapping[str, torch.Tensor], num: int, args: tuple, kwargs: dict, obs: tuple, first
+):
+    tr = trace_over_draws(model, values, num, args, kwargs, first)
     lls, means, observed, categorical = {}, {}, {}, {}
     for name, site in _observed(tr, obs).items():
         lp1, mean1, cat = _read(first.nodes[name])
