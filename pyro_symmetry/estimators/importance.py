@@ -29,11 +29,11 @@ of a group stay a loop. Everything else is one tensor operation over all ``K``
 elements and draws at once: the scores (one batched matrix product per site), the
 visit order, and each step, which is an inverse-CDF draw for all rows together from
 one uniform per row and step (``N x n`` uniforms instead of ``N x n x n`` Gumbels).
-The loop runs in NumPy on float64 copies (a NumPy call on a ``(K, n)`` array costs
-about a third of a torch call, and the loop reuses its buffers), with the probabilities
-of each row normalized once (``exp(score - row max)``, in torch); a step whose open
-options all underflow sends the group to a log-domain rerun that renormalizes at every
-step. The log-density of a given
+The loop (:mod:`._assign`) runs on float64 copies, compiled with numba when the
+``fast`` extra is installed and in NumPy otherwise (the same draws bit for bit), with the
+probabilities of each row normalized once (``exp(score - row max)``, in torch); a step
+whose open options all underflow sends the group to a log-domain rerun that renormalizes
+at every step. The log-density of a given
 assignment is one masked log-sum-exp over the columns still open at each step
 (:func:`proposal_log_prob`), vectorized over steps.
 """
@@ -48,6 +48,7 @@ import torch.utils.checkpoint
 
 from ..groups import decode_signed, encode_signed
 from . import _base
+from ._assign import steps as _steps
 from ._base import BaseDensity, Marginals
 from .factors import neuron_log_factors
 
@@ -125,57 +126,6 @@ def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
     return order, V, flipped.t()
 
 
-def _steps(A: np.ndarray, u: np.ndarray, kc: int, stable: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The sequential draw: at step ``t`` every row picks an open option by inverse CDF.
-
-    ``A`` ``(n, R, O)``: the probabilities relative to each row's best option
-    (``exp(V - max)``), or with ``stable`` the scores ``V`` themselves (then every step
-    renormalizes by the best open option); ``R`` is ``nbc`` (shared by the ``kc``
-    elements) or ``kc * nbc``. The ``N = kc * nbc`` rows are element-major; ``u``
-    ``(n, N)`` holds uniforms in ``(0, 1]``. Returns the options ``(n, N)`` and per step the
-    open mass (relative to the row's best option; below :data:`_TINY` means underflow) or,
-    with ``stable``, the log normalizer ``(n, N)``. Every step is a fixed handful of NumPy
-    calls on preallocated buffers: at these sizes the cost is the calls, not the data.
-    """
-    n, R, O = A.shape
-    N = u.shape[1]
-    S, nbc = O // n, N // kc
-    A4 = A.reshape(n, 1 if R == nbc else kc, nbc, S, n)
-    u3 = u[:, :, None]
-    opened = np.ones((N, n))
-    rows = np.arange(N)
-    chosen = np.empty((n, N), dtype=np.int64)
-    norm = np.empty((n, N))
-    e, c, thr, below = np.empty((N, O)), np.empty((N, O)), np.empty((N, 1)), np.empty((N, O), dtype=bool)
-    column = np.empty(N, dtype=np.int64)
-    shaped, last = e.reshape(kc, nbc, S, n), c[:, -1:]
-    open4 = opened.reshape(kc, nbc, 1, n)
-    closed = np.zeros((N, n))  # log domain: 0 open, -inf taken
-    closed4 = closed.reshape(kc, nbc, 1, n)
-    mul, less, count = np.multiply, np.less, np.add.reduce
-    for t in range(n):
-        if stable:
-            np.add(A4[t], closed4, out=shaped)
-            m = e.max(1)
-            np.exp(e - m[:, None], out=e)
-        else:
-            mul(A4[t], open4, out=shaped)
-        e.cumsum(1, out=c)
-        # The first option whose cumulative mass reaches u * total: it has positive mass.
-        mul(u3[t], last, out=thr)
-        less(c, thr, out=below)
-        o = chosen[t]
-        count(below, 1, out=o)
-        col = o if S == 1 else np.remainder(o, n, out=column)
-        opened[rows, col] = 0.0
-        if stable:
-            closed[rows, col] = -np.inf
-            norm[t] = m + np.log(last[:, 0])
-        else:
-            norm[t] = last[:, 0]
-    return chosen, norm
-
-
 def _prepare(V: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """``V`` ``(n, R, O)``, its row maxima ``(n, R, 1)`` and ``exp(V - max)`` as a NumPy array
     (the fast pass of :func:`_steps`); non-finite scores are refused."""
@@ -191,35 +141,23 @@ def _prepare(V: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, n
 def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group
     from :func:`_prepare`'d step-major scores ``(n, R, O)`` (see :func:`_steps`). With
-    ``forced`` (the identity's options ``(nbc, n)``) the first ``nbc`` rows take them and
-    only their ``log pi`` is computed (vectorized, :func:`_assignment_log_prob`)."""
+    ``forced`` (the identity's options ``(nbc, n)``) the first ``nbc`` rows take them (their
+    uniforms unused) and only their ``log pi`` is computed, along the same loop."""
     V, top, E = prepared
     n, R, O = V.shape
     N = u.shape[0]
-    nbc = N // kc
-    parts, log_pi = [], []
-    if forced is not None:
-        parts.append(forced)
-        log_pi.append(_assignment_log_prob(V[:, :nbc].transpose(0, 1), forced))
-        kc, u = kc - 1, u[nbc:]
-        if R == N:
-            V, top, E = V[:, nbc:], top[:, nbc:], E[:, nbc:]
-            R = R - nbc
-    if kc:
-        M = kc * nbc
-        un = u.detach().t().contiguous().cpu().numpy()
-        chosen, norm = _steps(np.ascontiguousarray(E), un, kc, stable=False)
-        if norm.min() < _TINY:
-            chosen, log_norm = _steps(V.contiguous().cpu().numpy(), un, kc, stable=True)
-            log_norm = torch.from_numpy(log_norm).to(V.device)
-        else:
-            log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, M // R, R)
-        chosen = torch.from_numpy(chosen).to(V.device)  # (n, M)
-        # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
-        picked = V.unsqueeze(1).expand(n, M // R, R, O).gather(-1, chosen.reshape(n, M // R, R, 1)).reshape(n, M)
-        parts.append(chosen.t())
-        log_pi.append((picked - log_norm.reshape(n, M)).sum(0))
-    return torch.cat(parts).contiguous(), torch.cat(log_pi)
+    un = u.detach().t().contiguous().cpu().numpy()
+    given = None if forced is None else forced.t().contiguous().cpu().numpy()
+    chosen, norm = _steps(E, un, kc, given, stable=False)
+    if norm.min() < _TINY:
+        chosen, log_norm = _steps(V.contiguous().cpu().numpy(), un, kc, given, stable=True)
+        log_norm = torch.from_numpy(log_norm).to(V.device)
+    else:
+        log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, N // R, R)
+    chosen = torch.from_numpy(chosen).to(V.device)  # (n, N)
+    # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
+    picked = V.unsqueeze(1).expand(n, N // R, R, O).gather(-1, chosen.reshape(n, N // R, R, 1)).reshape(n, N)
+    return chosen.t().contiguous(), (picked - log_norm.reshape(n, N)).sum(0)
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
