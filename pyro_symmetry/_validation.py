@@ -42,6 +42,8 @@ from typing import Any
 
 import torch
 
+from ._shapes import broadcast_shapes
+
 __all__ = [
     "check_batch_shape",
     "check_callable",
@@ -258,6 +260,6 @@ def check_params(
             check_finite(label, x)
         batches[site] = tuple(x.shape[: x.dim() - nd])
     try:
-        return torch.broadcast_shapes(*batches.values())
+        return broadcast_shapes(*batches.values())
     except RuntimeError:
         raise SpecError(f"the sites of {name} have batch shapes {batches} that do not broadcast") from None

@@ -33,7 +33,7 @@ PKG = ROOT / "pyro_symmetry"
 # training and collections that import only _state or nothing; the package root and
 # ``testing`` (helpers for users' tests) sit on top). A new top-level module must be added.
 LAYERS: list[set[str]] = [
-    {"_validation", "_state", "_runs", "_executors"},
+    {"_validation", "_state", "_shapes", "_runs", "_executors"},
     {"groups"},
     {"models"},
     {"posterior", "posteriors"},

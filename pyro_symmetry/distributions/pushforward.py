@@ -17,6 +17,7 @@ from pyro.distributions import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from torch.distributions import constraints
 
+from .._shapes import broadcast_shapes
 from .._validation import check_spec
 from ..groups import FlatLayout, GroupElement, PermutationSpec, SpecError, apply_flat, flat_permutation
 from ..groups.builders import own_batch_ndim
@@ -188,7 +189,7 @@ def _broadcast(gbatch: torch.Size, shapes: Mapping[str, torch.Size]) -> torch.Si
     batch = gbatch
     for name, shape in shapes.items():
         try:
-            batch = torch.broadcast_shapes(batch, shape)
+            batch = broadcast_shapes(batch, shape)
         except RuntimeError:
             raise SpecError(
                 f"{name} has batch shape {tuple(shape)}, which does not broadcast with the group element's "

@@ -11,6 +11,7 @@ import torch.distributions as td
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from .._shapes import broadcast_shapes
 from .._validation import check_int, check_real
 from ..estimators import BaseDensity
 from ..estimators.exact import MAX_EXACT_ORDER
@@ -157,7 +158,7 @@ class Symmetrized(TorchDistribution):
             batch, event = base.batch_shape, base.event_shape
         else:
             try:
-                batch = torch.broadcast_shapes(*(d.batch_shape for d in base.values()))
+                batch = broadcast_shapes(*(d.batch_shape for d in base.values()))
             except RuntimeError:
                 raise SpecError("the sites of base have batch shapes that do not broadcast") from None
             event = torch.Size()

@@ -26,6 +26,7 @@ import torch
 import torch.distributions as td
 import torch.utils.checkpoint
 
+from .._shapes import broadcast_shapes
 from .._validation import check_finite, check_spec
 from ..groups import FlatLayout, PermutationSpec, SpecError
 
@@ -319,7 +320,7 @@ class BaseDensity:
                 raise SpecError(f"value[{s!r}] has shape {tuple(x.shape)}, expected (*batch, {self.spec.shapes[s]})")
             shapes.append(x.shape[: x.dim() - nd])
         try:
-            return torch.broadcast_shapes(*shapes)
+            return broadcast_shapes(*shapes)
         except RuntimeError:
             raise SpecError(f"the sites of the value have batch shapes {shapes} that do not broadcast") from None
 
@@ -444,7 +445,7 @@ class BaseDensity:
         the broadcast batch, a chunk of rows at a time when they exceed :data:`CHUNK_BYTES`."""
         own = self._own_batch(value)
         shapes = list(own.values()) + ([p.shape[:-1] for p in perm.values()] if perm else [])
-        out = torch.broadcast_shapes(*shapes)
+        out = broadcast_shapes(*shapes)
         ref = self.reference(value)
         rows, chunk = out.numel(), self.rows_per_chunk(ref.element_size())
         if rows <= chunk or self._q_batched:  # a batched q broadcasts against the value's own batch dims

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .._shapes import broadcast_shapes
 from ..groups import SpecError
 from ._base import BaseDensity
 
@@ -103,4 +104,4 @@ def _batch_shape(base: BaseDensity, value) -> torch.Size:
     if base.is_flat:
         return value.shape[:-1]
     shapes = [value[s].shape[: value[s].dim() - len(base.spec.shapes[s])] for s in base.spec.sites]
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)

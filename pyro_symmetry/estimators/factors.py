@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .._shapes import broadcast_shapes
 from ..groups import PermutationSpec, SpecError
 from ._base import Marginals
 
@@ -65,7 +66,7 @@ def _join(rows: list[torch.Tensor]) -> torch.Tensor:
     """Rows ``(*lead_s, n, m_s)`` -> ``(*lead, n, sum m_s)`` (``lead`` broadcast)."""
     if len(rows) == 1:
         return rows[0]
-    lead = torch.broadcast_shapes(*(r.shape[:-1] for r in rows))
+    lead = broadcast_shapes(*(r.shape[:-1] for r in rows))
     return torch.cat([r.expand(*lead, r.shape[-1]) for r in rows], -1)
 
 
@@ -106,8 +107,9 @@ def _factor_term(x: torch.Tensor, loc: torch.Tensor, lam: torch.Tensor) -> torch
         qb = (xc * xc) @ (-0.5 * lam).transpose(-1, -2) - 0.5 * lsum
         kern = qb + xc @ (lc * lam).transpose(-1, -2)
     with torch.no_grad():
-        # (lsum - 2 quad) > C (|kern| + 1)  <=>  qb + (C / 2) |kern| < -C / 2
-        gap = kern.abs().mul_(0.5 * _CANCELLATION).add_(qb)
+        # (lsum - 2 quad) > C (|kern| + 1)  <=>  qb + (C / 2) |kern| < -C / 2, with |kern| = -kern
+        # (a sum of -0.5 lam (x - loc)^2; one rounded above 0 only flags more entries for redoing)
+        gap = torch.add(qb, kern, alpha=-0.5 * _CANCELLATION)
         idx = None
         low = gap.min() if gap.numel() else None
         if low is not None and not bool(low >= -0.5 * _CANCELLATION):  # a NaN min: look entry by entry
@@ -195,7 +197,7 @@ def neuron_log_factors(
         total = term if total is None else total + term
     S = 2 if signed else 1
     if total is None:
-        batch = torch.broadcast_shapes(*(v.shape[: v.dim() - len(spec.shapes[k])] for k, v in values.items()))
+        batch = broadcast_shapes(*(v.shape[: v.dim() - len(spec.shapes[k])] for k, v in values.items()))
         return torch.zeros(*batch, n, S, n, dtype=dtype, device=ref.device)
     if mixture:
         lw = marginals.log_weights.to(dtype).reshape(-1, 1, 1, 1)

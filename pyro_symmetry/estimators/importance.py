@@ -82,6 +82,11 @@ def _detached_marginals(base: BaseDensity) -> Marginals:
     )
 
 
+def _width(spec, sites: list[str]) -> int:
+    """Coordinates of ``sites`` (per draw): the cost of scoring them, up to the group size."""
+    return sum(math.prod(spec.shapes[s]) for s in sites)
+
+
 # ---------------------------------------------------------------------- one group
 def _scores(spec, sites, marg, group: str, drawn: dict, dtype=None) -> torch.Tensor:
     """``A[i, s, j]``, ``(R, n, S, n)``: per draw (``R = nbc``) when no scoring site has an
@@ -92,10 +97,14 @@ def _scores(spec, sites, marg, group: str, drawn: dict, dtype=None) -> torch.Ten
     nbc = next(iter(sites.values())).shape[0]
     skip = [g for g in spec.groups if g not in drawn]
     aligned = {site: spec.action(site).apply(sites[site], drawn, skip=skip) for site in moved}
+    kc = next(iter(drawn.values())).shape[0] if drawn else 1
     if not aligned:
         a = neuron_log_factors({k: sites[k] for k in static} or sites, marg, spec, group, sites=static, dtype=dtype)
-    elif marg.log_weights is not None:  # a mixture sums its sites inside each component
-        kc = next(iter(drawn.values())).shape[0]
+    elif marg.log_weights is not None or 4 * _width(spec, static) <= _width(spec, moved):
+        # A mixture sums its sites inside each component; otherwise the static sites join the
+        # aligned ones (one set of products instead of two) when repeating them per element
+        # adds at most a quarter to the products. The rule must not depend on kc: the result
+        # may not depend on how the elements are chunked.
         values = {**{k: sites[k].expand(kc, *sites[k].shape) for k in static}, **aligned}
         a = neuron_log_factors(values, marg, spec, group, sites=list(values), dtype=dtype)
     else:  # the static sites once per draw, the aligned ones per element
@@ -105,37 +114,44 @@ def _scores(spec, sites, marg, group: str, drawn: dict, dtype=None) -> torch.Ten
     return a.reshape(-1, *a.shape[-3:]) if a.dim() > 4 else a.reshape(nbc, *a.shape[-3:])
 
 
-def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Visit order ``(R, n)``, the float64 scores ``beta * A`` in visit order, step-major
-    ``(n, R, O)`` (contiguous), with options ``s * n + j`` counted in *relative* sign, and
-    the flips ``(R, n)``.
+    ``(n, R, O)`` (contiguous), with options ``s * n + j`` counted in *relative* sign, the
+    flips ``(R, n)`` and the row maxima ``(n, R, 1)``.
 
     A neuron's canonical sign (that of its best option) is its sign 0, so a negated
     neuron sees the same option order and draws the same choice from the same uniform:
     equivariant path by path.
     """
     R, n, S, _ = a.shape
-    flat = a.reshape(R, n, S * n)
-    order = flat.amax(-1).argsort(-1, descending=True)  # fixed by the neurons' contents
-    v = flat.gather(1, order.unsqueeze(-1).expand(R, n, S * n)).transpose(0, 1)
-    V = torch.empty(v.shape, dtype=torch.float64, device=v.device).copy_(v).mul_(beta)
+    flat = a.reshape(R * n, S * n)
+    best, order = flat.amax(-1).reshape(R, n).sort(-1, descending=True)  # fixed by the neurons' contents
+    rows = (order + n * torch.arange(R, device=a.device).unsqueeze(-1)).t().reshape(-1)  # step-major
+    V = flat.index_select(0, rows).to(torch.float64).reshape(n, R, S * n)
+    top = best.t().to(torch.float64).unsqueeze(-1)  # the best option keeps its place under the flip
+    if beta != 1.0:
+        if beta:
+            V.mul_(beta)
+        else:  # uniform: -inf scores must not become NaN
+            V.zero_()
+        top = top * beta if beta >= 0 else V.amax(-1, keepdim=True)  # beta * max = max(beta *) for beta >= 0
     if S == 1:
-        return order, V, None
+        return order, V, None, top
     flipped = V.argmax(-1) >= n  # (n, R)
     V = torch.where(flipped.unsqueeze(-1), V.roll(n, -1), V)
-    return order, V, flipped.t()
+    return order, V, flipped.t(), top
 
 
-def _prepare(V: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """``V`` ``(n, R, O)``, its row maxima ``(n, R, 1)`` and ``exp(V - max)`` as a NumPy array
-    (the fast pass of :func:`_steps`); non-finite scores are refused."""
-    top = V.amax(-1, keepdim=True)
+def _prepare(V: torch.Tensor, top: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """``V`` ``(n, R, O)``, its row maxima ``top`` ``(n, R, 1)`` and ``exp(V - top)`` as a
+    NumPy array (the fast pass of :func:`_steps`); non-finite scores are refused."""
     if not bool(torch.isfinite(top).all()):
         raise ValueError(
             f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
             "parameters out of the floating-point range?)"
         )
-    return V, top, (V - top).exp_().cpu().numpy()
+    E = np.subtract(V.cpu().numpy(), top.cpu().numpy())
+    return V, top, np.exp(E, out=E)
 
 
 def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,16 +164,16 @@ def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tu
     N = u.shape[0]
     un = u.detach().t().contiguous().cpu().numpy()
     given = None if forced is None else forced.t().contiguous().cpu().numpy()
+    Vn = V.cpu().numpy()
     chosen, norm = _steps(E, un, kc, given, stable=False)
     if norm.min() < _TINY:
-        chosen, log_norm = _steps(V.contiguous().cpu().numpy(), un, kc, given, stable=True)
-        log_norm = torch.from_numpy(log_norm).to(V.device)
+        chosen, log_norm = _steps(np.ascontiguousarray(Vn), un, kc, given, stable=True)
     else:
-        log_norm = top.reshape(n, 1, R) + torch.from_numpy(norm).to(V.device).log().reshape(n, N // R, R)
-    chosen = torch.from_numpy(chosen).to(V.device)  # (n, N)
-    # rows r = k * R + b read the scores of row b: gather from the (stride-0) expanded scores
-    picked = V.unsqueeze(1).expand(n, N // R, R, O).gather(-1, chosen.reshape(n, N // R, R, 1)).reshape(n, N)
-    return chosen.t().contiguous(), (picked - log_norm.reshape(n, N)).sum(0)
+        log_norm = top.cpu().numpy().reshape(n, 1, R) + np.log(norm).reshape(n, N // R, R)
+    # rows r = k * R + b read the scores of row b
+    picked = np.take_along_axis(Vn.reshape(n, 1, R, O), chosen.reshape(n, N // R, R, 1), -1)
+    log_pi = (picked.reshape(n, N) - log_norm.reshape(n, N)).sum(0)
+    return torch.from_numpy(chosen.T.copy()).to(V.device), torch.from_numpy(log_pi).to(V.device)
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -213,8 +229,8 @@ def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False
             a = _scores(spec, sites, marg, g, drawn)
             if not bool(torch.isfinite(a.amax((-2, -1))).all()) and a.dtype != torch.float64:
                 a = _scores(spec, sites, marg, g, drawn, dtype=torch.float64)  # float32 overflow
-            order, V, flipped = _visit(a, beta)
-            prepared = _prepare(V, g) if given is None else None
+            order, V, flipped, top = _visit(a, beta)
+            prepared = _prepare(V, top, g) if given is None else None
             if not drawn and cache is not None:
                 cache[g] = order, V, flipped, prepared
         if order.shape[0] != kc * nbc:  # per draw: the same for every element

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._shapes import broadcast_shapes
 from ._indexing import decode_signed, encode_signed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,7 +101,7 @@ def check_element(spec: PermutationSpec, perm: Any, what: str = "perm") -> torch
             raise _error(f"{what}[{k!r}] is not a permutation of 0..{n - 1} in every batch entry")
         batches.append(p.shape[: p.dim() - len(shape)])
     try:
-        return torch.broadcast_shapes(*batches)
+        return broadcast_shapes(*batches)
     except RuntimeError:
         shapes = {k: tuple(b) for k, b in zip(perm, batches)}
         raise _error(f"{what} has batch shapes {shapes} that do not broadcast") from None
@@ -135,7 +136,7 @@ def _inverse_flat(p: torch.Tensor) -> torch.Tensor:
 def _compose_flat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sa, na = decode_signed(a.long())
     sb, nb = decode_signed(b.long())
-    shape = torch.broadcast_shapes(sa.shape, sb.shape)
+    shape = broadcast_shapes(sa.shape, sb.shape)
     sa, na, sb, nb = (t.expand(shape) for t in (sa, na, sb, nb))
     return encode_signed(sb.gather(-1, sa), na ^ nb.gather(-1, sa))
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .._shapes import broadcast_shapes
+
 __all__ = ["decode_signed", "encode_signed", "gather_axes"]
 
 
@@ -90,7 +92,7 @@ def gather_axes(
     """
     event = tuple(x.shape[x.dim() - event_ndim :])
     batch_x = tuple(x.shape[: x.dim() - event_ndim])
-    batch = tuple(torch.broadcast_shapes(batch_x, *(m[2].shape[:-1] for m in moves)))
+    batch = tuple(broadcast_shapes(batch_x, *(m[2].shape[:-1] for m in moves)))
     # Flatten the (broadcast) batch to one dim: a view unless x itself is broadcast.
     flat = x.expand(batch + event).reshape((-1,) + event)
     B = flat.shape[0]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._shapes import broadcast_shapes
 from ._elements import full_index
 from ._indexing import decode_signed, gather_axes
 
@@ -199,7 +200,7 @@ class SiteAction:
             parts = [(s, i) for s, i in parts if i is not None]
             if not parts:
                 continue
-            batch = torch.broadcast_shapes(*(i.shape[:-1] for _, i in parts))
+            batch = broadcast_shapes(*(i.shape[:-1] for _, i in parts))
             full = torch.arange(length, device=parts[0][1].device).expand(batch + (length,)).clone()
             for s, i in parts:
                 full[..., s.start : s.stop] = i

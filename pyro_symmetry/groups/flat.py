@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .._validation import check_mapping, check_same_device_dtype, check_spec, check_tensor
 from ._indexing import encode_signed, gather_axes
 from .spec import GroupElement, PermutationSpec, SpecError, _check_shapes
@@ -80,7 +81,7 @@ class FlatLayout:
         if len({(p.dtype, p.device) for p in parts}) > 1:
             check_same_device_dtype({f"params[{k!r}]": params[k] for k in self.shapes})
         try:
-            batch = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
+            batch = broadcast_shapes(*(p.shape[:-1] for p in parts))
         except RuntimeError:
             shapes = {k: tuple(p.shape[:-1]) for k, p in zip(self.shapes, parts)}
             raise SpecError(f"the sites of params have batch shapes {shapes} that do not broadcast") from None
@@ -133,7 +134,7 @@ def apply_flat(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if int(lo) < -D or int(hi) >= D:
             raise SpecError(f"index has entries in [{int(lo)}, {int(hi)}], outside the signed range [-{D}, {D})")
     try:
-        torch.broadcast_shapes(flat.shape[:-1], index.shape[:-1])
+        broadcast_shapes(flat.shape[:-1], index.shape[:-1])
     except RuntimeError:
         raise SpecError(
             f"flat has batch shape {tuple(flat.shape[:-1])} and index {tuple(index.shape[:-1])}: they do not broadcast"

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .._validation import check_batch_shape, check_int, check_mapping
 from . import _elements, _layout
 from ._indexing import encode_signed
@@ -385,7 +386,7 @@ class PermutationSpec:
         batch_a = self._check_element(a, "a")
         batch_b = self._check_element(b, "b")
         try:
-            torch.broadcast_shapes(batch_a, batch_b)
+            broadcast_shapes(batch_a, batch_b)
         except RuntimeError:
             raise SpecError(
                 f"a has batch shape {tuple(batch_a)} and b {tuple(batch_b)}: they do not broadcast"
@@ -461,7 +462,7 @@ class PermutationSpec:
         other groups unchanged. A symmetry only for groups with :attr:`NeuronGroup.scalable`
         (the caller checks; see :func:`pyro_symmetry.rescale`)."""
         check_mapping("params", params, nonempty=bool(self.sites))
-        batch = torch.broadcast_shapes(*(torch.as_tensor(u).shape[:-1] for u in log_scales.values()))
+        batch = broadcast_shapes(*(torch.as_tensor(u).shape[:-1] for u in log_scales.values()))
         sites = [s for s in self.sites if any(g in log_scales for g in self._site_groups(s))]
         return self._act(params, len(batch) > 0, batch, lambda action, x: action.scale(x, log_scales), sites)
 
@@ -478,7 +479,7 @@ class PermutationSpec:
             self._check_site(site, x, action.event_ndim)
             batch_x = x.shape[: x.dim() - action.event_ndim]
             try:
-                torch.broadcast_shapes(batch_x, batch_g)
+                broadcast_shapes(batch_x, batch_g)
             except RuntimeError:
                 raise SpecError(
                     f"params[{site!r}] has batch shape {tuple(batch_x)}, which does not broadcast with the "

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from .._shapes import broadcast_shapes
 from .._validation import check_finite, check_int, check_mapping, check_real
 from ..groups import Axis, NeuronGroup, PermutationSpec, SpecError, activation_symmetry, mlp_spec
 
@@ -142,7 +143,7 @@ class _BayesianBase(PyroModule):
             batches.add(tuple(w.shape[: w.dim() - nd]))
         if len(batches) > 1:
             try:
-                torch.broadcast_shapes(*batches)
+                broadcast_shapes(*batches)
             except RuntimeError:
                 raise SpecError(
                     f"the sites of params have batch shapes {sorted(batches)} that do not broadcast"

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .._shapes import broadcast_shapes
 from ..groups import PermutationSpec, SpecError
 from .mlp import _BayesianBase, _drop_plate_dim
 
@@ -133,7 +134,7 @@ class BayesianModule(_BayesianBase):
         if self._floating_input():
             self._check_functional(params, x)
         nd = self._event_ndims
-        batch = torch.broadcast_shapes(*(params[k].shape[: params[k].dim() - nd[k]] for k in self.site_names))
+        batch = broadcast_shapes(*(params[k].shape[: params[k].dim() - nd[k]] for k in self.site_names))
         if not batch:
             return functional_call(self.net, dict(params), (x,))
         flat = {

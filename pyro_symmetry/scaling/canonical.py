@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .._validation import check_devices, check_int, check_params, check_seed, check_spec
 from ..groups import PermutationSpec, SpecError
 from ..posterior import point_params
@@ -186,7 +187,7 @@ def _batch_shape(params: Mapping[str, torch.Tensor], spec: PermutationSpec) -> t
         nd = spec.action(site).event_ndim
         x = params[site]
         shapes.append(x.shape[: x.dim() - nd])
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def _distance(x: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], spec: PermutationSpec) -> torch.Tensor:
@@ -201,7 +202,7 @@ def _distance(x: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], sp
 
 def _where_batch(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``where(mask, a, b)`` with ``mask`` over the leading batch dims."""
-    out = torch.broadcast_shapes(a.shape, b.shape)
+    out = broadcast_shapes(a.shape, b.shape)
     return torch.where(mask.reshape(mask.shape + (1,) * (len(out) - mask.dim())), a, b)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from .._shapes import broadcast_shapes
 from .._validation import check_devices, check_params, check_real, check_spec
 from ..groups import PermutationSpec, SpecError
 from ._axes import SiteAxis, detached, groups_with, narrow, pieces, site_axes, symmetry_name
@@ -348,7 +349,7 @@ def _min_mass_batched(
     """:func:`min_mass` on checked inputs, in cache-sized sub-batches. ``pieced``: the
     mass sites' blocks ``key -> (event_ndim, axes)`` and ``key -> (site, ranges)``."""
     objective, cuts = pieced
-    batch = torch.broadcast_shapes(*(params[s].shape[: params[s].dim() - nd] for s, (nd, _) in table.items()))
+    batch = broadcast_shapes(*(params[s].shape[: params[s].dim() - nd] for s, (nd, _) in table.items()))
     B = math.prod(batch)
     flat = {s: _flatten_batch(params[s], nd, batch) for s, (nd, _) in table.items()}
     out = {s: torch.empty_like(x, memory_format=torch.contiguous_format) for s, x in flat.items()}

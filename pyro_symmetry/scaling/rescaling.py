@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .._shapes import broadcast_shapes
 from .._validation import check_devices, check_finite, check_mapping, check_params, check_spec, check_tensor
 from ..groups import PermutationSpec, SpecError
 from ._axes import SiteAxis, check_group_tensors, groups_with, narrow, pieces, site_axes, split_event
@@ -78,12 +79,12 @@ def scale_site(
         shape = tuple(e.shape[:-1]) + (1,) * p + (e.shape[-1],) + (1,) * (ne - p - 1)
         factors.append(torch.exp(e).reshape(shape))
     target = None if out is None else out.view(tuple(out.shape[: out.dim() - nd]) + tuple(split))
-    if target is not None and torch.broadcast_shapes(xs.shape, *(f.shape for f in factors)) == target.shape:
+    if target is not None and broadcast_shapes(xs.shape, *(f.shape for f in factors)) == target.shape:
         res = torch.mul(xs, factors[0], out=target)
     else:
         res = xs * factors[0]
     for f in factors[1:]:  # ``res`` is a fresh tensor (or ``out``): scale it in place when shapes allow
-        res = res.mul_(f) if torch.broadcast_shapes(res.shape, f.shape) == res.shape else res * f
+        res = res.mul_(f) if broadcast_shapes(res.shape, f.shape) == res.shape else res * f
     if target is not None:
         if res is not target:
             target.copy_(res)
@@ -106,7 +107,7 @@ def _scale_pieces(
         part = narrow(x, nd, ranges)
         parts.append((ranges, scale_site(part, nd, sub, log_scales) if sub else part))
     if out is None:
-        batch = torch.broadcast_shapes(*(p.shape[: p.dim() - nd] for _, p in parts))
+        batch = broadcast_shapes(*(p.shape[: p.dim() - nd] for _, p in parts))
         out = torch.empty(tuple(batch) + tuple(x.shape[x.dim() - nd :]), dtype=x.dtype, device=x.device)
     for ranges, p in parts:
         narrow(out, nd, ranges).copy_(p)
@@ -177,7 +178,7 @@ def rescale(
     batch = check_params(params, spec, list(table), finite=False)
     for k, u in log_scales.items():
         try:
-            torch.broadcast_shapes(batch, u.shape[:-1])
+            broadcast_shapes(batch, u.shape[:-1])
         except RuntimeError:
             raise SpecError(
                 f"log_scales[{k!r}] has batch shape {tuple(u.shape[:-1])}, which does not broadcast with the "
