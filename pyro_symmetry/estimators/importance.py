@@ -145,12 +145,13 @@ def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
 def _prepare(V: torch.Tensor, top: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """``V`` ``(n, R, O)``, its row maxima ``top`` ``(n, R, 1)`` and ``exp(V - top)`` as a
     NumPy array (the fast pass of :func:`_steps`); non-finite scores are refused."""
-    if not bool(torch.isfinite(top).all()):
+    tn = top.cpu().numpy()
+    if not np.isfinite(tn).all():
         raise ValueError(
             f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
             "parameters out of the floating-point range?)"
         )
-    E = np.subtract(V.cpu().numpy(), top.cpu().numpy())
+    E = np.subtract(V.cpu().numpy(), tn)
     return V, top, np.exp(E, out=E)
 
 
@@ -227,9 +228,10 @@ def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False
             order, V, flipped, prepared = cache[g]
         else:
             a = _scores(spec, sites, marg, g, drawn)
-            if not bool(torch.isfinite(a.amax((-2, -1))).all()) and a.dtype != torch.float64:
-                a = _scores(spec, sites, marg, g, drawn, dtype=torch.float64)  # float32 overflow
             order, V, flipped, top = _visit(a, beta)
+            if a.dtype != torch.float64 and not bool(torch.isfinite(top).all()):  # float32 overflow
+                a = _scores(spec, sites, marg, g, drawn, dtype=torch.float64)
+                order, V, flipped, top = _visit(a, beta)
             prepared = _prepare(V, top, g) if given is None else None
             if not drawn and cache is not None:
                 cache[g] = order, V, flipped, prepared
