@@ -160,3 +160,25 @@ def test_importance_estimator_runs_without_numba(numpy_only):
     w = base.sample((3,))
     est = imp.importance_log_ratio(base, w, 6, 1.0, torch.Generator().manual_seed(0))
     assert est.shape == (3,) and torch.isfinite(est).all()
+
+
+def test_a_missing_numba_is_silent_and_a_broken_one_warns(monkeypatch, recwarn):
+    import builtins
+    import sys
+
+    monkeypatch.setattr(assign, "_COMPILED", False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError
+    assert not assign.compiled_available()
+    assert not [w for w in recwarn if "numba" in str(w.message)]
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("Numba needs NumPy 2.3 or less")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(assign, "_COMPILED", False)
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.warns(RuntimeWarning, match="numba did not import.*NumPy 2.3.*runs in NumPy"):
+        assert not assign.compiled_available()

@@ -19,8 +19,11 @@ Two implementations of the same loop:
   calls ``exp``, stays in NumPy, whose ``exp`` the compiled one need not match to the bit.
 
 :func:`steps` dispatches: the compiled loop when numba imports and the environment
-variable ``PYRO_SYMMETRY_NUMBA`` is not ``0``, else the reference. Compilation happens
-once per process, on first use (about a second), and writes no cache file.
+variable ``PYRO_SYMMETRY_NUMBA`` is not ``0`` (read once, at first use), else the
+reference. Compilation happens once per process, on first use (about a second), and
+writes no cache file. A numba that is installed but fails to import or to compile gives a
+``RuntimeWarning`` and the reference; a missing one, silently the reference (the same
+numbers, only slower).
 """
 
 from __future__ import annotations
@@ -148,7 +151,12 @@ def _compiled():
         if os.environ.get("PYRO_SYMMETRY_NUMBA", "1") != "0":
             try:
                 import numba
-            except ImportError:
+            except ModuleNotFoundError:  # the `fast` extra is not installed: the reference is exact
+                return None
+            except Exception as err:  # installed but broken (e.g. built for another NumPy): say so
+                warnings.warn(
+                    f"numba did not import ({err}); the importance sampler runs in NumPy", RuntimeWarning, stacklevel=3
+                )
                 return None
             try:
                 fn = numba.njit(nogil=True, cache=False)(_fast_pass_source)
