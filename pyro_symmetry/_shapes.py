@@ -24,6 +24,8 @@ def broadcast_shapes(*shapes: Sequence[int]) -> torch.Size:
     RuntimeError
         If two shapes have sizes that differ and are not 1 on an aligned dim.
     """
+    if torch.jit.is_tracing():  # sizes are traced values there: torch's version records them
+        return torch.broadcast_shapes(*shapes)
     ndim = max((len(s) for s in shapes), default=0)
     out = [1] * ndim
     for shape in shapes:

@@ -28,3 +28,13 @@ def test_sizes_and_examples():
     assert broadcast_shapes((0,), (1,)) == torch.Size([0])
     with pytest.raises(RuntimeError):
         broadcast_shapes((2,), (3,))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself
+def test_under_jit_tracing_the_sizes_are_not_frozen():
+    def f(x, y):
+        return torch.zeros(broadcast_shapes(x.shape, y.shape))
+
+    traced = torch.jit.trace(f, (torch.ones(3, 1), torch.ones(4)), check_trace=False)
+    assert traced(torch.ones(3, 1), torch.ones(4)).shape == (3, 4)
+    assert traced(torch.ones(5, 1), torch.ones(2)).shape == (5, 2)
