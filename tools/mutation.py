@@ -193,6 +193,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "pvals = (counts - 1).to(z.dtype) / (table.shape[0] - 1)",
         ("tests/test_diagnostics_mmd.py",),
     ),
+    Mutant(
+        "compiled-assignment-ignores-taken-columns",
+        "estimators/_assign: the compiled loop draws from every column, taken ones included",
+        "pyro_symmetry/estimators/_assign.py",
+        "acc += A[t, src, s * n + j] * opened[j]",
+        "acc += A[t, src, s * n + j]",
+        ("tests/test_estimators_assign.py",),
+    ),
+    Mutant(
+        "compiled-assignment-last-identity-row-draws",
+        "estimators/_assign: the compiled loop lets the last identity row draw instead of taking its options",
+        "pyro_symmetry/estimators/_assign.py",
+        "if r < F:",
+        "if r < F - 1:",
+        ("tests/test_estimators_assign.py",),
+    ),
 )
 
 #: The nine mutants of issue 12 item 13 (the rest are variants at neighbouring call sites).
