@@ -2,7 +2,9 @@
 
 Same model and data as ``benchmarks/guides.py``; the two guides run alternately, 20 steps
 each per round, timed with ``time.process_time()`` (CPU time, robust to a loaded machine).
-``--profile`` prints a cProfile of the importance guide's steps instead.
+``--profile`` prints a cProfile of the importance guide's steps instead. With the ``fast``
+extra (numba) the proposal's assignment loop is compiled; ``PYRO_SYMMETRY_NUMBA=0`` times
+the NumPy loop instead.
 
 Usage::
 
