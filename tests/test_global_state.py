@@ -196,10 +196,7 @@ CALLS = {
 
 #: Entry points that still change the state on valid input (owned elsewhere; reported):
 #: marked xfail (not strict) so that this module stays green until they are fixed.
-KNOWN = {
-    "ps.mutual_information": "draws w ~ q from torch's global RNG even when given a generator (documented)",
-    "D.rhat_ess_before_after": "does not pass its seed to align_draws: align_many(seed=None) draws from torch's RNG",
-}
+KNOWN: dict[str, str] = {}
 
 
 def test_every_public_name_is_called_or_classified():

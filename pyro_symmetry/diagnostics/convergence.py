@@ -343,6 +343,8 @@ def rhat_ess_before_after(
     num_samples : int
         Draws of the weights per run.
     seed : int
+        Seeds the draws of the weights and the alignment (unless ``align_kwargs`` has its
+        own ``seed``); torch's global RNG is left as found.
     draws : RunDraws, optional
         Reuse draws already collected with :func:`collect_draws`.
     **align_kwargs : passed to :func:`align_draws`.
@@ -361,6 +363,7 @@ def rhat_ess_before_after(
     if draws is None:
         draws = collect_draws(runs, num_samples=num_samples, spec=spec, seed=seed)
     check_enough_chains(draws, 2, "R-hat across runs")
+    align_kwargs.setdefault("seed", seed)  # the alignment's random restarts too: torch's RNG is left as found
     aligned = align_draws(draws, spec, reference, **align_kwargs)  # positional: align_draws' own name may differ
     return ConvergenceComparison(rhat_ess(draws), rhat_ess(aligned), draws, aligned)
 

@@ -414,9 +414,11 @@ def mutual_information(
         at once (the estimators then work through the elements and draws of a batch
         in chunks of bounded memory, see
         :data:`~pyro_symmetry.estimators._base.CHUNK_BYTES`, so peak memory does not
-        grow with ``num_permutations``); RNG of the group elements (the draws of ``w``
-        use torch's global RNG, so ``torch.manual_seed`` plus ``generator`` make the
-        estimate reproducible); enumeration limit.
+        grow with ``num_permutations``); RNG of the group elements and, through a forked
+        copy of torch's RNG seeded from it, of the draws of ``w`` (so ``generator`` alone
+        makes the estimate reproducible and torch's global RNG is left as found; with
+        neither ``generator`` nor ``seed`` the draws use torch's global RNG); enumeration
+        limit.
     progress : bool or None
         A tqdm progress bar over the draws (on stderr). ``None`` (default): shown only
         for a long estimate, from the moment it has run 2 s and is projected to take
@@ -458,13 +460,16 @@ def mutual_information(
     base = base_of(q_or_guide, spec, layout)
     m = resolve_method(base, estimator, max_order)
     K = _check_k(num_permutations) if m in ("contrastive", "importance") else None
+    draws_seed = seed
+    if draws_seed is None and generator is not None:  # the draws of w follow the generator too
+        draws_seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     terms = []
     bar = _Progress(num_samples, progress, f"I(g; w), {m}")
-    rng = contextlib.nullcontext() if seed is None else isolated(param_store=False)
+    rng = contextlib.nullcontext() if draws_seed is None else isolated(param_store=False)
     try:
         with rng, torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)  # the draws of w, in the forked RNG
+            if draws_seed is not None:
+                torch.manual_seed(draws_seed)  # the draws of w, in the forked RNG
             for start in range(0, num_samples, batch_size):
                 n = min(batch_size, num_samples - start)
                 w = base.sample(torch.Size([n]))
