@@ -184,7 +184,7 @@ def diagnose(args: argparse.Namespace, collections: dict, x_te: torch.Tensor, y_
                           "mmd2_runs": runs_ab.mmd2, "mmd_method": runs_ab.method, "mmd2_null": null.mmd2,
                           "accuracy": pred.metrics["accuracy"], "nll": pred.metrics["nll"],
                           "disagreement": pred.metrics["disagreement"],
-                          "mutual_information": pred.metrics["mutual_information"]}  # fmt: skip
+                          "predictive_mutual_information": pred.metrics["predictive_mutual_information"]}  # fmt: skip
     return results, rhats
 
 

@@ -169,11 +169,11 @@ def main(argv: list[str] | None = None) -> dict:
     for name, rep in reports.items():
         print(f"\n## {name} VI ({timings[name]:.0f} s training)\n")
         print(rep)
-    keys = ["accuracy", "nll", "brier", "ece", "aupr", "fpr95", "mutual_information", "final ELBO"]
+    keys = ["accuracy", "nll", "brier", "ece", "aupr", "fpr95", "predictive_mutual_information", "final ELBO"]
     print("\n## test metrics (mean over runs; OOD = pixel-shuffled test digits, score = predictive entropy)\n")
-    print(f"{'guide':<13}" + "".join(f"{k:>20}" for k in keys))
+    print(f"{'guide':<13}" + "".join(f"{k:>{max(12, len(k) + 2)}}" for k in keys))
     for name, m in metrics.items():
-        print(f"{name:<13}" + "".join(f"{m[k]:>20.4f}" for k in keys))
+        print(f"{name:<13}" + "".join(f"{m[k]:>{max(12, len(k) + 2)}.4f}" for k in keys))
     print(
         f"\n## ArviZ: PSIS-LOO on {n_loo} training points (runs pooled as chains; arviz_stats.compare; "
         f"{timings['ArviZ']:.0f} s)\n"

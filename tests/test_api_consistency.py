@@ -277,6 +277,22 @@ def test_metrics_predictive_mutual_information_has_its_own_name():
     with pytest.deprecated_call(match="ood_score"):
         old = M.evaluate(probs, y, probs.flip(1), ood_score="mutual_information")
     assert old == M.evaluate(probs, y, probs.flip(1), ood_score="predictive_mutual_information")
+    # the metric's key: the new name, the old one reads with a warning and is not listed
+    out = M.evaluate(probs, y)
+    assert "predictive_mutual_information" in out and "mutual_information" not in out
+    with pytest.deprecated_call(match="'predictive_mutual_information'"):
+        assert out["mutual_information"] == out["predictive_mutual_information"]
+    with pytest.raises(KeyError):
+        out["no_such_metric"]
+
+
+def test_predictive_summary_mutual_information_is_a_deprecated_alias():
+    from pyro_symmetry.diagnostics._collection_predictive import PredictiveSummary
+
+    mi = torch.rand(4, dtype=torch.float64)
+    res = PredictiveSummary(torch.full((4, 2), 0.5, dtype=torch.float64), mi, None, None, None)
+    with pytest.deprecated_call(match="predictive_mutual_information"):
+        assert res.mutual_information is res.predictive_mutual_information
 
 
 def test_rhat_ess_before_after_align_is_a_deprecated_alias_of_reference(examples):

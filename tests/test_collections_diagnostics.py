@@ -171,10 +171,10 @@ def test_predictive_metrics_and_diversity_equal_the_in_memory_ones(files):
     res = dc.predictive(coll, _predict, x, y)
     probs = torch.stack([_predict(ck.params, x) for ck in coll])  # (24, 40, 3)
     want = metrics.evaluate(probs, y)
-    for k in ("accuracy", "nll", "brier", "ece", "entropy", "mutual_information"):
+    for k in ("accuracy", "nll", "brier", "ece", "entropy", "predictive_mutual_information"):
         assert res.metrics[k] == pytest.approx(want[k], rel=1e-12, abs=1e-15), k
     torch.testing.assert_close(
-        res.mutual_information, metrics.predictive_mutual_information(probs), rtol=1e-10, atol=1e-12
+        res.predictive_mutual_information, metrics.predictive_mutual_information(probs), rtol=1e-10, atol=1e-12
     )
     labels = probs.argmax(-1)
     pairs = list(itertools.combinations(range(24), 2))

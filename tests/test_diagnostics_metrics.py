@@ -120,7 +120,7 @@ def test_evaluate_and_errors(dtype):
     samples, y = _random_predictions(1, dtype=dtype)
     ood, _ = _random_predictions(2, n=30, dtype=dtype)
     out = M.evaluate(samples, y, ood * 0 + 0.25)  # uniform predictions on OOD: maximal entropy
-    assert set(out) == {"accuracy", "nll", "brier", "ece", "entropy", "mutual_information", "aupr", "fpr95"}
+    assert set(out) == {"accuracy", "nll", "brier", "ece", "entropy", "predictive_mutual_information", "aupr", "fpr95"}
     assert out["aupr"] == pytest.approx(1.0)
     assert M.accuracy(samples, y).dtype == dtype
     with pytest.raises(ValueError, match="labels"):

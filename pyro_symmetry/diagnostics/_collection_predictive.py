@@ -11,6 +11,7 @@ beyond those per-member scalars.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,9 @@ class PredictiveSummary:
     ----------
     mean_probs : Tensor ``(N, C)`` float64
         The ensemble (posterior-mean) prediction.
-    mutual_information : Tensor ``(N,)``
-        ``H[E_w p] - E_w H[p]`` per input (nats), clamped at 0 against round-off.
+    predictive_mutual_information : Tensor ``(N,)``
+        ``H[E_w p] - E_w H[p]`` per input (nats), clamped at 0 against round-off
+        (``mutual_information``: deprecated alias, not ``I(g; w)``).
     disagreement : Tensor ``(N,)`` or None
         Fraction of member pairs whose predicted classes differ, per input (None for one member).
     member_accuracy, member_nll : Tensor ``(M,)`` or None
@@ -41,19 +43,29 @@ class PredictiveSummary:
     metrics : dict
         Of the ensemble prediction, when labels are given: ``accuracy``, ``nll``, ``brier``,
         ``ece``, ``entropy`` (as :func:`ps.diagnostics.metrics.evaluate
-        <pyro_symmetry.diagnostics.metrics.evaluate>`), and ``mutual_information``,
+        <pyro_symmetry.diagnostics.metrics.evaluate>`), and ``predictive_mutual_information``,
         ``disagreement`` (means over inputs).
     names : list of str
         The members, in order.
     """
 
     mean_probs: torch.Tensor
-    mutual_information: torch.Tensor
+    predictive_mutual_information: torch.Tensor
     disagreement: torch.Tensor | None
     member_accuracy: torch.Tensor | None
     member_nll: torch.Tensor | None
     metrics: dict[str, float] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`predictive_mutual_information`."""
+        warnings.warn(
+            "PredictiveSummary.mutual_information is deprecated; use .predictive_mutual_information",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.predictive_mutual_information
 
     @property
     def num_members(self) -> int:
@@ -153,10 +165,10 @@ def predictive(
     mean = sum_p / m
     mi = (metrics._entropy(mean) - sum_h / m).clamp_min(0.0)
     dis = None if m < 2 else 1.0 - (counts * (counts - 1)).sum(-1) / (m * (m - 1))
-    out: dict[str, float] = {}
+    out = metrics._MetricsDict()
     if y is not None:
         out = metrics.evaluate(mean, y, num_bins=num_bins)
-    out["mutual_information"] = float(mi.mean())
+    out["predictive_mutual_information"] = float(mi.mean())
     if dis is not None:
         out["disagreement"] = float(dis.mean())
     member_acc = torch.tensor(acc, dtype=torch.float64) if y is not None else None

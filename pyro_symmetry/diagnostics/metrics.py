@@ -300,8 +300,10 @@ def evaluate(
     Returns
     -------
     dict with ``accuracy``, ``nll``, ``brier``, ``ece``, ``entropy`` (mean),
-    ``mutual_information`` (mean of :func:`predictive_mutual_information`, ``(S, N, C)``
-    input only), and ``aupr``, ``fpr95`` when OOD data are given.
+    ``predictive_mutual_information`` (mean of :func:`predictive_mutual_information`,
+    ``(S, N, C)`` input only), and ``aupr``, ``fpr95`` when OOD data are given. The old key
+    ``"mutual_information"`` still reads, with a ``DeprecationWarning`` (it is not
+    :func:`pyro_symmetry.mutual_information`'s ``I(g; w)``).
     """
     if ood_score == "mutual_information":
         warnings.warn(
@@ -320,7 +322,7 @@ def evaluate(
         "entropy": predictive_entropy(prob_samples).mean(),
     }
     if prob_samples.dim() == 3:
-        out["mutual_information"] = predictive_mutual_information(prob_samples).mean()
+        out["predictive_mutual_information"] = predictive_mutual_information(prob_samples).mean()
     if ood_prob_samples is not None:
         _mean_probs(ood_prob_samples, "ood_prob_samples")
         if ood_prob_samples.shape[-1] != prob_samples.shape[-1]:
@@ -335,4 +337,24 @@ def evaluate(
             s_in, s_out = predictive_entropy(prob_samples), predictive_entropy(ood_prob_samples)
         out["aupr"] = aupr(s_in, s_out)
         out["fpr95"] = fpr_at_tpr(s_in, s_out, 0.95)
-    return {k: float(v) for k, v in out.items()}
+    return _MetricsDict({k: float(v) for k, v in out.items()})
+
+
+class _MetricsDict(dict):
+    """The dict :func:`evaluate` returns: the renamed key ``"mutual_information"`` (the
+    predictive mutual information, now ``"predictive_mutual_information"``) still reads,
+    with a ``DeprecationWarning``; it is neither listed nor ``in`` the dict."""
+
+    _RENAMED = {"mutual_information": "predictive_mutual_information"}
+
+    def __missing__(self, key: str) -> float:
+        new = self._RENAMED.get(key)
+        if new is None or new not in self:
+            raise KeyError(key)
+        warnings.warn(
+            f"the metrics key {key!r} is deprecated; use {new!r} (it is not pyro_symmetry.mutual_information's "
+            "I(g; w))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self[new]
