@@ -94,6 +94,24 @@ def test_rhat_ess_block_by_block_equals_the_in_memory_kernel(files):
     assert full.row()["rhat_max"] > 1.1  # four runs around four networks: not converged
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 300), (4, 100, 50), (8, 400, 10)])
+def test_a_block_and_its_kernel_fit_the_bytes_per_value_the_budget_assumes(shape):
+    """rhat_ess sizes its blocks as max_bytes / (chains * draws * _KERNEL_BYTES)."""
+    import tracemalloc
+
+    from pyro_symmetry.diagnostics import _collection_data as cd
+
+    cd._kernel(np.ones((2, 4, 3)))  # first-time imports outside the measurement
+    tracemalloc.start()
+    try:
+        x = np.random.default_rng(0).normal(size=shape)
+        cd._kernel(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= cd._KERNEL_BYTES * x.size
+
+
 def test_rhat_names_a_non_finite_checkpoint(tmp_path, files):
     for i, p in enumerate(sorted(files.glob("*.pt"))[:8]):
         ck = torch.load(p, weights_only=True)
