@@ -182,3 +182,12 @@ def test_a_missing_numba_is_silent_and_a_broken_one_warns(monkeypatch, recwarn):
     monkeypatch.setattr(builtins, "__import__", broken)
     with pytest.warns(RuntimeWarning, match="numba did not import.*NumPy 2.3.*runs in NumPy"):
         assert not assign.compiled_available()
+
+
+def test_numba_disable_jit_means_the_numpy_loop(monkeypatch):
+    """Under NUMBA_DISABLE_JIT=1 numba's "compiled" function is the Python loop: far slower
+    than the NumPy reference, so the reference runs."""
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(assign, "_COMPILED", False)
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert not assign.compiled_available()

@@ -20,7 +20,8 @@ Two implementations of the same loop:
 
 :func:`steps` dispatches: the compiled loop when numba imports and the environment
 variable ``PYRO_SYMMETRY_NUMBA`` is not ``0`` (read once, at first use), else the
-reference. Compilation happens once per process, on first use (about a second), and
+reference (also under ``NUMBA_DISABLE_JIT=1``, where the "compiled" loop would be pure
+Python). Compilation happens once per process, on first use (about a second), and
 writes no cache file. A numba that is installed but fails to import or to compile gives a
 ``RuntimeWarning`` and the reference; a missing one, silently the reference (the same
 numbers, only slower).
@@ -158,6 +159,8 @@ def _compiled():
                     f"numba did not import ({err}); the importance sampler runs in NumPy", RuntimeWarning, stacklevel=3
                 )
                 return None
+            if getattr(getattr(numba, "config", None), "DISABLE_JIT", False):
+                return None  # NUMBA_DISABLE_JIT=1: "compiled" would be the loop in pure Python
             try:
                 fn = numba.njit(nogil=True, cache=False)(_fast_pass_source)
                 out = np.empty((1, 1), dtype=np.int64), np.empty((1, 1))
