@@ -10,15 +10,14 @@ import subprocess
 import sys
 import textwrap
 import time
-import tracemalloc
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from memory import TrackedSource, peak_bytes
 from strategies import dtypes, mlp_architectures, mlp_params, seeds
 
 import pyro_symmetry as ps
@@ -516,26 +515,6 @@ def test_thread_pool_equals_in_process_and_a_failed_task_keeps_the_others(tmp_pa
 
 
 # ---------------------------------------------------------------------- memory
-class TrackedSource(FileSource):
-    """Reads a checkpoint into numpy-backed tensors, whose memory tracemalloc sees."""
-
-    def read(self, mmap: bool = False):
-        ck = super().read(mmap)
-        own = {k: torch.from_numpy(np.array(v.numpy())) for k, v in ck.params.items()}
-        return type(ck)(ck.name, own, ck.scales)
-
-
-def _peak(run, warm) -> int:
-    """Peak traced allocation of ``run()``, after ``warm()`` did the first-time imports."""
-    warm()
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     """16 checkpoints of ~0.26 MB read through :class:`TrackedSource` (4 MB in all)."""
@@ -551,13 +530,13 @@ def test_memory_of_transforms_stays_bounded(big):
     d, coll, size = big
     budget = 5 * size  # a few checkpoints at a time; the collection holds 16 (6 for the barycenter)
     run = lambda c, out: lambda: c.map(double_floats, d / out, progress=False)  # noqa: E731
-    assert _peak(run(coll, "all"), run(coll[:2], "warm")) < budget
+    assert peak_bytes(run(coll, "all"), run(coll[:2], "warm")) < budget
     align = lambda c, out: lambda: c.align(0, d / out, progress=False)  # noqa: E731
-    assert _peak(align(coll, "aligned"), align(coll[:2], "warm_align")) < budget
+    assert peak_bytes(align(coll, "aligned"), align(coll[:2], "warm_align")) < budget
     canon = lambda c, out: lambda: c.canonicalize(d / out, permutation="sort", progress=False)  # noqa: E731
-    assert _peak(canon(coll, "canonical"), canon(coll[:2], "warm_canon")) < budget
+    assert peak_bytes(canon(coll, "canonical"), canon(coll[:2], "warm_canon")) < budget
     bary = lambda c: lambda: c.barycenter(progress=False, max_iters=1)  # noqa: E731
-    assert _peak(bary(coll[:6]), bary(coll[:2])) < budget
+    assert peak_bytes(bary(coll[:6]), bary(coll[:2])) < budget
 
 
 def test_memory_of_streamed_diagnostics_stays_bounded(big):
@@ -567,23 +546,23 @@ def test_memory_of_streamed_diagnostics_stays_bounded(big):
     budget = 5 * size
     small = ["fc2.weight", "fc3.weight", "fc3.bias"]  # every file is still read whole by TrackedSource
     rhat = lambda c: lambda: dc.rhat_ess(c, chains=2, var_names=small, max_bytes=size)  # noqa: E731
-    assert _peak(rhat(coll), rhat(coll[:8])) < budget
+    assert peak_bytes(rhat(coll), rhat(coll[:8])) < budget
     half = lambda c: (c[: len(c) // 2], c[len(c) // 2 :])  # noqa: E731
     mmd = lambda c: lambda: dc.mmd(*half(c), sites=small, method="streamed", max_bytes=size)  # noqa: E731
-    assert _peak(mmd(coll), mmd(coll[:4])) < budget
+    assert peak_bytes(mmd(coll), mmd(coll[:4])) < budget
 
     def tree(c):  # the dask-backed tree, block by block
         return lambda: dc.rhat_ess(ps.diagnostics.to_inference_data(c, chains=2), var_names=small, max_bytes=size)
 
-    assert _peak(tree(coll), tree(coll[:8])) < budget
+    assert peak_bytes(tree(coll), tree(coll[:8])) < budget
 
     def rff(c):
         kw = {"sites": small, "method": "random_features", "max_bytes": size, "num_features": 256}
         return lambda: ps.diagnostics.mmd(*half(c), **kw)
 
-    assert _peak(rff(coll), rff(coll[:4])) < budget
+    assert peak_bytes(rff(coll), rff(coll[:4])) < budget
     moments = lambda c: lambda: dc.posterior_moments(c)  # noqa: E731
-    assert _peak(moments(coll), moments(coll[:4])) < budget
+    assert peak_bytes(moments(coll), moments(coll[:4])) < budget
 
 
 def test_env_unchanged_by_executor_threads(tmp_path):

@@ -97,19 +97,13 @@ def test_rhat_ess_block_by_block_equals_the_in_memory_kernel(files):
 @pytest.mark.parametrize("shape", [(2, 8, 300), (4, 100, 50), (8, 400, 10)])
 def test_a_block_and_its_kernel_fit_the_bytes_per_value_the_budget_assumes(shape):
     """rhat_ess sizes its blocks as max_bytes / (chains * draws * _KERNEL_BYTES)."""
-    import tracemalloc
+    from memory import peak_bytes
 
     from pyro_symmetry.diagnostics import _collection_data as cd
 
-    cd._kernel(np.ones((2, 4, 3)))  # first-time imports outside the measurement
-    tracemalloc.start()
-    try:
-        x = np.random.default_rng(0).normal(size=shape)
-        cd._kernel(x)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak <= cd._KERNEL_BYTES * x.size
+    x = np.random.default_rng(0).normal(size=shape)
+    peak = peak_bytes(lambda: cd._kernel(x), warm=lambda: cd._kernel(np.ones((2, 4, 3))))
+    assert x.nbytes + peak <= cd._KERNEL_BYTES * x.size  # the block itself and the kernel's arrays
 
 
 def test_rhat_names_a_non_finite_checkpoint(tmp_path, files):

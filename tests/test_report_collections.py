@@ -4,16 +4,15 @@ sections that need every draw or a model are skipped with a note."""
 
 from __future__ import annotations
 
-import tracemalloc
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from memory import TrackedSource, peak_bytes
 
 import pyro_symmetry as ps
 from pyro_symmetry import collections as pc
-from pyro_symmetry.collections._formats import FileSource
 
 D = ps.diagnostics
 SPEC = ps.mlp_spec(["fc1", "fc2", "fc3"], [6, 5], activation_symmetry="scale")
@@ -126,24 +125,6 @@ def test_after_collection_fills_the_after_columns(files, tmp_path):
 
 
 # ---------------------------------------------------------------------- memory
-class TrackedSource(FileSource):
-    """Reads a checkpoint into numpy-backed tensors, whose memory tracemalloc sees."""
-
-    def read(self, mmap: bool = False):
-        ck = super().read(mmap)
-        own = {k: torch.from_numpy(np.array(v.numpy())) for k, v in ck.params.items()}
-        return type(ck)(ck.name, own, ck.scales)
-
-
-def _peak(run) -> int:
-    tracemalloc.start()
-    try:
-        run()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_memory_does_not_grow_with_the_number_of_checkpoints(tmp_path):
     _write(tmp_path, 8, 8, width=400, dtype=torch.float32)  # 64 checkpoints of ~10 KB
     paths = sorted(tmp_path.glob("*.pt"))
@@ -157,7 +138,7 @@ def test_memory_does_not_grow_with_the_number_of_checkpoints(tmp_path):
         return lambda: D.symmetry_report(c, SPEC, chains=2, max_bytes=budget, mmd_permutations=20, progress=False)
 
     report(coll[:16])()  # first-time imports
-    small, full = _peak(report(coll[:16])), _peak(report(coll))
+    small, full = peak_bytes(report(coll[:16])), peak_bytes(report(coll))
     # The report holds a block (the R-hat kernel's work arrays: ~2.7 max_bytes measured), a few
     # checkpoints and the float64 moments, whatever the number of checkpoints; every draw at
     # once would take `whole`.

@@ -142,39 +142,42 @@ def _visit(a: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, to
     return order, V, flipped.t(), top
 
 
-def _prepare(V: torch.Tensor, top: torch.Tensor, group: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """``V`` ``(n, R, O)``, its row maxima ``top`` ``(n, R, 1)`` and ``exp(V - top)`` as a
-    NumPy array (the fast pass of :func:`_steps`); non-finite scores are refused."""
+def _prepare(V: torch.Tensor, top: torch.Tensor, group: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host copies of ``V`` ``(n, R, O)`` and its row maxima ``top`` ``(n, R, 1)``, and
+    ``exp(V - top)`` (the fast pass of :func:`_steps`), once per group: the sampler runs on
+    the CPU. Non-finite scores are refused."""
     tn = top.cpu().numpy()
     if not np.isfinite(tn).all():
         raise ValueError(
             f"the importance proposal's scores for group {group!r} are not finite (weights or q's "
             "parameters out of the floating-point range?)"
         )
-    E = np.subtract(V.cpu().numpy(), tn)
-    return V, top, np.exp(E, out=E)
+    Vn = V.cpu().numpy()
+    E = np.subtract(Vn, tn)
+    return Vn, tn, np.exp(E, out=E)
 
 
-def _draw(prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _draw(
+    prepared, u: torch.Tensor, forced: torch.Tensor | None, kc: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Options ``(N, n)`` (visit order, relative sign) and ``log pi`` ``(N,)`` of one group
     from :func:`_prepare`'d step-major scores ``(n, R, O)`` (see :func:`_steps`). With
     ``forced`` (the identity's options ``(nbc, n)``) the first ``nbc`` rows take them (their
     uniforms unused) and only their ``log pi`` is computed, along the same loop."""
-    V, top, E = prepared
-    n, R, O = V.shape
+    Vn, tn, E = prepared
+    n, R, O = Vn.shape
     N = u.shape[0]
     un = u.detach().t().contiguous().cpu().numpy()
     given = None if forced is None else forced.t().contiguous().cpu().numpy()
-    Vn = V.cpu().numpy()
     chosen, norm = _steps(E, un, kc, given, stable=False)
     if norm.min() < _TINY:
         chosen, log_norm = _steps(np.ascontiguousarray(Vn), un, kc, given, stable=True)
     else:
-        log_norm = top.cpu().numpy().reshape(n, 1, R) + np.log(norm).reshape(n, N // R, R)
+        log_norm = tn.reshape(n, 1, R) + np.log(norm).reshape(n, N // R, R)
     # rows r = k * R + b read the scores of row b
     picked = np.take_along_axis(Vn.reshape(n, 1, R, O), chosen.reshape(n, N // R, R, 1), -1)
     log_pi = (picked.reshape(n, N) - log_norm.reshape(n, N)).sum(0)
-    return torch.from_numpy(chosen.T.copy()).to(V.device), torch.from_numpy(log_pi).to(V.device)
+    return torch.from_numpy(chosen.T.copy()).to(device), torch.from_numpy(log_pi).to(device)
 
 
 def _assignment_log_prob(V: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -241,7 +244,7 @@ def _block(base, sites, marg, kc: int, beta: float, u=None, forced: bool = False
             ident = None
             if forced:  # the identity's options: neuron order[t] keeps its place and sign
                 ident = order[:nbc] if flipped is None else order[:nbc] + n * flipped[:nbc]
-            chosen, lp = _draw(prepared, u[g].reshape(kc * nbc, n), ident, kc)
+            chosen, lp = _draw(prepared, u[g].reshape(kc * nbc, n), ident, kc, V.device)
         else:
             chosen = _from_element(given[g].reshape(kc * nbc, n), order, flipped)
             Vr = V.transpose(0, 1)
